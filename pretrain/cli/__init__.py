@@ -1,0 +1,39 @@
+"""The `pretrain` command: a thin layer of argparse over the library. Each sub-command lives in its own module
+with `register(subparsers)`; handlers return the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Sub-command modules, in the order `pretrain --help` lists them.
+COMMANDS = ("train", "launch", "submit", "demo", "shards", "verify", "convert", "generate", "eval", "bench", "plan")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain LLaVA-style vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"pretrain.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"pretrain.cli.{name}":
+                continue  # not built yet in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""`pretrain generate HF_DIR --image PATH [--prompt TEXT]`: caption or answer with an exported model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="caption an image (or answer --prompt) with an exported model")
+    p.add_argument("hf_dir")
+    p.add_argument("--image", required=True, action="append", help="image path (repeat for several)")
+    p.add_argument("--prompt", default=None, help="a question; without it the model captions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from pretrain.export.generate import Captioner
+
+    captioner = Captioner(args.hf_dir)
+    images = [Image.open(p) for p in args.image]
+    for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens)):
+        print(f"{path}\t{text}")
+    return 0

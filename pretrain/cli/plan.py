@@ -1,0 +1,126 @@
+"""`pretrain plan CONFIG --gpus N --gpu h100`: memory per GPU by ZeRO stage, step time, communication and the time to
+train T tokens on 8 to 4,096 GPUs, from the FLOPs model. Analytic: runs anywhere, downloads nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pretrain.config import ConfigError, load_config
+from pretrain.plan.estimate import GIB, GPUS, Cluster
+from pretrain.plan.planner import SCALE, Plan, make_plan
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="estimate memory, step time and cost of a recipe on a GPU cluster",
+                              description=__doc__)
+    p.add_argument("config", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    p.add_argument("--gpus", type=int, default=8, help="cluster size for the per-stage memory table (default 8)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--tokens", type=float, default=1e9, help="decoder tokens to train (default 1e9)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation of the compute; 0.4 is an assumption, pass a measured value")
+    p.add_argument("--zero", type=int, choices=range(4), help="ZeRO stage for the scaling table (default: recipe)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default data.max_length)")
+    p.add_argument("--sample-len", type=int, help="decoder tokens per sample, image tokens included")
+    p.add_argument("--text-tokens", type=int, help="text tokens per sample (default 64 align, 256 otherwise)")
+    p.add_argument("--images-per-sample", type=int, default=1)
+    p.add_argument("--logit-tokens", type=int, help="positions per sample where the LM head runs (default: text)")
+    p.add_argument("--micro-batch", type=int, help="rows per GPU per micro-step (default train.micro_batch_size)")
+    p.add_argument("--no-chunked-ce", action="store_true", help="materialise fp32 logits for every label position")
+    p.add_argument("--net-gbps", type=float, default=400.0, help="inter-node Gbit/s per GPU (default 400)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpu-adam-rate", type=float, default=1e9, help="host Adam parameters/s per GPU (offload)")
+    p.add_argument("--overhead-gib", type=float, default=2.0, help="CUDA context, NCCL, fragmentation per GPU")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cluster = Cluster(GPUS[args.gpu], mfu=args.mfu, net_Bps=args.net_gbps * 1e9 / 8,
+                          gpus_per_node=args.gpus_per_node, cpu_adam_params_per_s=args.cpu_adam_rate,
+                          overhead_gib=args.overhead_gib)
+        plan = make_plan(cfg, args.gpus, args.gpu, args.tokens, args.mfu, args.zero, SCALE, cluster,
+                         seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
+                         images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
+                         micro_batch=args.micro_batch, chunked_ce=not args.no_chunked_ce)
+    except ConfigError as err:
+        print(f"pretrain plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, args.config))
+    return 0
+
+
+def render(plan: Plan, source: str = "") -> str:
+    """The plan as a readable report: model, work, memory by ZeRO stage, then the scaling table."""
+    w, p, f, g = plan.work, plan.params, plan.sample_flops, plan.gpu
+    lines = [
+        f"pretrain plan: {source} on {plan.n_gpus} x {g.name} ({g.memory_bytes / GIB:.1f} GiB, "
+        f"{g.peak_flops / 1e12:.0f} TFLOP/s dense bf16)",
+        f"model    llm {_n(p.llm)} + vision {_n(p.vision)} + projector {_n(p.projector)} = {_n(p.total)} params; "
+        f"stage {w.stage} trains {_n(p.trainable(w.stage))}",
+        f"work     rows of {w.row_tokens} tokens ({'packed, ' if w.packing else ''}{w.samples_per_row:.3g} x "
+        f"{w.sample_len}-token samples, {w.shape.image_tokens * w.images_per_sample} image tokens and "
+        f"{w.logit_tokens} logit positions each); {w.micro_batch} rows/GPU/micro-step; {w.precision}; "
+        f"checkpointing {w.checkpointing}",
+        f"FLOPs    per sample {f.total / 1e12:.3g} TFLOP (forward {f.forward / 1e12:.3g}, backward "
+        f"{f.backward / 1e12:.3g}): " + ", ".join(
+            f"{name} {getattr(f, name).total / f.total:.1%}" for name in
+            ("decoder", "attention", "lm_head", "vision", "vision_attention", "projector")),
+        f"assume   MFU {plan.cluster.mfu:.2f} of the compute (measure with `pretrain bench train`, pass --mfu); "
+        f"links {g.nvlink_Bps / 1e9:.0f} GB/s within {plan.cluster.gpus_per_node} GPUs, "
+        f"{plan.cluster.net_Bps / 1e9:.0f} GB/s per GPU beyond; host Adam {plan.cluster.cpu_adam_params_per_s:.2g} "
+        f"params/s/GPU; {plan.cluster.overhead_gib:g} GiB runtime overhead",
+        "",
+        f"memory per GPU at {plan.n_gpus} GPUs (GiB; host = offloaded, per GPU)",
+        _row(("zero", "params", "grads", "optim", "activ", "buffers", "other", "total", "host", "fits")),
+    ]
+    for stage, m in plan.by_stage.items():
+        gib = m.as_gib()
+        lines.append(_row((stage, *(f"{gib[k]:.1f}" for k in ("params", "grads", "optimizer", "activations",
+                                                               "buffers", "overhead", "total", "host")),
+                           "yes" if m.total <= g.memory_bytes else "NO")))
+    ds = plan.ds
+    offload = ", ".join(f"offload {k} {v}" for k, v in (("optimizer", ds.offload_optimizer),
+                                                        ("params", ds.offload_params)) if v != "none")
+    lines += ["", f"scaling at ZeRO-{ds.zero_stage}{' (' + offload + ')' if offload else ''}: time for "
+              f"{plan.tokens:.3g} tokens",
+              _row(("gpus", "accum", "rows/step", "step s", "tok/s/GPU", "MFU", "comm GB", "need GB/s",
+                    "link GB/s", "exposed s", "mem GiB", "fits", "hours"))]
+    for n, e in plan.scaling:
+        if e is None:
+            lines.append(_row((n, "-", f"train.global_batch_size={w.global_batch} does not split over {n} GPUs")))
+            continue
+        lines.append(_row((n, e.grad_accum, e.global_rows, f"{e.step_s:.3g}", f"{e.tokens_per_s_per_gpu:,.0f}",
+                           f"{e.effective_mfu(g.peak_flops):.2f}", f"{e.comm_bytes / 1e9:.3g}",
+                           f"{e.need_Bps / 1e9:.3g}", f"{e.link_Bps / 1e9:.0f}", f"{e.exposed_comm_s:.2g}",
+                           f"{e.memory.total / GIB:.1f}", "yes" if e.memory.total <= g.memory_bytes else "NO",
+                           f"{e.hours_for(plan.tokens):.3g}")))
+    return "\n".join(lines)
+
+
+def _row(cells: tuple) -> str:
+    return "  ".join(f"{c!s:>9}" for c in cells).rstrip()
+
+
+def _n(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(int(count))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

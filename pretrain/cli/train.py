@@ -1,0 +1,43 @@
+"""`pretrain train CONFIG [key=value ...]`: one training process (alone, or under launch / torchrun / srun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import traceback
+
+from pretrain.config import ConfigError, load_config
+
+log = logging.getLogger("pretrain.train")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run one training process")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.train import dist
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return dist.EXIT_CONFIG
+    try:
+        from pretrain.train.trainer import Trainer
+
+        code = Trainer(cfg).fit()
+    except ConfigError as err:
+        print(f"error: {err}", flush=True)
+        dist.finish(dist.EXIT_CONFIG, synchronize=False)
+    except Exception as err:
+        # A failing rank must not leave its peers waiting in a collective: exit now without a barrier; the
+        # launcher (torchrun / srun --kill-on-bad-exit) then ends the others.
+        traceback.print_exc()
+        print(f"error: training stopped: {err}", flush=True)
+        dist.finish(dist.EXIT_ERROR, synchronize=False)
+    dist.finish(code)
+    return code  # not reached: finish() exits

@@ -1,0 +1,249 @@
+"""Typed run configuration: YAML recipe + `key.sub=value` overrides, validated by pydantic.
+
+Every section forbids unknown keys, so a typo is an error that names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key and what would be valid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/default"
+    name: str = "run"
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    # A hub id, a local directory, or an inline config (a dict with `model_type`) for random init.
+    llm: str | dict[str, Any]
+    vision: str | dict[str, Any]
+    projector: Literal["mlp2x_gelu", "linear", "mlp3x_gelu"] = "mlp2x_gelu"
+    # Tokenizer location; defaults to `llm` when that is a hub id or a directory.
+    tokenizer: str | None = None
+    vision_feature_layer: int = -2
+    # None = the tower's convention: "default" (drop CLS) for CLIP, "full" for SigLIP (it has no CLS token).
+    vision_feature_select_strategy: Literal["default", "full"] | None = None
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    activation_checkpointing_every_k: int = Field(default=2, ge=1)
+    # An exported Hugging Face directory (ours or a public LLaVA-format model) to start from.
+    init_from: str | None = None
+
+
+class DataSource(Section):
+    urls: str | list[str]
+    weight: float = Field(default=1.0, gt=0)
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(min_length=1)
+    val: list[DataSource] = Field(default_factory=list)
+    max_length: int = Field(default=2048, ge=16)
+    packing: bool = False
+    num_workers: int = Field(default=2, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.
+    epoch_size: int | None = Field(default=None, ge=1)
+    # A source whose skipped fraction passes this (after `bad_min_samples`) is a broken data set: stop the run.
+    max_bad_fraction: float = Field(default=0.05, ge=0, le=1)
+    bad_min_samples: int = Field(default=200, ge=1)
+    # Images larger than this many pixels are skipped as decompression bombs.
+    max_image_pixels: int = Field(default=89_478_485, ge=1)
+    fast_image_decode: bool = False
+
+
+class TrainConfig(Section):
+    stage: Literal["align", "finetune", "full"] = "align"
+    max_steps: int = Field(ge=1)
+    micro_batch_size: int = Field(default=1, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    # If set, must equal micro_batch_size x grad_accum x data-parallel size (checked at launch).
+    global_batch_size: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(default=1.0, ge=0)
+    # Per-module learning-rate multipliers: keys `projector`, `llm`, `vision`.
+    lr_multipliers: dict[Literal["projector", "llm", "vision"], float] = Field(default_factory=dict)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    log_every: int = Field(default=10, ge=1)
+    val_every: int = Field(default=0, ge=0)
+    val_batches: int = Field(default=8, ge=1)
+    max_nonfinite_in_row: int = Field(default=5, ge=1)
+    progress_bar: bool = True
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(default=0, ge=0)
+    resume: str = "auto"  # auto | none | a checkpoint path
+    keep_last: int = Field(default=3, ge=1)
+    keep_every: int = Field(default=0, ge=0)
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    # A user's DeepSpeed JSON (e.g. LLaVA's zero3.json); our batch, precision and optimizer keys win over it.
+    config_file: str | None = None
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(default=50_000_000, ge=1)
+    prefetch_bucket_size: int = Field(default=50_000_000, ge=1)
+    param_persistence_threshold: int = Field(default=100_000, ge=0)
+    max_live_parameters: int = Field(default=1_000_000_000, ge=1)
+    # Extra raw DeepSpeed keys merged last (dotted keys allowed).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    timeout_minutes: int = Field(default=30, ge=1)
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        ds = self.deepspeed
+        if ds.offload_params != "none" and ds.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+        if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
+        if "nvme" in (ds.offload_optimizer, ds.offload_params) and not ds.nvme_path:
+            raise ValueError("deepspeed.nvme_path is required when offloading to nvme")
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.train.warmup_steps}) must not exceed "
+                             f"train.max_steps ({self.train.max_steps})")
+        if self.train.val_every and not self.data.val:
+            raise ValueError("train.val_every > 0 needs data.val sources")
+        if self.train.stage == "align" and set(self.train.lr_multipliers) - {"projector"}:
+            raise ValueError("train.lr_multipliers for llm/vision have no effect in train.stage=align "
+                             "(only the projector trains); use stage finetune or full")
+        if self.train.stage == "finetune" and "vision" in self.train.lr_multipliers:
+            raise ValueError("train.lr_multipliers.vision needs train.stage=full (the tower is frozen in finetune)")
+        return self
+
+    def check_world_size(self, world_size: int) -> None:
+        """Global batch = micro-batch x accumulation x data-parallel size, made explicit."""
+        got = self.train.micro_batch_size * self.train.grad_accum * world_size
+        if self.train.global_batch_size is not None and self.train.global_batch_size != got:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} but train.micro_batch_size "
+                f"({self.train.micro_batch_size}) x train.grad_accum ({self.train.grad_accum}) x world size "
+                f"({world_size}) = {got}; set train.grad_accum="
+                f"{self.train.global_batch_size / (self.train.micro_batch_size * world_size):g} or drop the key")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path[: i + 1])]
+            continue
+        if not isinstance(node.get(part, {}), dict | list):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a section; cannot set {'.'.join(path)}")
+        node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(path)}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _valid_keys_hint(e["loc"])
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif isinstance(part, int) or part == "train" and model is DataConfig:
+            model = DataSource
+        else:
+            return ""
+    valid = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    return (f" (did you mean {close[0]!r}?" if close else " (") + " valid keys: " + ", ".join(valid) + ")"
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    return build_config(tree)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)

@@ -1,0 +1,84 @@
+"""Samples -> micro-batches: padded rows, or packed rows with position ids restarting per sample.
+
+Packed rows carry no attention mask: transformers derives the block-diagonal causal mask from position ids that
+restart at 0 (sdpa/eager/flex) or the varlen boundaries (flash-attention 2), so attention never crosses samples.
+Every batch also carries `sample_lengths` so the boundaries can be checked or used by kernels that want them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.data.sample import ProcessedSample
+from pretrain.data.text import IGNORE
+
+
+def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = 8) -> dict:
+    """Each row is a list of samples laid end to end (one sample per row when not packing)."""
+    lengths = [sum(len(s) for s in row) for row in rows]
+    width = max(lengths)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    pixels, sample_lengths = [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            k = len(s)
+            input_ids[r, at : at + k] = torch.tensor(s.input_ids)
+            labels[r, at : at + k] = torch.tensor(s.labels)
+            position_ids[r, at : at + k] = torch.arange(k)
+            attention_mask[r, at : at + k] = 1
+            if s.pixel_values is not None:
+                pixels.append(s.pixel_values)
+            at += k
+        # Padding continues the positions so the pad tail reads as one more (fully masked) segment.
+        position_ids[r, at:] = torch.arange(width - at)
+        sample_lengths.append([len(s) for s in row])
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.stack(pixels) if pixels else None,
+        "sample_lengths": sample_lengths,
+        "n_samples": sum(len(row) for row in rows),
+        "packed": any(len(row) > 1 for row in rows),
+    }
+
+
+class Batcher:
+    """Greedy row filling. `push` returns a finished micro-batch (list of rows) or None. A sample that does not fit
+    the current row starts the next one; the sample that overflows a full micro-batch is carried to the next."""
+
+    def __init__(self, rows_per_batch: int, max_length: int, packing: bool) -> None:
+        self.rows_per_batch, self.max_length, self.packing = rows_per_batch, max_length, packing
+        self.rows: list[list] = []
+        self.current: list = []
+        self.current_len = 0
+
+    def push(self, item, length: int) -> list[list] | None:
+        if not self.packing:
+            self.rows.append([item])
+            return self._take() if len(self.rows) == self.rows_per_batch else None
+        if self.current and self.current_len + length > self.max_length:
+            self.rows.append(self.current)
+            self.current, self.current_len = [], 0
+            if len(self.rows) == self.rows_per_batch:
+                batch = self._take()
+                self.current, self.current_len = [item], length
+                return batch
+        self.current.append(item)
+        self.current_len += length
+        return None
+
+    def _take(self) -> list[list]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def pending(self) -> list:
+        """Items held back (for the resume state): rows done so far and the open row."""
+        return [x for row in self.rows for x in row] + list(self.current)

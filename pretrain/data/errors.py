@@ -1,0 +1,31 @@
+"""Why a sample was skipped. One exception type, one short reason string per kind of bad input."""
+
+from __future__ import annotations
+
+
+class SampleError(Exception):
+    """A sample that cannot be used. `reason` is a short snake_case key counted in metrics and manifests."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# The reasons the pipeline uses; converters and the loader count by these keys.
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+TRUNCATED_IMAGE = "truncated_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+UNSUPPORTED_IMAGE = "unsupported_image_format"
+MISSING_TEXT = "missing_text"
+EMPTY_TEXT = "empty_text"
+BAD_JSON = "bad_json"
+BAD_UTF8 = "bad_utf8"
+TOO_LONG = "too_long"
+BAD_CONVERSATION = "bad_conversation"
+TRUNCATED_TAR = "truncated_tar"
+
+# Every rank reduces counters over this fixed list (unknown reasons count as "other").
+REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_IMAGE, MISSING_TEXT,
+           EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, "other")

@@ -1,0 +1,318 @@
+"""Image bytes -> RGB picture -> the vision tower's pixel values, as its Hugging Face image processor makes them.
+
+Decoding (`decode_image`), each bad input raising `SampleError` with one reason:
+- empty or undecodable bytes -> `corrupt_image`; bytes that end before the picture does -> `truncated_image`, whatever
+  Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` says (never read or changed for this: a read past the end of
+  the data is noticed by the reader itself, and a WebP's RIFF header says how long it should be);
+- more pixels than `max_pixels` in the header -> `decompression_bomb`, before any pixel is decoded. Pillow's own
+  process-wide `Image.MAX_IMAGE_PIXELS` (which we never change) applies as well: Pillow warns above it and raises
+  `DecompressionBombError` above twice it; both ranges are rejected as bombs here;
+- SVG, HEIC, PDF, JPEG XL, formats outside `FORMATS` (e.g. EPS, which would run Ghostscript) and colour modes Pillow
+  cannot turn into RGB (LAB) -> `unsupported_image_format`.
+Animated images (GIF, APNG, WebP) give their first frame. The EXIF orientation is applied, as transformers'
+`load_image` does. ICC profiles are ignored, as in transformers.
+
+Colour modes -> RGB (`to_rgb`), the rules of transformers' `convert_to_rgb` where it has one:
+- RGB: as is.
+- a band named "A" (RGBA, LA, PA) or a `transparency` entry (P or L with a transparent index, RGB PNG with tRNS):
+  converted to RGBA by Pillow, then alpha-composited onto white (255, 255, 255).
+- 1, L, P, CMYK, YCbCr, RGBX, premultiplied RGBa: Pillow's `convert("RGB")` (grey replicated to the three
+  channels; CMYK by Pillow's formula, the Adobe inverted CMYK of JPEGs undone by its decoder).
+- LAB (CIELab TIFFs): LittleCMS's LAB -> sRGB transform (Pillow's `convert("RGB")`, hence transformers, would
+  copy the L, a, b bands into R, G, B). Modes Pillow cannot convert -> `unsupported_image_format`.
+- 16-bit and wider greyscale, where Pillow and transformers would clip everything above 255 to white: I;16 (and its
+  byte orders) is scaled to 8 bits as round(v / 257) (65535 -> 255, exact inverse of 8-bit v * 257); I (32-bit int)
+  the same when its values lie in 0..65535, otherwise min-max stretched to 0..255; F (float) as round(v * 255) when in
+  [0, 1], otherwise min-max stretched (NaN -> 0). Then replicated like L. A transparency key of these modes is ignored.
+
+`ImageTransform` then reproduces the processor of the vision tower: see `image_processors.py` for how.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pretrain.data.errors import (
+    CORRUPT_IMAGE,
+    DECOMPRESSION_BOMB,
+    TRUNCATED_IMAGE,
+    UNSUPPORTED_IMAGE,
+    SampleError,
+)
+from pretrain.data.image_processors import (
+    TORCHVISION_BACKEND,
+    PreprocessSpec,
+    image_processor_for_vision_config,
+    resize_torch,
+    spec_from_processor,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "FORMATS",
+    "ImageTransform",
+    "decode_image",
+    "image_processor_for_vision_config",
+    "to_rgb",
+]
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
+# Formats we decode. Everything else Pillow knows (EPS, WMF, PSD, FITS, ...) is refused as unsupported.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "AVIF", "QOI")
+# Formats whose decoders pull their data through the reader, so that a read past its end means truncation.
+_STREAMED = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO"})
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112
+
+
+class _Reader(io.BytesIO):
+    """BytesIO that notes a read past the end: how truncation shows when Pillow is told to load truncated images."""
+
+    past_end = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        if not chunk and size != 0:
+            self.past_end = True
+        return chunk
+
+
+def _sniff_unsupported(data: bytes) -> str | None:
+    """Name of a known image-like format that we do not decode, from its first bytes."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") or head.startswith(b"<!doctype")) and b"<svg" in head:
+        return "SVG"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+        return "HEIF"
+    if data.startswith(b"%PDF"):
+        return "PDF"
+    if data.startswith(b"\xff\x0a") or data.startswith(b"\x00\x00\x00\x0cJXL "):
+        return "JPEG XL"
+    if data.startswith(b"\x1f\x8b"):
+        return "gzip (e.g. SVGZ)"
+    return None
+
+
+def _unidentified(data: bytes) -> SampleError:
+    name = _sniff_unsupported(data)
+    if name is None:
+        try:  # a format Pillow knows but we refuse; only its header is parsed here
+            with Image.open(io.BytesIO(data)) as probe:
+                name = probe.format
+        except Exception:
+            return SampleError(CORRUPT_IMAGE, "not a recognised image")
+    return SampleError(UNSUPPORTED_IMAGE, str(name))
+
+
+def _webp_cut_short(data: bytes) -> bool:
+    """A WebP's RIFF header gives its length; libwebp only says it 'could not create decoder object'."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    return int.from_bytes(data[4:8], "little") + 8 > len(data)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise SampleError(CORRUPT_IMAGE, f"image size {width}x{height}")
+    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    if width * height > limit:
+        raise SampleError(DECOMPRESSION_BOMB, f"{width}x{height} = {width * height} pixels > {limit}")
+
+
+def _open(reader: _Reader, data: bytes) -> Image.Image:
+    try:
+        return Image.open(reader, formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise SampleError(DECOMPRESSION_BOMB, str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise _unidentified(data) from None
+    except Exception as e:  # Pillow's plugins raise many kinds on malformed headers
+        raise SampleError(_failure_reason(e, data), f"{type(e).__name__}: {e}") from None
+
+
+def _failure_reason(error: Exception, data: bytes) -> str:
+    cut = isinstance(error, EOFError) or "truncat" in str(error).lower() or _webp_cut_short(data)
+    return TRUNCATED_IMAGE if cut else CORRUPT_IMAGE
+
+
+def _load(img: Image.Image, reader: _Reader, data: bytes) -> None:
+    reader.past_end = False
+    try:
+        img.load()
+    except Exception as e:
+        raise SampleError(_failure_reason(e, data), f"{type(e).__name__}: {e}") from None
+    if reader.past_end and img.format in _STREAMED:
+        raise SampleError(TRUNCATED_IMAGE, f"{img.format} data ends before the image does")
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # broken EXIF: keep the pixels as stored
+        return img
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    exif_orientation: bool = True,
+) -> Image.Image:
+    """Decode image bytes into an RGB picture (first frame), or raise `SampleError` saying why not.
+
+    `draft_size`: for JPEGs at least twice that size on both edges, let libjpeg decode at 1/2, 1/4 or 1/8 scale
+    (`Image.draft`), keeping both edges >= draft_size. Much faster for large photos; pixels differ slightly from a
+    full decode followed by the same resize.
+    """
+    if not data:
+        raise SampleError(CORRUPT_IMAGE, "empty image bytes")
+    reader = _Reader(data)
+    img = _open(reader, data)
+    _check_pixels(img.size, max_pixels)  # header only: no pixel decoded yet
+    if draft_size and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (draft_size, draft_size))
+    _load(img, reader, data)
+    if exif_orientation:
+        img = _apply_exif_orientation(img)
+    return to_rgb(img)
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    values = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        scaled = values / 257.0
+    else:
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if img.mode == "F" and low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        elif img.mode == "I" and low >= 0.0 and high <= 65535.0:
+            scaled = values / 257.0
+        else:
+            scaled = (values - low) * (255.0 / (high - low) if high > low else 0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_to_srgb() -> Any:
+    from PIL import ImageCms
+
+    lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+    return ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB by the rules in the module docstring (transformers' `convert_to_rgb` where it applies)."""
+    if img.mode in _HIGH_DEPTH:
+        img = _high_depth_to_l(img)
+    try:
+        if img.mode == "LAB":  # Pillow's convert("RGB") would copy the L, a, b bands as if they were R, G, B
+            from PIL import ImageCms
+
+            return ImageCms.applyTransform(img, _lab_to_srgb())
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except (ValueError, ImportError, OSError) as e:  # e.g. "conversion from La to L not supported", no littlecms
+        raise SampleError(UNSUPPORTED_IMAGE, f"mode {img.mode}: {e}") from None
+
+
+class ImageTransform:
+    """PIL picture -> float32 (3, H, W) tensor, equal to what the vision tower's image processor gives.
+
+    The processor's steps are redone without its overheads: resize and crop on uint8 (in Pillow for the PIL backend,
+    torch's antialiased interpolate for the torchvision backend, as the processor itself does), then one lookup per
+    pixel in a table of the processor's own rescale/normalise results. Inputs are always made RGB first (`to_rgb`).
+    `fast=True` only changes `decode`: large JPEGs are DCT-downscaled while decoding (see `decode_image`).
+    """
+
+    def __init__(self, spec: PreprocessSpec, *, fast: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.spec = spec
+        self.fast = fast
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTransform:
+        """From a transformers CLIP/SigLIP image processor (PIL or torchvision backend) or any standard one."""
+        return cls(spec_from_processor(processor), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, backend: str | None = None, **kwargs: Any) -> ImageTransform:
+        """From a local directory holding `preprocessor_config.json`, loaded by `AutoImageProcessor`.
+
+        `backend=None` takes the backend `AutoImageProcessor` picks (torchvision when installed, else PIL).
+        """
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(os.fspath(path), backend=backend)
+        return cls.from_processor(processor, **kwargs)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output, or None if it follows the input's aspect ratio."""
+        return self.spec.output_size()
+
+    @property
+    def draft_size(self) -> int | None:
+        """The `draft_size` that `decode` passes to `decode_image` in fast mode (None: never drafts)."""
+        return self.spec.draft_size() if self.fast else None
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Image bytes -> pixel values; raises `SampleError` for bad bytes."""
+        return self(decode_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        spec = self.spec
+        img = to_rgb(img)
+        if spec.backend == TORCHVISION_BACKEND:
+            chw = self._resize_crop_torch(img).numpy()
+            channels = [chw[c] for c in range(3)]
+        else:
+            if spec.resize is not None:
+                height, width = spec.resized_size(img.height, img.width)
+                img = img.resize((width, height), resample=spec.resample)
+            box = spec.crop_box(img.height, img.width)
+            if box is not None:
+                img = img.crop(box)  # outside the picture Pillow fills zeros, as transformers pads with zeros
+            hwc = np.asarray(img)
+            channels = [hwc[:, :, c] for c in range(3)]
+        out = np.empty((3, *channels[0].shape), dtype=np.float32)
+        for c, plane in enumerate(channels):
+            np.take(spec.lut[c], plane, out=out[c])
+        return torch.from_numpy(out)
+
+    def _resize_crop_torch(self, img: Image.Image) -> torch.Tensor:
+        spec = self.spec
+        chw = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+        if spec.resize is not None:
+            size = spec.resized_size(img.height, img.width)
+            chw = resize_torch(chw, size, spec.resample)
+        box = spec.crop_box(chw.shape[1], chw.shape[2])
+        if box is None:
+            return chw
+        left, top, right, bottom = box
+        out = torch.zeros((3, bottom - top, right - left), dtype=torch.uint8)
+        src_top, src_left = max(top, 0), max(left, 0)
+        src_bottom, src_right = min(bottom, chw.shape[1]), min(right, chw.shape[2])
+        out[:, src_top - top : src_bottom - top, src_left - left : src_right - left] = chw[
+            :, src_top:src_bottom, src_left:src_right
+        ]
+        return out
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"ImageTransform(backend={s.backend}, resize={s.resize}, crop={s.crop}, fast={self.fast})"

@@ -1,0 +1,222 @@
+"""`pretrain shards inspect`: what a shard set holds (counts, sizes, keys, a few samples) before anyone trains on it.
+
+Counts and sizes come from `manifest.json` when the shards' directory has one (no tar is read in full); otherwise
+the tar headers are scanned (local files are seeked through, not read). Example samples are always read from the
+tars themselves, so a manifest that no longer matches its shards shows up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+from PIL import Image
+
+from pretrain.data.shard_writer import MANIFEST_NAME, read_manifest
+
+# webdataset's own split of a member name into sample key and extension: the key ends at the first dot of the
+# file name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TEXT_PREVIEW = 100
+
+
+def expand_urls(urls: str | list[str]) -> list[tuple[str, dict[str, Any] | None]]:
+    """Shard urls after brace expansion, each with its manifest entry when its directory has a manifest.
+    A directory stands for the shards its manifest lists."""
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    manifests: dict[Path, dict[str, dict[str, Any]]] = {}
+    for pattern in [urls] if isinstance(urls, str) else urls:
+        for url in braceexpand(pattern):
+            path = Path(url)
+            if "://" not in url and not url.startswith("pipe:") and path.is_dir():
+                if not (path / MANIFEST_NAME).exists():
+                    raise FileNotFoundError(f"{path} is a directory without {MANIFEST_NAME}: name its shards instead")
+                out += [(str(path / s["url"]), s) for s in read_manifest(path)["shards"]]
+                continue
+            entry = None
+            if "://" not in url and not url.startswith("pipe:") and (path.parent / MANIFEST_NAME).exists():
+                if path.parent not in manifests:
+                    manifests[path.parent] = {s["url"]: s for s in read_manifest(path.parent)["shards"]}
+                entry = manifests[path.parent].get(path.name)
+            out.append((url, entry))
+    return out
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset.gopen import gopen  # remote / piped shards stream through webdataset's opener
+
+        return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+    return tarfile.open(url, mode="r:*")
+
+
+def iter_samples(url: str, read_limit: int = 0) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {ext: bytes or None}) per sample in tar order; member data is read only for the first `read_limit`
+    samples (None otherwise), so scanning a local tar seeks over the image bytes."""
+    key, members, seen = None, {}, 0
+    with _open_tar(url) as tar:
+        for info in tar:
+            match = _KEY_EXT.match(info.name) if info.isfile() else None
+            if not match:
+                continue
+            if match.group(1) != key:
+                if key is not None:
+                    yield key, members
+                    seen += 1
+                key, members = match.group(1), {}
+            f = tar.extractfile(info) if seen < read_limit else None
+            members[match.group(2)] = f.read() if f is not None else None
+        if key is not None:
+            yield key, members
+
+
+def describe_sample(key: str, members: dict[str, bytes | None]) -> dict[str, Any]:
+    """A short, printable summary of one sample: its extensions, image format/size, caption or first turns."""
+    out: dict[str, Any] = {"key": key, "extensions": sorted(members)}
+    for ext, data in sorted(members.items()):
+        if data is None or ext in ("json", "txt"):
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                out["image"] = f"{ext} {image.width}x{image.height} {image.mode}, {len(data)} bytes"
+        except Exception as e:  # a sample the trainer would skip: show why, do not stop inspecting
+            out["image"] = f"{ext} undecodable ({type(e).__name__}), {len(data)} bytes"
+    meta = _load_json(members.get("json"))
+    if isinstance(meta.get("conversations"), list):
+        out["turns"] = [
+            f"{t.get('from')}: {_short(str(t.get('value')))}" for t in meta["conversations"][:2] if isinstance(t, dict)
+        ]
+    caption = meta.get("caption")
+    if caption is None and members.get("txt") is not None:
+        caption = members["txt"].decode("utf-8", errors="replace")
+    if caption is not None:
+        out["caption"] = _short(str(caption))
+    return out
+
+
+def _load_json(data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {"error": "bad json"}
+    return value if isinstance(value, dict) else {}
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _TEXT_PREVIEW else text[: _TEXT_PREVIEW - 3] + "..."
+
+
+def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Count a shard's samples and extensions from its headers; describe up to `examples_left` samples.
+    Without `count` it stops as soon as it has the examples."""
+    extensions: Counter[str] = Counter()
+    examples: list[dict[str, Any]] = []
+    samples, error = 0, None
+    try:
+        for key, members in iter_samples(url, read_limit=examples_left):
+            samples += 1
+            extensions.update(members.keys())
+            if len(examples) < examples_left:
+                examples.append({"url": url, **describe_sample(key, members)})
+            elif not count:
+                break
+    except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or missing shard is reported, not fatal
+        error = f"{type(e).__name__}: {e}"
+    size = Path(url).stat().st_size if Path(url).is_file() else None
+    shard = {"url": url, "samples": samples, "bytes": size, "extensions": dict(sorted(extensions.items()))}
+    if error:
+        shard["error"] = error
+    return shard, examples
+
+
+def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = False) -> dict[str, Any]:
+    """Report on a shard set. With manifests (and not `scan`) only the tars needed for the examples are read."""
+    entries = expand_urls(urls)
+    shards, examples = [], []
+    for url, entry in entries:
+        if entry is not None and not scan:
+            shards.append({"url": url, "samples": entry["samples"], "bytes": entry["bytes"], "from": "manifest"})
+            if len(examples) < num_examples:
+                examples += _scan_shard(url, num_examples - len(examples), count=False)[1]
+            continue
+        shard, found = _scan_shard(url, num_examples - len(examples))
+        shards.append({**shard, "from": "tar"})
+        examples += found
+    report: dict[str, Any] = {
+        "num_shards": len(shards),
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_bytes": sum(s["bytes"] or 0 for s in shards),
+        "shards": shards,
+        "examples": examples,
+    }
+    scanned = [s for s in shards if "extensions" in s]
+    if scanned:
+        totals: Counter[str] = Counter()
+        for s in scanned:
+            totals.update(s["extensions"])
+        report["extensions"] = dict(sorted(totals.items()))
+    report["skipped_by_reason"] = _skips(urls)
+    errors = [s for s in shards if "error" in s]
+    if errors:
+        report["errors"] = [{"url": s["url"], "error": s["error"]} for s in errors]
+    return report
+
+
+def _skips(urls: str | list[str]) -> dict[str, int]:
+    """Build-time skips summed over the manifests of the directories involved."""
+    dirs: list[Path] = []
+    for pattern in [urls] if isinstance(urls, str) else urls:
+        for url in braceexpand(pattern):
+            if "://" in url or url.startswith("pipe:"):
+                continue
+            d = Path(url) if Path(url).is_dir() else Path(url).parent
+            if d not in dirs and (d / MANIFEST_NAME).exists():
+                dirs.append(d)
+    total: Counter[str] = Counter()
+    for d in dirs:
+        total.update(read_manifest(d).get("skipped_by_reason", {}))
+    return dict(sorted(total.items()))
+
+
+def format_report(report: dict[str, Any], max_shards: int = 10) -> str:
+    """The human-readable form printed by `pretrain shards inspect`."""
+    lines = [
+        f"{report['num_shards']} shards, {report['num_samples']} samples, {_size(report['num_bytes'])}",
+    ]
+    if "extensions" in report:
+        lines.append("keys: " + ", ".join(f".{ext} x{n}" for ext, n in report["extensions"].items()))
+    if report["skipped_by_reason"]:
+        lines.append("skipped at build: " + ", ".join(f"{r} {n}" for r, n in report["skipped_by_reason"].items()))
+    for s in report["shards"][:max_shards]:
+        lines.append(f"  {s['url']}: {s['samples']} samples, {_size(s['bytes'])} ({s['from']})")
+    if len(report["shards"]) > max_shards:
+        lines.append(f"  ... {len(report['shards']) - max_shards} more shards")
+    for e in report.get("errors", []):
+        lines.append(f"ERROR {e['url']}: {e['error']}")
+    for ex in report["examples"]:
+        lines.append(f"- {ex['key']} [{' '.join(ex['extensions'])}] {ex.get('image', 'no image')}")
+        if "caption" in ex:
+            lines.append(f"    caption: {ex['caption']}")
+        for turn in ex.get("turns", []):
+            lines.append(f"    {turn}")
+    return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,216 @@
+"""The training loader: shards -> mixed, shuffled, decoded, tokenized, batched samples, exactly resumable.
+
+Each (rank, worker) pair is a *slot* running a SlotPipeline: per-source SourceStreams mixed by weight, a shuffle
+buffer holding sample references, the SampleProcessor, and a Batcher. Every batch leaves the worker tagged with its
+slot's state *after* that batch, so the main process can save exactly the position of what the trainer consumed,
+however far the DataLoader prefetched. torch's DataLoader takes batches from workers round-robin, so on resume the
+worker order is rotated to continue with the slot that was next.
+
+Resuming needs the same world size and worker count. With another world size the saved slots cannot be mapped one to
+one: the loader then starts each source at the beginning of the next epoch of the slowest slot (no sample of that
+epoch is seen twice or never; the rest of the interrupted epoch is dropped, and the loader says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pretrain.data.batching import Batcher, collate
+from pretrain.data.errors import SampleError
+from pretrain.data.sample import SampleProcessor
+from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderSpec:
+    sources: list[list[str]]
+    weights: list[float]
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    rows_per_batch: int = 1
+    max_length: int = 2048
+    packing: bool = False
+    pad_id: int = 0
+
+
+@dataclass
+class SlotState:
+    streams: list[dict] = field(default_factory=list)
+    mix_rng: tuple | None = None
+    buffer_rng: tuple | None = None
+    buffer: list[tuple[int, str, int]] = field(default_factory=list)
+    pending: list[tuple[int, str, int]] = field(default_factory=list)
+    ok: list[int] = field(default_factory=list)
+    skipped: list[dict[str, int]] = field(default_factory=list)
+    truncated: int = 0
+    batches: int = 0
+
+
+class SlotPipeline:
+    def __init__(self, spec: LoaderSpec, processor: SampleProcessor, slot: int, state: SlotState | None) -> None:
+        self.spec, self.processor, self.slot = spec, processor, slot
+        n_slots = spec.world_size * max(spec.num_workers, 1)
+        self.reader = ShardReader()
+        st = state or SlotState()
+        n = len(spec.sources)
+        self.streams = [
+            SourceStream(urls, slot, n_slots, spec.seed, i, spec.shuffle, self.reader,
+                         StreamState(**st.streams[i]) if st.streams else None)
+            for i, urls in enumerate(spec.sources)]
+        self.mix_rng = seeded_rng(spec.seed, slot, "mix")
+        self.buffer = ShuffleBuffer(spec.shuffle_buffer if spec.shuffle else 1, seeded_rng(spec.seed, slot, "buf"))
+        if st.mix_rng is not None:
+            self.mix_rng.setstate(_as_rng_state(st.mix_rng))
+            self.buffer.rng.setstate(_as_rng_state(st.buffer_rng))
+        self.ok = list(st.ok) or [0] * n
+        self.skipped = [dict(d) for d in st.skipped] or [{} for _ in range(n)]
+        self.truncated, self.batches = st.truncated, st.batches
+        self.batcher = Batcher(spec.rows_per_batch, spec.max_length, spec.packing)
+        self._restore(st)
+
+    def _restore(self, st: SlotState) -> None:
+        # At a batch boundary the batcher holds at most the carried-over sample: re-pushing rebuilds it exactly.
+        for src, url, index in st.pending:
+            sample = self.processor(self.reader.read_at(url, index).parts)
+            self.batcher.push(((src, url, index), sample), len(sample))
+        for src, url, index in st.buffer:
+            self.buffer.items.append((src, self.reader.read_at(url, index)))
+
+    def state(self) -> SlotState:
+        return SlotState(
+            streams=[copy.deepcopy(s.state.__dict__) for s in self.streams],
+            mix_rng=self.mix_rng.getstate(), buffer_rng=self.buffer.rng.getstate(),
+            buffer=self.buffer.refs(), pending=[ref for ref, _ in self.batcher.pending()],
+            ok=list(self.ok), skipped=[dict(d) for d in self.skipped], truncated=self.truncated,
+            batches=self.batches)
+
+    def _next_raw(self):
+        if len(self.streams) == 1:
+            src = 0
+        else:
+            src = self.mix_rng.choices(range(len(self.streams)), weights=self.spec.weights)[0]
+        return src, self.streams[src].next()
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            item = self.buffer.push_pop(self._next_raw())
+            if item is None:
+                continue
+            src, raw = item
+            try:
+                sample = self.processor(raw.parts)
+            except SampleError as err:
+                self.skipped[src][err.reason] = self.skipped[src].get(err.reason, 0) + 1
+                continue
+            self.ok[src] += 1
+            self.truncated += int(sample.truncated)
+            rows = self.batcher.push(((src, raw.url, raw.index), sample), len(sample))
+            if rows is None:
+                continue
+            self.batches += 1
+            batch = collate([[s for _, s in row] for row in rows], self.spec.pad_id)
+            batch["_slot"] = self.slot
+            batch["_state"] = self.state()
+            yield batch
+
+
+def _as_rng_state(state) -> tuple:
+    # JSON/YAML round trips turn the tuple into lists; random.setstate wants the exact nesting back.
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    """Cluster signals go to every process of a job step; the trainer decides what to do, workers keep serving."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _SlotDataset(IterableDataset):
+    def __init__(self, spec: LoaderSpec, processor: SampleProcessor, states: dict[int, SlotState], offset: int):
+        self.spec, self.processor, self.states, self.offset = spec, processor, states, offset
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w = max(self.spec.num_workers, 1)
+        local = ((info.id if info else 0) + self.offset) % w
+        slot = self.spec.rank * w + local
+        torch.set_num_threads(1)
+        yield from SlotPipeline(self.spec, self.processor, slot, self.states.get(slot))
+
+
+class ResumableLoader:
+    """Iterate batches; `state_dict()` is the position after the last batch handed out."""
+
+    def __init__(self, spec: LoaderSpec, processor: SampleProcessor, state: dict | None = None) -> None:
+        self.spec, self.processor = spec, processor
+        self.slot_states: dict[int, SlotState] = {}
+        self.consumed = 0
+        if state:
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
+        same = state.get("world_size") == self.spec.world_size and state.get("num_workers") == self.spec.num_workers
+        if not same:
+            self.slot_states = self._restart_states(state)
+            return
+        self.consumed = state["consumed"]
+        self.slot_states = {int(k): SlotState(**v) for k, v in state["slots"].items()}
+
+    def _restart_states(self, state: dict) -> dict[int, SlotState]:
+        epochs = [s["streams"][i]["epoch"] for s in state["slots"].values() for i in range(len(s["streams"]))]
+        epoch = max(epochs, default=0) + 1
+        log.warning("data: world size or workers changed (%s x %s -> %s x %s): each slot starts epoch %d; the rest "
+                    "of the interrupted epoch is not seen", state.get("world_size"), state.get("num_workers"),
+                    self.spec.world_size, self.spec.num_workers, epoch)
+        w = max(self.spec.num_workers, 1)
+        n = len(self.spec.sources)
+        return {self.spec.rank * w + i: SlotState(streams=[{"epoch": epoch, "shard_pos": 0, "sample_pos": 0,
+                                                            "lost": {}} for _ in range(n)]) for i in range(w)}
+
+    def state_dict(self) -> dict:
+        return {
+            "world_size": self.spec.world_size, "num_workers": self.spec.num_workers, "consumed": self.consumed,
+            "slots": {str(k): copy.deepcopy(v.__dict__) for k, v in self.slot_states.items()},
+        }
+
+    def stats(self) -> dict:
+        """Cumulative counts over this rank's slots: ok and skipped per reason (all sources summed) and per source."""
+        n = len(self.spec.sources)
+        ok = [sum(s.ok[i] for s in self.slot_states.values() if s.ok) for i in range(n)]
+        skipped: list[dict[str, int]] = [{} for _ in range(n)]
+        for s in self.slot_states.values():
+            for i, d in enumerate(s.skipped):
+                for k, v in d.items():
+                    skipped[i][k] = skipped[i].get(k, 0) + v
+            for i, st in enumerate(s.streams):
+                for k, v in st.get("lost", {}).items():
+                    skipped[i][k] = skipped[i].get(k, 0) + v
+        return {"ok": ok, "skipped": skipped, "truncated": sum(s.truncated for s in self.slot_states.values())}
+
+    def __iter__(self) -> Iterator[dict]:
+        w = self.spec.num_workers
+        offset = self.consumed % max(w, 1)
+        dataset = _SlotDataset(self.spec, self.processor, self.slot_states, offset)
+        if w == 0:
+            it = iter(dataset)
+        else:
+            it = iter(DataLoader(dataset, batch_size=None, num_workers=w, worker_init_fn=_ignore_signals,
+                                 prefetch_factor=4, pin_memory=torch.cuda.is_available(),
+                                 generator=torch.Generator().manual_seed(self.spec.seed)))
+        for batch in it:
+            self.slot_states[batch.pop("_slot")] = batch.pop("_state")
+            self.consumed += 1
+            yield batch

@@ -1,0 +1,273 @@
+"""Raw WebDataset samples with a resumable position.
+
+webdataset's own pipeline cannot resume mid-epoch (its maintainer: no restartability guarantee with workers), so
+this module reads the same tar format itself: local shards through an index of member offsets (tar headers only),
+so a sample is addressable as (shard, index) and resuming seeks instead of reading; `pipe:` and http(s) shards are
+opened with webdataset's `gopen` and resumed by skipping members at the byte level, never by decoding them.
+
+Samples of an epoch: all shards of a source in a seeded per-epoch permutation; slot s of S (slot = rank x workers +
+worker) takes every S-th shard. With fewer shards than slots every slot reads every shard and takes every S-th
+sample instead, so no slot is ever starved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from pretrain.data import errors
+
+# webdataset's key rule: the key is the path up to the first dot of the basename.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for url in braceexpand.braceexpand(item):
+            path = Path(url)
+            if not url.startswith(_REMOTE) and path.is_dir():
+                out += sorted(str(p) for p in path.glob("*.tar"))
+            else:
+                out.append(url)
+    return out
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class RawSample:
+    key: str
+    url: str
+    index: int
+    parts: dict[str, bytes]
+
+
+class TarShardError(Exception):
+    """A shard that ended early or could not be opened; its remaining samples are lost and counted."""
+
+
+@dataclass
+class _Member:
+    name: str
+    offset: int
+    size: int
+
+
+def _group(members: Iterator[tuple[str, object]]) -> Iterator[tuple[str, list[tuple[str, object]]]]:
+    """Consecutive members sharing a key form a sample (webdataset's group_by_keys)."""
+    key, group = None, []
+    for name, payload in members:
+        m = _KEY_EXT.match(name)
+        if not m:
+            continue
+        k, ext = m.group(1), m.group(2)
+        if key is not None and k != key:
+            yield key, group
+            group = []
+        key = k
+        group.append((ext.lower(), payload))
+    if key is not None:
+        yield key, group
+
+
+def _size(path: str) -> int:
+    return Path(path).stat().st_size
+
+
+def _truncation(path: str, members: list[_Member]) -> str | None:
+    """Reading headers alone seeks past a cut: check that the data fits the file and the end-of-archive block
+    follows the last member, as every complete tar has."""
+    size = _size(path)
+    if not members:
+        return None if size >= 1024 else "truncated: no end-of-archive marker"
+    last = members[-1]
+    end = last.offset + -(-last.size // 512) * 512
+    if last.offset + last.size > size:
+        return f"truncated: member {last.name} ends past the end of the file"
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(512)
+    if len(block) < 512 or block.strip(b"\0"):
+        return "truncated: no end-of-archive marker after the last member"
+    return None
+
+
+class ShardReader:
+    """Reads one worker's shards; keeps an index per local shard for seeks."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, list[tuple[str, list[tuple[str, _Member]]]]] = {}
+        self._errors: dict[str, str | None] = {}
+
+    def _local_index(self, url: str) -> list[tuple[str, list[tuple[str, _Member]]]]:
+        if url not in self._index:
+            members, error = [], None
+            try:
+                with tarfile.open(url, "r:") as tf:
+                    for info in tf:
+                        if info.isfile():
+                            members.append((info.name, _Member(info.name, info.offset_data, info.size)))
+            except (tarfile.TarError, OSError, EOFError) as err:
+                error = str(err)
+            error = error or _truncation(url, [m for _, m in members])
+            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= _size(url))))
+            if error and index:
+                index = index[:-1]  # the last sample before the cut may be missing parts
+            self._index[url] = index
+            self._errors[url] = error
+        return self._index[url]
+
+    def count(self, url: str) -> int | None:
+        return None if url.startswith(_REMOTE) else len(self._local_index(url))
+
+    def read_at(self, url: str, index: int) -> RawSample:
+        if url.startswith(_REMOTE):
+            for sample in self.iterate(url, index):
+                return sample
+            raise TarShardError(f"{url}: sample {index} not found")
+        key, parts = self._local_index(url)[index]
+        with open(url, "rb") as f:
+            data = {}
+            for ext, m in parts:
+                f.seek(m.offset)
+                data[ext] = f.read(m.size)
+        return RawSample(key, url, index, data)
+
+    def iterate(self, url: str, start: int = 0) -> Iterator[RawSample]:
+        """Samples from `start` on. Raises TarShardError at the end if the shard was truncated or unreadable."""
+        if not url.startswith(_REMOTE):
+            if not Path(url).is_file():
+                raise TarShardError(f"{url}: no such shard")
+            index = self._local_index(url)
+            with open(url, "rb") as f:
+                for i in range(start, len(index)):
+                    key, parts = index[i]
+                    data = {}
+                    for ext, m in parts:
+                        f.seek(m.offset)
+                        data[ext] = f.read(m.size)
+                    yield RawSample(key, url, i, data)
+            if self._errors.get(url):
+                raise TarShardError(f"{url}: {self._errors[url]}")
+            return
+        yield from self._iterate_stream(url, start)
+
+    def _iterate_stream(self, url: str, start: int) -> Iterator[RawSample]:
+        try:
+            stream = wds.gopen(url, "rb")
+            with tarfile.open(fileobj=stream, mode="r|*") as tf:
+                def members() -> Iterator[tuple[str, object]]:
+                    for info in tf:
+                        if info.isfile():
+                            yield info.name, info
+
+                for i, (key, parts) in enumerate(_group(members())):
+                    if i < start:
+                        continue  # the data of skipped members is never read into memory: tarfile seeks/skips
+                    yield RawSample(key, url, i, {ext: tf.extractfile(info).read() for ext, info in parts})
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            raise TarShardError(f"{url}: {err}") from err
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    shard_pos: int = 0  # index into this slot's shard list of the epoch
+    sample_pos: int = 0  # next sample index within that shard
+    lost: dict[str, int] = field(default_factory=dict)
+
+
+class SourceStream:
+    """One source's endless, seeded, resumable sample stream for one slot."""
+
+    def __init__(self, urls: list[str], slot: int, n_slots: int, seed: int, source: int, shuffle: bool,
+                 reader: ShardReader, state: StreamState | None = None) -> None:
+        if not urls:
+            raise ValueError("a data source has no shards")
+        self.urls, self.slot, self.n_slots = urls, slot, n_slots
+        self.seed, self.source, self.shuffle = seed, source, shuffle
+        self.reader = reader
+        self.state = state or StreamState()
+        self._it: Iterator[RawSample] | None = None
+
+    def shards_for(self, epoch: int) -> tuple[list[str], bool]:
+        order = list(self.urls)
+        if self.shuffle:
+            seeded_rng(self.seed, self.source, epoch, "shards").shuffle(order)
+        if len(order) >= self.n_slots:
+            return order[self.slot :: self.n_slots], False
+        return order, True  # sample-level split
+
+    def _samples(self) -> Iterator[RawSample]:
+        st = self.state
+        while True:
+            shards, by_sample = self.shards_for(st.epoch)
+            yielded = False
+            while st.shard_pos < len(shards):
+                url = shards[st.shard_pos]
+                offset = self._epoch_offset(shards, st.shard_pos) if by_sample else 0
+                try:
+                    for raw in self.reader.iterate(url, st.sample_pos):
+                        st.sample_pos = raw.index + 1
+                        if by_sample and (offset + raw.index) % self.n_slots != self.slot:
+                            continue
+                        yielded = True
+                        yield raw
+                except TarShardError:
+                    st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
+                st.shard_pos, st.sample_pos = st.shard_pos + 1, 0
+            if not yielded and st.shard_pos >= len(shards) and not self._any_readable(shards):
+                raise DataSourceError(f"data source {self.source} has no readable samples in {len(shards)} shard(s) "
+                                      f"(first: {shards[0] if shards else '-'})")
+            st.epoch, st.shard_pos, st.sample_pos = st.epoch + 1, 0, 0
+
+    def _any_readable(self, shards: list[str]) -> bool:
+        return any((self.reader.count(u) or 0) > 0 for u in shards if not u.startswith(_REMOTE))
+
+    def _epoch_offset(self, shards: list[str], pos: int) -> int:
+        return sum(self.reader.count(u) or 0 for u in shards[:pos])
+
+    def next(self) -> RawSample:
+        if self._it is None:
+            self._it = self._samples()
+        return next(self._it)
+
+
+class DataSourceError(RuntimeError):
+    """A source that cannot deliver samples at all, or whose bad fraction passed data.max_bad_fraction."""
+
+
+class ShuffleBuffer:
+    """A seeded sample shuffle buffer whose contents are saved as references, not bytes."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng = size, rng
+        self.items: list[tuple[int, RawSample]] = []
+
+    def push_pop(self, item: tuple[int, RawSample] | None) -> tuple[int, RawSample] | None:
+        if item is not None:
+            self.items.append(item)
+            if len(self.items) < self.size:
+                return None
+        if not self.items:
+            return None
+        i = self.rng.randrange(len(self.items))
+        self.items[i], self.items[-1] = self.items[-1], self.items[i]
+        return self.items.pop()
+
+    def refs(self) -> list[tuple[int, str, int]]:
+        return [(src, raw.url, raw.index) for src, raw in self.items]

@@ -1,0 +1,127 @@
+"""Text side of a sample: token ids and labels, with `<image>` expanded to the tower's image-token count.
+
+Captions: `[bos] <image>*N caption eos`, labels on the caption and eos only.
+Conversations (LLaVA `from`/`value` or `role`/`content` turns) are rendered by the tokenizer's own chat template;
+labels cover the assistant turns only. Which tokens belong to an assistant turn is found by rendering the prefixes
+(`messages[:i]` with a generation prompt, and `messages[:i+1]`) and mapping those character spans through the
+tokenizer's offsets: this works with any template, not only those with `{% generation %}` markers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from pretrain.data import errors
+from pretrain.data.errors import SampleError
+
+IGNORE = -100
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class TokenizedText:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class TextProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_tokens: int,
+                 max_length: int) -> None:
+        self.tok = tokenizer
+        self.image_token_id = image_token_id
+        self.image_tokens = image_tokens
+        self.max_length = max_length
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; captions need one to end")
+
+    def caption(self, text: str, has_image: bool = True) -> TokenizedText:
+        text = text.strip()
+        if not text:
+            raise SampleError(errors.EMPTY_TEXT)
+        prompt = self.bos + ([self.image_token_id] * self.image_tokens if has_image else [])
+        target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return self._fit(prompt + target, [IGNORE] * len(prompt) + target)
+
+    def conversation(self, turns: list[dict], has_image: bool) -> TokenizedText:
+        messages = to_messages(turns, has_image)
+        if self.tok.chat_template is None:
+            raise ValueError("the tokenizer has no chat template; conversations need one (set tokenizer.chat_template)")
+        text = self._render(messages, generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(self._render(messages[:i], generation_prompt=True))
+                end = len(self._render(messages[: i + 1], generation_prompt=False))
+                if not text.startswith(self._render(messages[: i + 1], generation_prompt=False)):
+                    raise ValueError("the chat template does not render prefixes stably; cannot mask labels")
+                spans.append((start, end))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = [], []
+        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if tid == self.image_token_id:
+                ids += [tid] * self.image_tokens
+                labels += [IGNORE] * self.image_tokens
+                continue
+            ids.append(tid)
+            labels.append(tid if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE)
+        if ids.count(self.image_token_id) != (self.image_tokens if has_image else 0):
+            raise SampleError(errors.BAD_CONVERSATION, "image placeholder count does not match the images")
+        if self.bos and ids[:1] != self.bos:
+            ids, labels = self.bos + ids, [IGNORE] + labels
+        return self._fit(ids, labels)
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        if not messages:
+            return self.tok.apply_chat_template([], tokenize=False, add_generation_prompt=generation_prompt) \
+                if generation_prompt else ""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _fit(self, ids: list[int], labels: list[int]) -> TokenizedText:
+        """Too long: cut text from the end, never image tokens; a sample whose images or all labels would be cut
+        is dropped."""
+        if len(ids) <= self.max_length:
+            return TokenizedText(ids, labels)
+        last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if last_image >= self.max_length:
+            raise SampleError(errors.TOO_LONG, "image tokens do not fit data.max_length")
+        if all(x == IGNORE for x in labels):
+            raise SampleError(errors.TOO_LONG, "no label token fits data.max_length")
+        return TokenizedText(ids, labels, truncated=True)
+
+
+def to_messages(turns: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA turns -> chat messages. An image without a placeholder gets one at the start of the first user turn,
+    as LLaVA does; a placeholder without an image, or more than one, is a bad sample."""
+    if not isinstance(turns, list) or not turns:
+        raise SampleError(errors.BAD_CONVERSATION, "no turns")
+    messages = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise SampleError(errors.BAD_CONVERSATION, "a turn is not an object")
+        role = ROLE_NAMES.get(str(t.get("from", t.get("role", ""))).lower())
+        content = t.get("value", t.get("content"))
+        if role is None or not isinstance(content, str):
+            raise SampleError(errors.BAD_CONVERSATION, f"turn {t!r:.80}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise SampleError(errors.EMPTY_TEXT, "no assistant turn")
+    n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if has_image and n_placeholders == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise SampleError(errors.BAD_CONVERSATION, "an image but no user turn")
+        first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]
+    elif n_placeholders != (1 if has_image else 0):
+        raise SampleError(errors.BAD_CONVERSATION, f"{n_placeholders} <image> placeholders for "
+                                                   f"{int(has_image)} image(s)")
+    return messages

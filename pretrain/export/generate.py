@@ -1,0 +1,33 @@
+"""Captions and answers from an exported model, with plain transformers (what a user of the export runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+
+class Captioner:
+    def __init__(self, hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.processor = AutoProcessor.from_pretrained(hf_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).eval()
+        self.tok = self.processor.tokenizer
+
+    def _prompt(self, prompt: str | None) -> str:
+        if prompt is None:  # caption mode: the pretraining format, `[bos] <image>` then the caption
+            return (self.tok.bos_token or "") + "<image>"
+        messages = [{"role": "user", "content": "<image>\n" + prompt}]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], prompt: str | None = None, max_new_tokens: int = 32) -> list[str]:
+        out = []
+        for image in images:
+            inputs = self.processor(images=image.convert("RGB"), text=self._prompt(prompt), return_tensors="pt",
+                                    add_special_tokens=False)
+            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+            out.append(self.tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        return out

@@ -1,0 +1,49 @@
+"""Training stages and parameter groups.
+
+align: projector only (LLaVA stage 1). finetune: projector + decoder (LLaVA stage 2). full: everything, the vision
+tower included. Frozen parameters get requires_grad=False and no optimizer group, so they carry no optimizer state.
+Biases and norm weights get no weight decay.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+TRAINABLE = {"align": ("projector",), "finetune": ("projector", "llm"), "full": ("projector", "llm", "vision")}
+
+
+def component_of(name: str) -> str:
+    if "multi_modal_projector" in name:
+        return "projector"
+    if "vision_tower" in name:
+        return "vision"
+    return "llm"
+
+
+def apply_stage(model: LlavaForConditionalGeneration, stage: str) -> dict[str, int]:
+    """Freeze by stage; returns trainable parameter counts per component (ZeRO-3 aware)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        p.requires_grad_(comp in TRAINABLE[stage])
+        if p.requires_grad:
+            counts[comp] = counts.get(comp, 0) + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
+    return counts
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: dict[str, float]) -> list[dict]:
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        comp = component_of(name)
+        no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        if hasattr(p, "ds_shape"):
+            no_decay = len(p.ds_shape) < 2 or name.endswith(".bias") or "norm" in name.lower()
+        key = (comp, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "name": f"{comp}{'_no_decay' if no_decay else ''}",
+                           "lr": lr * multipliers.get(comp, 1.0), "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

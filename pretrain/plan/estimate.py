@@ -1,0 +1,311 @@
+"""Per-GPU memory, step time and communication of a recipe on a data-parallel ZeRO cluster.
+
+Model states follow the ZeRO paper (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", sections 3 and 5): for Psi parameters, mixed-precision Adam holds 2*Psi bytes of bf16 weights,
+2*Psi of gradients and K*Psi of optimizer state with K = 12 (fp32 master copy + two fp32 moments). Stage 1
+partitions the optimizer state over the N data-parallel ranks, stage 2 also the gradients, stage 3 also the weights.
+Frozen parts keep only their weights (no gradients, no optimizer state); under stage 3 those are partitioned too.
+Communication per step per GPU (same paper, section 7): stage 0-2 move ~2*Psi (reduce-scatter of gradients and
+all-gather of updated weights, i.e. an all-reduce); stage 3 ~3*Psi (weights all-gathered again in forward and in
+backward). Activations are counted tensor by tensor for a Llama/ViT block (the method of Korthikanti et al., 2022,
+"Reducing Activation Recomputation in Large Transformer Models"), assuming flash/memory-efficient attention (no
+L x L score matrix is kept).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pretrain.config import DeepSpeedConfig
+from pretrain.model.flops import StepFlops, VLMShape, count_params, step_flops, trainable_parts
+
+GIB = 1024**3
+OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
+LOGIT_CHUNK_TOKENS = 1024  # chunked/fused cross-entropy: fp32 logits live for this many positions at a time
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s
+    memory_bytes: int  # what the driver reports as total
+    nvlink_Bps: float  # achievable intra-node all-reduce bus bandwidth per GPU, bytes/s (assumption)
+    pcie_Bps: float  # achievable host<->GPU copy bandwidth, bytes/s (assumption)
+
+
+GPUS: dict[str, GPUSpec] = {
+    "h100": GPUSpec("H100 SXM 80GB", 989e12, 81559 * 2**20, 360e9, 50e9),
+    "h200": GPUSpec("H200 SXM 141GB", 989e12, 143771 * 2**20, 360e9, 50e9),
+    "a100": GPUSpec("A100 SXM 80GB", 312e12, 81920 * 2**20, 230e9, 25e9),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one GPU trains per micro-step, and how the cluster is run."""
+
+    shape: VLMShape
+    stage: str = "align"
+    seq_len: int = 2048  # tokens per row (a packed row, or the padded sample when not packing)
+    sample_len: int = 640  # decoder tokens per sample, image tokens included
+    images_per_sample: int = 1
+    logit_tokens: int = 64  # positions per sample where the LM head runs (the label tokens)
+    packing: bool = True
+    micro_batch: int = 1  # rows per GPU per micro-step
+    grad_accum: int = 1
+    global_batch: int | None = None  # rows per optimizer step; fixed across cluster sizes when set
+    precision: str = "bf16"
+    checkpointing: str = "none"  # none | full | every_k
+    checkpointing_every_k: int = 2
+    chunked_ce: bool = True
+
+    @property
+    def samples_per_row(self) -> float:
+        """Packed rows are filled to the brim by samples of this length on average (packers reach ~98%)."""
+        return self.seq_len / self.sample_len if self.packing else 1.0
+
+    @property
+    def row_tokens(self) -> int:
+        return self.seq_len if self.packing else self.sample_len
+
+    def accum_for(self, n_gpus: int) -> int | None:
+        """Accumulation steps at this cluster size; None when the global batch cannot be split over it."""
+        if self.global_batch is None:
+            return self.grad_accum
+        accum, rest = divmod(self.global_batch, self.micro_batch * n_gpus)
+        return accum if accum >= 1 and rest == 0 else None
+
+    def checkpointed_layers(self, layers: int) -> int:
+        if self.checkpointing == "full":
+            return layers
+        if self.checkpointing == "every_k":
+            return math.ceil(layers / self.checkpointing_every_k)
+        return 0
+
+    def micro_flops(self) -> StepFlops:
+        """Model FLOPs of one micro-step on one GPU."""
+        layers = self.shape.llm.layers
+        one = step_flops(self.shape, [self.sample_len], images=self.images_per_sample,
+                         logit_tokens=self.logit_tokens, stage=self.stage,
+                         recompute_fraction=self.checkpointed_layers(layers) / layers)
+        return one.scaled(self.micro_batch * self.samples_per_row)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU (and on the host, per GPU, for what is offloaded)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+    overhead: float
+    host: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers + self.overhead
+
+    def as_gib(self) -> dict[str, float]:
+        return {**{k: v / GIB for k, v in asdict(self).items()}, "total": self.total / GIB}
+
+
+def memory_per_gpu(work: Workload, ds: DeepSpeedConfig, n_gpus: int, overhead_gib: float = 2.0) -> Memory:
+    """Model states by ZeRO stage (the ZeRO paper's formulas), activations of one micro-batch, comm buffers.
+
+    `overhead_gib` stands for the CUDA context, NCCL's buffers and allocator fragmentation (an assumption).
+    """
+    counts = count_params(work.shape)
+    trainable, total = counts.trainable(work.stage), counts.total
+    pb = gb = 2 if work.precision == "bf16" else 4
+    k_opt = OPTIMIZER_BYTES[work.precision]
+    stage, n = ds.zero_stage, n_gpus
+    persist = _persistent_params(work.shape, ds) if stage == 3 else 0
+
+    params = pb * ((total - persist) / n + persist) if stage == 3 else pb * total
+    grads = gb * trainable / (n if stage >= 2 else 1)
+    optimizer = k_opt * trainable / (n if stage >= 1 else 1)
+    host = 0.0
+    if ds.offload_optimizer != "none" and stage >= 1:
+        host += optimizer
+        optimizer = 0.0
+        if stage >= 2:  # DeepSpeed copies each reduced gradient partition into fp32 host buffers
+            host += 4 * trainable / n
+            grads = 0.0
+    if ds.offload_params != "none" and stage == 3:
+        host += params - pb * persist
+        params = pb * persist
+    return Memory(params, grads, optimizer, activation_bytes(work), _buffer_bytes(work.shape, ds, pb), overhead_gib
+                  * GIB, host)
+
+
+def activation_bytes(work: Workload) -> float:
+    """Saved activations of one micro-batch (plus one layer in flight), per GPU."""
+    shape, parts = work.shape, trainable_parts(work.stage)
+    llm, vis = shape.llm, shape.vision
+    a = 2 if work.precision == "bf16" else 4
+    tokens = work.micro_batch * work.row_tokens
+    samples = work.micro_batch * work.samples_per_row
+    h, i, q, kv = llm.hidden, llm.intermediate, llm.q_dim, llm.kv_dim
+    # Bytes one decoder layer keeps per token. transformers' RMSNorm upcasts: its fp32 input is saved (4h), and the
+    # normalised output too when the weight trains. Flash/SDPA attention keeps q, k, v, out; SwiGLU keeps gate, up
+    # and silu(gate), plus their product when down_proj's weight needs it. Frozen linears keep no inputs.
+    trains = "llm" in parts
+    per_layer = 2 * (4 * h + a * h * trains) + a * (2 * q + 2 * kv) + a * i * (4 if trains else 3)
+    ckpt = work.checkpointed_layers(llm.layers)
+    decoder = tokens * (ckpt * a * h + (llm.layers - ckpt) * per_layer + per_layer + 2 * a * h)
+    logit_rows = samples * work.logit_tokens
+    if work.chunked_ce:
+        logits = min(logit_rows, LOGIT_CHUNK_TOKENS) * llm.vocab * 8  # fp32 logits + their gradient
+    else:
+        logits = logit_rows * llm.vocab * (a + 8)
+    images = samples * work.images_per_sample
+    vision = images * vis.seq * vis.hidden * a  # the selected features, at least
+    if "vision" in parts:
+        v_layer = 8 * vis.hidden + 2 * vis.intermediate
+        g = shape.vision_grad_layers
+        v_ckpt = math.ceil(g * ckpt / llm.layers)
+        vision += images * vis.seq * a * (v_ckpt * vis.hidden + (g - v_ckpt) * v_layer + v_layer)
+    depth = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}[shape.projector]
+    projector = images * shape.image_tokens * a * (shape.projector_in + 2 * (depth - 1) * h + h)
+    return decoder + logits + vision + projector
+
+
+def _buffer_bytes(shape: VLMShape, ds: DeepSpeedConfig, pb: int) -> float:
+    """DeepSpeed's communication buckets and, under stage 3, the gathered working set of weights."""
+    if ds.zero_stage in (1, 2):
+        # DeepSpeed's docs: overlap_comm uses 4.5x the reduce/all-gather bucket sizes.
+        return (4.5 if ds.overlap_comm else 1.0) * ds.reduce_bucket_size * pb
+    reduce = ds.reduce_bucket_size * pb * (2 if ds.overlap_comm else 1)
+    if ds.zero_stage == 0:
+        return reduce
+    live = min(_largest_module(shape) + ds.prefetch_bucket_size, ds.max_live_parameters)
+    return reduce + live * pb
+
+
+def _persistent_params(shape: VLMShape, ds: DeepSpeedConfig) -> int:
+    """ZeRO-3 keeps tensors under `param_persistence_threshold` elements whole on every rank."""
+    return sum(n for _, n in shape.tensors() if n < ds.param_persistence_threshold)
+
+
+def _largest_module(shape: VLMShape) -> int:
+    """Elements of the largest module ZeRO-3 gathers at once (often the embedding or the LM head)."""
+    modules: dict[str, int] = {}
+    for name, n in shape.tensors():
+        key = name.rsplit(".", 1)[0]
+        modules[key] = modules.get(key, 0) + n
+    return max(modules.values())
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    n_gpus: int
+    grad_accum: int
+    global_rows: int
+    tokens_per_step: int
+    flops_per_gpu: float  # model FLOPs per GPU per optimizer step
+    compute_s: float
+    comm_bytes: float  # sent per GPU per step
+    comm_s: float
+    exposed_comm_s: float
+    offload_s: float
+    step_s: float
+    need_Bps: float  # link bandwidth that would hide all communication behind compute
+    link_Bps: float
+    memory: Memory = field(repr=False)
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_step / self.step_s / self.n_gpus
+
+    def effective_mfu(self, peak: float) -> float:
+        return self.flops_per_gpu / (self.step_s * peak)
+
+    def hours_for(self, tokens: float) -> float:
+        return tokens / self.tokens_per_step * self.step_s / 3600
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "memory"}
+        return {**out, "memory_gib": self.memory.as_gib(), "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPUSpec
+    mfu: float = 0.4  # model FLOPs utilisation of the compute (an assumption unless measured)
+    net_Bps: float = 50e9  # inter-node bandwidth per GPU (one 400 Gb/s NIC per GPU)
+    gpus_per_node: int = 8
+    cpu_adam_params_per_s: float = 1e9  # host Adam throughput per GPU (memory-bound, ~30 B per parameter)
+    overhead_gib: float = 2.0
+
+    def link_Bps(self, n_gpus: int) -> float:
+        return self.gpu.nvlink_Bps if n_gpus <= self.gpus_per_node else self.net_Bps
+
+
+def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Cluster) -> StepEstimate | None:
+    """Step time = compute at the given MFU + communication not hidden behind it + host optimizer work."""
+    accum = work.accum_for(n_gpus)
+    if accum is None:
+        return None
+    flops = work.micro_flops()
+    flops_per_gpu = flops.total * accum
+    compute = flops_per_gpu / (cluster.mfu * cluster.gpu.peak_flops)
+    backward = compute * flops.backward / flops.total
+    link = cluster.link_Bps(n_gpus)
+    chunks = comm_per_step(work, ds, n_gpus, accum, compute, backward)
+    comm_bytes = sum(b for b, _ in chunks)
+    comm_s = comm_bytes / link
+    exposed = sum(max(0.0, b / link - window) for b, window in chunks) if ds.overlap_comm else comm_s
+    offload = _offload_seconds(work, ds, n_gpus, cluster)
+    step = compute + exposed + offload
+    rows = work.micro_batch * accum * n_gpus
+    return StepEstimate(n_gpus, accum, rows, rows * work.row_tokens, flops_per_gpu, compute, comm_bytes, comm_s,
+                        exposed, offload, step, comm_bytes / compute, link,
+                        memory_per_gpu(work, ds, n_gpus, cluster.overhead_gib))
+
+
+def comm_per_step(work: Workload, ds: DeepSpeedConfig, n: int, accum: int, compute_s: float,
+                  backward_s: float) -> list[tuple[float, float]]:
+    """(bytes sent per GPU, seconds of compute it can hide behind) for each collective of one optimizer step.
+
+    Ring collectives send (N-1)/N of the buffer per GPU. Stage 0/1 reduce gradients once, in the last micro-step's
+    backward; stage 2 reduce-scatters in every micro-step's backward; stages 1/2 all-gather updated weights after the
+    optimizer step (nothing to hide behind); stage 3 gathers weights for forward and backward and reduce-scatters
+    gradients in every micro-step, prefetched behind compute.
+    """
+    if n <= 1:
+        return []
+    counts = count_params(work.shape)
+    trainable, parts = counts.trainable(work.stage), trainable_parts(work.stage)
+    pb = gb = 2 if work.precision == "bf16" else 4
+    ring = (n - 1) / n
+    grads = trainable * gb * ring
+    if ds.zero_stage == 0:
+        return [(2 * grads, backward_s / accum)]
+    if ds.zero_stage == 1:
+        return [(grads, backward_s / accum), (trainable * pb * ring, 0.0)]
+    if ds.zero_stage == 2:
+        return [(grads * accum, backward_s), (trainable * pb * ring, 0.0)]
+    # Backward regathers every part gradients flow through: the decoder and projector always, the vision tower
+    # only when it trains (nothing upstream of it does).
+    backward_params = counts.llm + counts.projector + (counts.vision if "vision" in parts else 0)
+    per_micro = (counts.total + backward_params) * pb * ring + grads
+    return [(per_micro * accum, compute_s)]
+
+
+def _offload_seconds(work: Workload, ds: DeepSpeedConfig, n: int, cluster: Cluster) -> float:
+    """Host-side optimizer step and the PCIe copies around it (not overlapped: a conservative bound)."""
+    counts = count_params(work.shape)
+    pb = 2 if work.precision == "bf16" else 4
+    seconds = 0.0
+    if ds.offload_optimizer != "none" and ds.zero_stage >= 1:
+        shard = counts.trainable(work.stage) / n
+        seconds += shard * 2 * pb / cluster.gpu.pcie_Bps  # gradients down, updated weights up
+        seconds += shard / cluster.cpu_adam_params_per_s
+    if ds.offload_params != "none" and ds.zero_stage == 3:
+        # Each rank fetches its weight shard from the host before every gather (forward and backward).
+        seconds += 2 * counts.total / n * pb * (work.accum_for(n) or 1) / cluster.gpu.pcie_Bps
+    return seconds

@@ -1,0 +1,64 @@
+"""Rank-0 metrics: metrics.jsonl (one object per logged step), TensorBoard scalars, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool) -> None:
+        self.enabled = enabled
+        self.pbar = None
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if progress_bar:
+            self.pbar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             mininterval=1.0)
+
+    def log(self, step: int, values: dict[str, Any], tb_only: dict[str, float] | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for k, v in {**values, **(tb_only or {})}.items():
+            if isinstance(v, int | float) and v is not None and math.isfinite(float(v)):
+                self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.enabled:
+            self.tb.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
+    def advance(self, n: int, loss: float | None) -> None:
+        if self.pbar is not None:
+            self.pbar.update(n)
+            if loss is not None:
+                self.pbar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,101 @@
+"""Everything a training process builds before its first step: tokenizer, model, DeepSpeed engine, loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, PreTrainedTokenizerBase
+
+from pretrain.config import Config, DataSource
+from pretrain.data.image import ImageTransform, image_processor_for_vision_config
+from pretrain.data.loader import LoaderSpec, ResumableLoader
+from pretrain.data.sample import SampleProcessor
+from pretrain.data.stream import expand_urls
+from pretrain.data.text import TextProcessor
+from pretrain.model.build import ZeroContext, build_model, load_component_config, load_tokenizer
+from pretrain.model.stages import apply_stage, param_groups
+from pretrain.model.vlm import VLMForTraining
+from pretrain.train.schedule import lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    engine: Any
+    tokenizer: PreTrainedTokenizerBase
+    processor: SampleProcessor
+    image_processor: Any
+    trainable: dict[str, int]
+
+
+def image_processor_for(cfg: Config):
+    m = cfg.model
+    source = m.init_from or (m.vision if isinstance(m.vision, str) else None)
+    if source:
+        try:
+            return AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            log.warning("no image processor in %s (%s); using one built from the vision config", source, err)
+    return image_processor_for_vision_config(load_component_config(m.vision, vision=True))
+
+
+def enable_activation_checkpointing(model, mode: str, every_k: int) -> None:
+    if mode == "none":
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "every_k":
+        for stack in (model.model.language_model.layers, model.model.vision_tower.vision_model.encoder.layers):
+            for i, layer in enumerate(stack):
+                layer.gradient_checkpointing = i % every_k == 0
+
+
+def build_engine(cfg: Config, ds_config: dict) -> Built:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    tokenizer = load_tokenizer(cfg.model)
+    zero = ZeroContext(ds_config)
+    # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (ZeRO-0..2 replicate parameters)
+    model = build_model(cfg.model, tokenizer, zero)
+    m = cfg.model
+    enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
+    trainable = apply_stage(model, cfg.train.stage)
+    t = cfg.train
+    groups = param_groups(model, t.lr, t.weight_decay, t.lr_multipliers)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                  fused=torch.cuda.is_available())
+    schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, *_ = deepspeed.initialize(model=VLMForTraining(model), optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
+    del hf_ds
+    image_processor = image_processor_for(cfg)
+    vlm_cfg = model.config
+    text = TextProcessor(tokenizer, vlm_cfg.image_token_id, vlm_cfg.image_seq_length, cfg.data.max_length)
+    processor = SampleProcessor(text, ImageTransform.from_processor(image_processor), cfg.data.max_image_pixels,
+                                draft_size=_draft_size(image_processor) if cfg.data.fast_image_decode else None)
+    return Built(engine, tokenizer, processor, image_processor, trainable)
+
+
+def _draft_size(image_processor) -> int | None:
+    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
+    return max(size.values()) if isinstance(size, dict) and size else None
+
+
+def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcessor, pad_id: int, rank: int,
+                world: int, *, train: bool, state: dict | None = None) -> ResumableLoader:
+    spec = LoaderSpec(
+        sources=[expand_urls(s.urls) for s in sources], weights=[s.weight for s in sources], rank=rank,
+        world_size=world, num_workers=cfg.data.num_workers if train else 0, seed=cfg.run.seed, shuffle=train,
+        shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
+        max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id)
+    for i, urls in enumerate(spec.sources):
+        if not urls:
+            raise FileNotFoundError(f"data source {i} ({sources[i].urls!r}) matches no shards")
+    return ResumableLoader(spec, processor, state)
