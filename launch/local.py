@@ -9,8 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.train.dist import EXIT_PREEMPTED
 
 
 def _free_port() -> int:
@@ -27,7 +29,7 @@ def torchrun_command(config: str, nproc: int, overrides: list[str], master_port:
 
 def launch_local(config: str, nproc: int, overrides: list[str], master_port: int | None = None) -> int:
     try:
-        load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as err:
         print(f"error: {err}")
         return 2
@@ -38,4 +40,9 @@ def launch_local(config: str, nproc: int, overrides: list[str], master_port: int
     # Without this, each CPU rank spawns a thread per core and 2 ranks on 2 cores thrash.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = torchrun_command(config, nproc, overrides, master_port or _free_port())
-    return subprocess.call(cmd, env=env)
+    marker = Path(cfg.run.output_dir) / "PREEMPTED"
+    marker.unlink(missing_ok=True)
+    code = subprocess.call(cmd, env=env)
+    # torchrun reports any non-zero worker exit as 1; the trainer leaves PREEMPTED when it exited for a signal
+    # after a committed checkpoint, so the "resume me" code survives the launcher.
+    return EXIT_PREEMPTED if code != 0 and marker.exists() else code

@@ -34,7 +34,7 @@ class SlurmSpecError(ValueError):
 @dataclass
 class SlurmJobSpec:
     """Everything the sbatch script needs. `command` is internal: None runs the trainer
-    (`PYTHON -m pretrain.cli train CONFIG OVERRIDES...`); tests put another argv there to exercise the template."""
+    (`PYTHON -m pretrain train CONFIG OVERRIDES...`); tests put another argv there to exercise the template."""
 
     config_path: str
     output_dir: str
@@ -167,7 +167,7 @@ def train_command(spec: SlurmJobSpec) -> list[str]:
     if spec.command is not None:
         return list(spec.command)
     config = os.path.abspath(os.path.join(spec.workdir, spec.config_path))
-    return [spec.python, "-m", "pretrain.cli", "train", config, *spec.overrides]
+    return [spec.python, "-m", "pretrain", "train", config, *spec.overrides]
 
 
 def render_script(spec: SlurmJobSpec, template: str | Path | None = None) -> str:

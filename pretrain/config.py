@@ -69,6 +69,8 @@ class DataConfig(Section):
 class TrainConfig(Section):
     stage: Literal["align", "finetune", "full"] = "align"
     max_steps: int = Field(ge=1)
+    # End this invocation at this step (checkpoint saved, schedule unchanged): time-sliced jobs, resume tests.
+    stop_at_step: int | None = Field(default=None, ge=1)
     micro_batch_size: int = Field(default=1, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     # If set, must equal micro_batch_size x grad_accum x data-parallel size (checked at launch).
@@ -160,7 +162,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. backticks): keep the text as a string; validation decides
+    return key.split("."), value
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:

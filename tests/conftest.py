@@ -19,7 +19,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["slurm_cluster"] if (Path(__file__).parent / "slurm_cluster.py").exists() else []
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the real 2-node Slurm cluster fixture)
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,20 @@ def test_causal_counts_unmasked_pairs_and_recompute_is_apart():
     assert plain.scaled(2.5).total == pytest.approx(2.5 * plain.total)
 
 
+def test_siglip_tower_with_pooling_head():
+    text = AutoConfig.for_model("llama", **LLAMA)
+    with_head = VLMShape.from_configs(text, AutoConfig.for_model("siglip_vision_model", **CLIP))
+    no_head = VLMShape.from_configs(text, AutoConfig.for_model("siglip_vision_model", vision_use_head=False, **CLIP))
+    seq = 16  # no class token
+    assert with_head.image_tokens == no_head.image_tokens == seq and with_head.select_strategy == "full"
+    a, b = (flops_per_sample(s, 40, stage="full") for s in (with_head, no_head))
+    head = 2 * (2 * seq * 32 * 32) + 2 * 32 * 32 + 2 * 32 * 32 + 2 * 32 * 64 + 2 * 64 * 32  # k,v; q; out; MLP
+    assert a.vision.forward - b.vision.forward == head
+    assert a.vision_attention.forward - b.vision_attention.forward == 2 * seq * 32 + 2 * seq * 32
+    assert a.vision.backward == b.vision.backward  # the head's output is unused: no gradient reaches it
+    assert b.vision.forward == 2 * seq * 3 * 64 * 32 + 3 * (4 * 2 * seq * 32 * 32 + 2 * 2 * seq * 32 * 64)
+
+
 def test_logit_tokens_default_to_every_position():
     shape = tiny_shape()
     assert flops_per_sample(shape, 40).lm_head.forward == 2 * 40 * 64 * 100
@@ -185,8 +199,10 @@ def test_mfu_and_peaks():
     assert mfu(0.25 * 989e12 * 8 * 2, 2.0, 8, peak_flops("H100")) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         mfu(1.0, 0.0, 1, 1.0)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     with pytest.raises(ValueError, match="valid"):
-        peak_flops("v100")
+        peak_flops("Tesla V100-SXM2-16GB")
 
 
 def test_unsupported_shapes_are_refused():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import ensure_slurm_installed
 
 from launch.slurm import (
     SlurmJobSpec,
@@ -84,7 +85,7 @@ def test_dry_run_gpu_nodes(tmp_path, capsys, monkeypatch):
     assert srun.split()[:6] == ["srun", "--nodes=4", "--ntasks-per-node=8", "--wait=120", "--kill-on-bad-exit=0",
                                 "--label"]
     assert "--cpus-per-task=12" in srun and '--output="$STEP_LOG"' in srun
-    assert srun.endswith(f"{sys.executable} -m pretrain.cli train {cfg} train.max_steps=7")
+    assert srun.endswith(f"{sys.executable} -m pretrain train {cfg} train.max_steps=7")
     for line in ["module load cuda/12.4", f"source {tmp_path}/site.sh", "export NCCL_SOCKET_IFNAME=ib0",
                  'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                  "export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID + 7919 * RESTART) % 40000 ))",
@@ -187,7 +188,7 @@ def test_injection_executed_on_cluster(slurm_cluster, tmp_path, monkeypatch, cap
     info = slurm_cluster.wait_job(jobid, timeout=30)
     run_dir = tmp_path / f"run `touch {markers[1]}` #\"'% x"
     assert info["JobState"] == "COMPLETED", _logs(run_dir)
-    assert f"0: -m pretrain.cli train {cfg} {override}\n" in _logs(run_dir, "*restart0.out")
+    assert f"0: -m pretrain train {cfg} {override}\n" in _logs(run_dir, "*restart0.out")
     assert (run_dir / "slurm" / f"{job_name(f'$(touch {markers[3]})')}.sbatch").is_file()
     assert not [m for m in markers if m.exists()]
 
@@ -279,9 +280,27 @@ def test_signalled_job_checkpoints_and_requeues(slurm_cluster, tmp_path, how):
 
 
 def test_sbatch_failure_is_reported(tmp_path, capsys, monkeypatch):
-    # No controller behind this config (or no sbatch at all): the script is written, submission fails with exit 1.
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "missing.conf"))
+    # No sbatch on this machine: the script is written, submission fails with exit 1 and says why.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     cfg = _config(tmp_path, str(tmp_path / "run"))
     assert submit_main([str(cfg), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1"]) == 1
-    assert "pretrain submit:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain submit:") and "sbatch" in err
     assert (tmp_path / "run" / "slurm" / "demo.sbatch").is_file()
+
+
+def test_missing_slurm_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="Slurm is not installed .*tools/install_slurm.sh"):
+        ensure_slurm_installed()
+
+
+def test_pretrain_command_has_submit(tmp_path, capsys):
+    from pretrain.cli import main
+
+    cfg = _config(tmp_path, str(tmp_path / "run"))
+    # Overrides after the flags, as the contract writes them, reach the trainer's command line.
+    assert main(["submit", str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--dry-run",
+                 "train.max_steps=3"]) == 0
+    assert _srun_line(capsys.readouterr().out).endswith(f"train {cfg} train.max_steps=3")

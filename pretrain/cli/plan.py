@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--cpu-adam-rate", type=float, default=1e9, help="host Adam parameters/s per GPU (offload)")
     p.add_argument("--overhead-gib", type=float, default=2.0, help="CUDA context, NCCL, fragmentation per GPU")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(handler=run)
     return p
 
 
@@ -90,13 +90,14 @@ def render(plan: Plan, source: str = "") -> str:
                                                         ("params", ds.offload_params)) if v != "none")
     lines += ["", f"scaling at ZeRO-{ds.zero_stage}{' (' + offload + ')' if offload else ''}: time for "
               f"{plan.tokens:.3g} tokens",
-              _row(("gpus", "accum", "rows/step", "step s", "tok/s/GPU", "MFU", "comm GB", "need GB/s",
+              _row(("gpus", "micro", "accum", "rows/step", "step s", "tok/s/GPU", "MFU", "comm GB", "need GB/s",
                     "link GB/s", "exposed s", "mem GiB", "fits", "hours"))]
     for n, e in plan.scaling:
         if e is None:
             lines.append(_row((n, "-", f"train.global_batch_size={w.global_batch} does not split over {n} GPUs")))
             continue
-        lines.append(_row((n, e.grad_accum, e.global_rows, f"{e.step_s:.3g}", f"{e.tokens_per_s_per_gpu:,.0f}",
+        lines.append(_row((n, e.micro_batch, e.grad_accum, e.global_rows, f"{e.step_s:.3g}",
+                           f"{e.tokens_per_s_per_gpu:,.0f}",
                            f"{e.effective_mfu(g.peak_flops):.2f}", f"{e.comm_bytes / 1e9:.3g}",
                            f"{e.need_Bps / 1e9:.3g}", f"{e.link_Bps / 1e9:.0f}", f"{e.exposed_comm_s:.2g}",
                            f"{e.memory.total / GIB:.1f}", "yes" if e.memory.total <= g.memory_bytes else "NO",
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pretrain")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

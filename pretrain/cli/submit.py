@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("submit", help="submit a training run to Slurm", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(handler=run)
     return p
 
 
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="export this in the job, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
     site.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                       help="an extra #SBATCH line, e.g. --sbatch-option=--exclusive (repeatable)")
-    site.add_argument("--python", default=sys.executable, help="the Python that runs `pretrain.cli train` "
+    site.add_argument("--python", default=sys.executable, help="the Python that runs `-m pretrain train` "
                       "(default: this one; it must exist on the compute nodes)")
     site.add_argument("--template", help="an sbatch template to use instead of slurm/train.sbatch")
     resume = p.add_argument_group("preemption and resume")

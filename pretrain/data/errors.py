@@ -25,7 +25,8 @@ BAD_UTF8 = "bad_utf8"
 TOO_LONG = "too_long"
 BAD_CONVERSATION = "bad_conversation"
 TRUNCATED_TAR = "truncated_tar"
+BAD_ROW = "bad_row"  # a CSV row with the wrong number of columns (converters)
 
 # Every rank reduces counters over this fixed list (unknown reasons count as "other").
 REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_IMAGE, MISSING_TEXT,
-           EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, "other")
+           EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, BAD_ROW, "other")

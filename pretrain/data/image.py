@@ -1,14 +1,15 @@
 """Image bytes -> RGB picture -> the vision tower's pixel values, as its Hugging Face image processor makes them.
 
 Decoding (`decode_image`), each bad input raising `SampleError` with one reason:
-- empty or undecodable bytes -> `corrupt_image`; bytes that end before the picture does -> `truncated_image`, whatever
-  Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` says (never read or changed for this: a read past the end of
-  the data is noticed by the reader itself, and a WebP's RIFF header says how long it should be);
+- empty or undecodable bytes (random data, an HTML error page saved as .jpg) -> `corrupt_image`;
+- bytes that end before the picture does -> `truncated_image`, whatever Pillow's process-wide
+  `ImageFile.LOAD_TRUNCATED_IMAGES` says (we never set it; with it on, Pillow pads silently, so our reader notes a read
+  past the end of the data itself, and a WebP's RIFF header says how long the file should be);
 - more pixels than `max_pixels` in the header -> `decompression_bomb`, before any pixel is decoded. Pillow's own
   process-wide `Image.MAX_IMAGE_PIXELS` (which we never change) applies as well: Pillow warns above it and raises
   `DecompressionBombError` above twice it; both ranges are rejected as bombs here;
-- SVG, HEIC, PDF, JPEG XL, formats outside `FORMATS` (e.g. EPS, which would run Ghostscript) and colour modes Pillow
-  cannot turn into RGB (LAB) -> `unsupported_image_format`.
+- SVG, HEIC, PDF, JPEG XL, gzip, formats Pillow knows but outside `FORMATS` (e.g. EPS, which would run Ghostscript)
+  and colour modes that cannot become RGB -> `unsupported_image_format`.
 Animated images (GIF, APNG, WebP) give their first frame. The EXIF orientation is applied, as transformers'
 `load_image` does. ICC profiles are ignored, as in transformers.
 
@@ -237,7 +238,8 @@ class ImageTransform:
     The processor's steps are redone without its overheads: resize and crop on uint8 (in Pillow for the PIL backend,
     torch's antialiased interpolate for the torchvision backend, as the processor itself does), then one lookup per
     pixel in a table of the processor's own rescale/normalise results. Inputs are always made RGB first (`to_rgb`).
-    `fast=True` only changes `decode`: large JPEGs are DCT-downscaled while decoding (see `decode_image`).
+    `fast=True` trades exactness for speed: `decode` lets large JPEGs be DCT-downscaled while decoding (see
+    `decode_image`), and (PIL backend) the resize computes only the pixels the centre crop keeps (Pillow's `box`).
     """
 
     def __init__(self, spec: PreprocessSpec, *, fast: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -282,18 +284,28 @@ class ImageTransform:
             chw = self._resize_crop_torch(img).numpy()
             channels = [chw[c] for c in range(3)]
         else:
-            if spec.resize is not None:
-                height, width = spec.resized_size(img.height, img.width)
-                img = img.resize((width, height), resample=spec.resample)
-            box = spec.crop_box(img.height, img.width)
-            if box is not None:
-                img = img.crop(box)  # outside the picture Pillow fills zeros, as transformers pads with zeros
-            hwc = np.asarray(img)
+            hwc = np.asarray(self._resize_crop_pil(img))
             channels = [hwc[:, :, c] for c in range(3)]
         out = np.empty((3, *channels[0].shape), dtype=np.float32)
         for c, plane in enumerate(channels):
             np.take(spec.lut[c], plane, out=out[c])
         return torch.from_numpy(out)
+
+    def _resize_crop_pil(self, img: Image.Image) -> Image.Image:
+        spec = self.spec
+        if spec.resize is not None:
+            height, width = spec.resized_size(img.height, img.width)
+            box = spec.crop_box(height, width)
+            if self.fast and box is not None and box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height:
+                # resample only the part that the crop keeps (Pillow's box): up to ~2 levels off the exact path
+                sx, sy = img.width / width, img.height / height
+                source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                return img.resize((box[2] - box[0], box[3] - box[1]), resample=spec.resample, box=source)
+            img = img.resize((width, height), resample=spec.resample)
+        box = spec.crop_box(img.height, img.width)
+        if box is not None:
+            img = img.crop(box)  # outside the picture Pillow fills zeros, as transformers pads with zeros
+        return img
 
     def _resize_crop_torch(self, img: Image.Image) -> torch.Tensor:
         spec = self.spec

@@ -42,12 +42,6 @@ def check_key(key: str) -> str:
     return key
 
 
-def safe_key(text: str) -> str:
-    """Map any identifier (e.g. a LLaVA `id` such as 'GCC_train_000001.jpg') to a safe key fragment."""
-    cleaned = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
-    return cleaned[:60] or "sample"
-
-
 def _member_bytes(size: int) -> int:
     """Bytes one tar member takes: a header block plus the data rounded up to whole blocks."""
     return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK

@@ -141,8 +141,12 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     zero: ZeroContext | None = None,
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> LlavaForConditionalGeneration:
-    """Build the VLM. With ZeRO-3 in `zero`, the caller must keep an HfDeepSpeedConfig alive around this call."""
+    """Build the VLM. With ZeRO-3 in `zero`, the caller must keep an HfDeepSpeedConfig alive around this call.
+
+    Each random initialisation is seeded on its own, so the weights are the same on every rank and for every ZeRO
+    stage (zero.Init and loading consume the RNG differently)."""
     zero = zero or ZeroContext()
     if mcfg.init_from:
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -151,8 +155,11 @@ def build_model(
         return model
     llava_cfg = build_llava_config(mcfg, tokenizer)
     text_cfg, vision_cfg = llava_cfg.text_config, llava_cfg.vision_config
+    torch.manual_seed(seed)
     decoder = _load_decoder(mcfg, text_cfg, zero, dtype)
+    torch.manual_seed(seed + 1)
     vision = _load_vision(mcfg, vision_cfg, dtype)
+    torch.manual_seed(seed + 2)
     with zero.init():
         projector = LlavaMultiModalProjector(llava_cfg).to(dtype)
     # Parameters on meta only (buffers such as rotary tables stay real): the shell costs no memory.
@@ -165,6 +172,7 @@ def build_model(
     model.config.text_config = decoder.config
     model.config.vision_config = vision.config
     _check_no_meta(model)
+    torch.manual_seed(seed + 3)
     _resize_vocab(model, tokenizer)
     model.config.use_cache = False
     return model

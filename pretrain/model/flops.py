@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts).
-PEAK_FLOPS: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts unless named).
+PEAK_FLOPS: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "h100-pcie": 756e12}
 
 STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "align": frozenset({"projector"}),
@@ -359,7 +359,8 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
 
     feat = n_img * shape.image_tokens
     proj = [2.0 * feat * n for n in _linear_weights(shape.projector_tensors())]
-    proj_bwd = sum(p for p in proj if proj_tr) + proj[0] * vis_tr + sum(proj[1:]) * (proj_tr or vis_tr)
+    # Weight gradients when it trains; input gradients of the first layer only for a training tower upstream.
+    proj_bwd = sum(proj) * proj_tr + proj[0] * vis_tr + sum(proj[1:]) * (proj_tr or vis_tr)
     projector = Cost(sum(proj), proj_bwd)
 
     recompute = recompute_fraction * (dec_fwd + att_fwd + (vision.forward + vision_attention.forward) * vis_tr)
@@ -380,10 +381,12 @@ def mfu(flops_per_step: float, step_time_s: float, n_gpus: int, peak_flops: floa
 
 
 def peak_flops(gpu: str) -> float:
-    try:
-        return PEAK_FLOPS[gpu.lower()]
-    except KeyError:
-        raise ValueError(f"unknown GPU {gpu!r} (valid: {', '.join(PEAK_FLOPS)})") from None
+    """Peak of a GPU named by key (`h100`) or by `torch.cuda.get_device_name()` ("NVIDIA H100 80GB HBM3")."""
+    name = "-".join(gpu.lower().split())
+    matches = [key for key in PEAK_FLOPS if key in name]
+    if not matches:
+        raise ValueError(f"unknown GPU {gpu!r} (valid: {', '.join(PEAK_FLOPS)})")
+    return PEAK_FLOPS[max(matches, key=len)]
 
 
 def _vision_costs(shape: VLMShape, n_img: int, trains: bool) -> tuple[Cost, Cost]:

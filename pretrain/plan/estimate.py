@@ -15,7 +15,7 @@ L x L score matrix is kept).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pretrain.config import DeepSpeedConfig
@@ -70,12 +70,19 @@ class Workload:
     def row_tokens(self) -> int:
         return self.seq_len if self.packing else self.sample_len
 
-    def accum_for(self, n_gpus: int) -> int | None:
-        """Accumulation steps at this cluster size; None when the global batch cannot be split over it."""
+    def split_for(self, n_gpus: int) -> tuple[int, int] | None:
+        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split.
+
+        With a fixed global batch the micro-batch shrinks (never grows) when a larger cluster leaves fewer rows per
+        GPU, as a user would set it.
+        """
         if self.global_batch is None:
-            return self.grad_accum
-        accum, rest = divmod(self.global_batch, self.micro_batch * n_gpus)
-        return accum if accum >= 1 and rest == 0 else None
+            return self.micro_batch, self.grad_accum
+        per_gpu, rest = divmod(self.global_batch, n_gpus)
+        if per_gpu < 1 or rest:
+            return None
+        micro = max(m for m in range(1, min(self.micro_batch, per_gpu) + 1) if per_gpu % m == 0)
+        return micro, per_gpu // micro
 
     def checkpointed_layers(self, layers: int) -> int:
         if self.checkpointing == "full":
@@ -203,6 +210,7 @@ def _largest_module(shape: VLMShape) -> int:
 @dataclass(frozen=True)
 class StepEstimate:
     n_gpus: int
+    micro_batch: int
     grad_accum: int
     global_rows: int
     tokens_per_step: int
@@ -247,9 +255,11 @@ class Cluster:
 
 def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Cluster) -> StepEstimate | None:
     """Step time = compute at the given MFU + communication not hidden behind it + host optimizer work."""
-    accum = work.accum_for(n_gpus)
-    if accum is None:
+    split = work.split_for(n_gpus)
+    if split is None:
         return None
+    work = replace(work, micro_batch=split[0], grad_accum=split[1])
+    accum = work.grad_accum
     flops = work.micro_flops()
     flops_per_gpu = flops.total * accum
     compute = flops_per_gpu / (cluster.mfu * cluster.gpu.peak_flops)
@@ -262,8 +272,8 @@ def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Clu
     offload = _offload_seconds(work, ds, n_gpus, cluster)
     step = compute + exposed + offload
     rows = work.micro_batch * accum * n_gpus
-    return StepEstimate(n_gpus, accum, rows, rows * work.row_tokens, flops_per_gpu, compute, comm_bytes, comm_s,
-                        exposed, offload, step, comm_bytes / compute, link,
+    return StepEstimate(n_gpus, work.micro_batch, accum, rows, rows * work.row_tokens, flops_per_gpu, compute,
+                        comm_bytes, comm_s, exposed, offload, step, comm_bytes / compute, link,
                         memory_per_gpu(work, ds, n_gpus, cluster.overhead_gib))
 
 
@@ -307,5 +317,5 @@ def _offload_seconds(work: Workload, ds: DeepSpeedConfig, n: int, cluster: Clust
         seconds += shard / cluster.cpu_adam_params_per_s
     if ds.offload_params != "none" and ds.zero_stage == 3:
         # Each rank fetches its weight shard from the host before every gather (forward and backward).
-        seconds += 2 * counts.total / n * pb * (work.accum_for(n) or 1) / cluster.gpu.pcie_Bps
+        seconds += 2 * counts.total / n * pb * work.grad_accum / cluster.gpu.pcie_Bps
     return seconds

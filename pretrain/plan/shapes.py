@@ -72,8 +72,10 @@ def component_config(spec: str | dict[str, Any], *, vision: bool) -> PretrainedC
             raise ConfigError(f"{what}: an inline config needs a `model_type`")
         cfg = AutoConfig.for_model(model_type, **fields)
     else:
-        if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
-            raise ConfigError(f"{what}: {spec!r} is not a directory")
+        # A hub id is `name` or `owner/name`; anything else is a path, and a missing one must not go to the hub.
+        looks_like_path = spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+        if looks_like_path and not Path(spec).expanduser().is_dir():
+            raise ConfigError(f"{what}: {spec!r} is not a directory (relative paths start from {Path.cwd()})")
         try:
             cfg = AutoConfig.from_pretrained(Path(spec).expanduser() if spec.startswith("~") else spec)
         except OSError as err:

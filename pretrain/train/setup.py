@@ -61,8 +61,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     zero = ZeroContext(ds_config)
     # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank (ZeRO-0..2 replicate parameters)
-    model = build_model(cfg.model, tokenizer, zero)
+    model = build_model(cfg.model, tokenizer, zero, seed=cfg.run.seed)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
     trainable = apply_stage(model, cfg.train.stage)
@@ -78,14 +77,9 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     image_processor = image_processor_for(cfg)
     vlm_cfg = model.config
     text = TextProcessor(tokenizer, vlm_cfg.image_token_id, vlm_cfg.image_seq_length, cfg.data.max_length)
-    processor = SampleProcessor(text, ImageTransform.from_processor(image_processor), cfg.data.max_image_pixels,
-                                draft_size=_draft_size(image_processor) if cfg.data.fast_image_decode else None)
+    transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
+    processor = SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
     return Built(engine, tokenizer, processor, image_processor, trainable)
-
-
-def _draft_size(image_processor) -> int | None:
-    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
-    return max(size.values()) if isinstance(size, dict) and size else None
 
 
 def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcessor, pad_id: int, rank: int,

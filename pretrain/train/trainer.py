@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -24,14 +23,12 @@ from pretrain.data.text import IGNORE
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist
 from pretrain.train.ds_config import build_ds_config
+from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
 from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
-
-# Test hook: comma-separated steps whose loss is made non-finite (fault-injection tests only).
-NAN_STEPS_ENV = "PRETRAIN_TEST_NAN_STEPS"
 
 
 class TrainingStopped(RuntimeError):
@@ -70,7 +67,7 @@ class Trainer:
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True, state=loader_state)
         self.stop = StopRequest()
-        self.nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
+        self.faults = Faults()
         self.flops_per_token = None  # set by the bench/MFU integration when a FLOPs model is available
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -101,6 +98,7 @@ class Trainer:
                   "nonfinite_total": self.nonfinite_total,
                   "versions": {p: version(p) for p in ("torch", "deepspeed", "transformers")}}
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
+        self.faults.maybe_kill_in_save(self.rank, self.step)
         ckpt.write_rank_state(self.ckpt_root / tag, self.rank,
                               {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
         if self.rank == 0:
@@ -128,7 +126,7 @@ class Trainer:
         skipped = 0
         for batch in batches:
             loss, _ = engine(_to_device(batch, self.device))
-            if self.step + 1 in self.nan_steps:
+            if self.faults.loss_is_nan(self.step + 1):
                 loss = loss * float("nan")
             bad = dist.all_reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]), "max").item()
             if bad:
@@ -154,6 +152,8 @@ class Trainer:
     def fit(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         self.stop.install()
+        if self.rank == 0:
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar)
         it = iter(self.loader)
         window_start, wait, n_tokens, n_samples, done = time.perf_counter(), 0.0, 0, 0, 0
@@ -165,6 +165,7 @@ class Trainer:
                 wait += time.perf_counter() - t0
                 out = self._train_step(batches)
                 self.step += 1
+                self.faults.maybe_die(self.rank, self.step)
                 done += 1
                 n_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
                 n_samples += sum(b["n_samples"] for b in batches)
@@ -180,17 +181,26 @@ class Trainer:
                 if t.val_every and self.step % t.val_every == 0:
                     self._validate(writer)
                 every = cfg.checkpoint.every_steps
-                stop = dist.all_reduce(torch.tensor([1.0 if self.stop.requested else 0.0]), "max").item()
-                if stop or (every and self.step % every == 0) or self.step == t.max_steps:
+                signalled = dist.all_reduce(torch.tensor([1.0 if self.stop.requested else 0.0]), "max").item()
+                sliced = t.stop_at_step is not None and self.step >= t.stop_at_step
+                if signalled or sliced or (every and self.step % every == 0) or self.step == t.max_steps:
                     self.save()
-                if stop:
+                if signalled:
                     code = dist.EXIT_PREEMPTED
+                    self._mark("PREEMPTED")
                     break
-            if code == dist.EXIT_OK and self.rank == 0:
-                (self.run_dir / "DONE").write_text(f"{self.step}\n")
+                if sliced:
+                    break
+            if code == dist.EXIT_OK and self.step >= t.max_steps:
+                self._mark("DONE")
         finally:
             writer.close()
         return code
+
+    def _mark(self, name: str) -> None:
+        """DONE / PREEMPTED in the run directory: what a chained job or `pretrain launch` reads back."""
+        if self.rank == 0:
+            (self.run_dir / name).write_text(f"{self.step}\n")
 
     def _log(self, writer: MetricsWriter, out: dict, elapsed: float, wait: float, n_tokens: int, n_samples: int,
              steps: int) -> None:

@@ -1,0 +1,114 @@
+"""Real 2-process DeepSpeed runs on CPU (gloo): the run directory, exact resume per ZeRO stage, failure paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import launch, losses, metrics, write_config
+
+from pretrain.train import checkpoint as ckpt
+from pretrain.train.dist import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+
+
+_REFERENCES: dict[int, object] = {}
+
+
+def _reference_run(tmp_path_factory, assets, shapes, stage: int):
+    """An uninterrupted 6-step run at a ZeRO stage, checkpointing every 3 steps (cached per stage)."""
+    if stage not in _REFERENCES:
+        root = tmp_path_factory.mktemp(f"ref{stage}")
+        cfg = write_config(root / "c.yaml", assets, shapes,
+                           **{"checkpoint.every_steps": 3, "deepspeed.zero_stage": stage})
+        out = launch(cfg)
+        assert out.returncode == 0, out.stdout + out.stderr
+        _REFERENCES[stage] = root / "run"
+    return _REFERENCES[stage]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, assets, shapes):
+    return _reference_run(tmp_path_factory, assets, shapes, 3)
+
+
+def test_run_directory_has_the_contract_files(reference):
+    rows = metrics(reference)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "data_wait_frac"):
+        assert key in rows[0], key
+    assert rows[0]["mfu"] is None  # CPU
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (reference / "config.yaml").is_file() and (reference / "DONE").is_file()
+    assert any((reference / "tb").iterdir())
+    root = reference / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    assert ckpt.is_committed(root / "step_00000006") and ckpt.is_committed(root / "step_00000003")
+    assert {p.name for p in (root / "step_00000006").glob("trainer_rank*.pt")} == {"trainer_rank00000.pt",
+                                                                                   "trainer_rank00001.pt"}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_exact_resume(tmp_path, tmp_path_factory, assets, shapes, stage):
+    """Stop at step 3, resume to 6: every loss equals the uninterrupted run's at the same ZeRO stage, bit for bit.
+    (Across stages fp32 losses agree only to ~1e-7: reduction orders differ.)"""
+    reference = _reference_run(tmp_path_factory, assets, shapes, stage)
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"deepspeed.zero_stage": stage})
+    first = launch(cfg, overrides=["train.stop_at_step=3"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not (tmp_path / "run" / "DONE").exists()
+    second = launch(cfg)
+    assert second.returncode == 0, second.stdout + second.stderr
+    got, want = losses(tmp_path / "run"), losses(reference)
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
+    assert [got[s] for s in (1, 2, 3)] == [want[s] for s in (1, 2, 3)]
+
+
+def test_nonfinite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, assets, shapes):
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1,
+                                                               "train.max_nonfinite_in_row": 2})
+    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [3]})})
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["step"]: r for r in metrics(tmp_path / "run")}
+    assert rows[3]["loss"] is None and rows[6]["nonfinite_steps"] == 1 and math.isfinite(rows[6]["loss"])
+    run2 = tmp_path / "two"
+    run2.mkdir()
+    cfg2 = write_config(run2 / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1,
+                                                            "train.max_nonfinite_in_row": 2})
+    out = launch(cfg2, env={"PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [3, 4, 5]})})
+    assert out.returncode not in (0, EXIT_PREEMPTED)
+    assert "2 non-finite steps in a row" in out.stdout + out.stderr
+    root = run2 / "run" / "checkpoints"
+    assert ckpt.find_resume(root) == root / "step_00000003" and not (run2 / "run" / "DONE").exists()
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, assets, shapes, reference):
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 2})
+    fault = {"kill_in_save": {"rank": 0, "step": 4}}
+    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=180)
+    assert out.returncode != 0
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert (root / "step_00000004").is_dir() and not ckpt.is_committed(root / "step_00000004")
+    again = launch(cfg)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "passing over step_00000004" in again.stdout + again.stderr
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    assert losses(tmp_path / "run")[6] == losses(reference)[6]
+
+
+def test_a_dead_rank_ends_the_run_without_hanging(tmp_path, assets, shapes):
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes)
+    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"die": {"rank": 1, "step": 2}})}, timeout=120)
+    assert out.returncode != 0
+
+
+def test_retention_keeps_last_k_and_every_mth(tmp_path, assets, shapes):
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
+                                                               "checkpoint.keep_every": 3})
+    out = launch(cfg, nproc=1)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ckpt.tags(tmp_path / "run" / "checkpoints") == ["step_00000003", "step_00000005", "step_00000006"]
