@@ -1,18 +1,31 @@
-"""Local multi-process launch: torchrun with one process per GPU (or N CPU ranks), running `pretrain train`.
+"""Local multi-process launch: torchrun with one process per GPU (or N CPU ranks), each running `pretrain train`.
 
 The config is loaded and validated here first, so a bad key fails once, before N processes start.
+
+Exit codes: 0 the run finished (or stopped at train.stop_at_step), 2 a config or usage error, 75 preempted (a signal
+made the trainer commit a checkpoint and exit; run the same command again to resume), anything else a failure.
+
+Signals: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to this launcher go to torchrun, which passes
+them on to every worker (the trainer checkpoints and exits 75 on SIGUSR1 / SIGTERM) and kills the workers that have
+not exited after `shutdown_timeout` seconds.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.train.dist import EXIT_PREEMPTED
+from pretrain.train.dist import EXIT_CONFIG, EXIT_PREEMPTED
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# Time the workers get to finish their step and commit a checkpoint after a signal, before torchrun kills them
+# (torchrun's own default, 30 s, is short for a large model's checkpoint).
+SHUTDOWN_TIMEOUT = 120
 
 
 def _free_port() -> int:
@@ -21,28 +34,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(config: str, nproc: int, overrides: list[str], master_port: int) -> list[str]:
+def default_nproc() -> int:
+    """One process per visible GPU, or 1 on a machine without GPUs."""
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+def torchrun_command(config: str, nproc: int, overrides: list[str], master_port: int,
+                     shutdown_timeout: int = SHUTDOWN_TIMEOUT) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(master_port),
+            "--signals-to-handle", ",".join(s.name for s in FORWARDED), "--shutdown-timeout", str(shutdown_timeout),
             "-m", "pretrain", "train", config, *overrides]
 
 
-def launch_local(config: str, nproc: int, overrides: list[str], master_port: int | None = None) -> int:
+def _error(message: str) -> int:
+    print(f"pretrain launch: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def launch_local(config: str, nproc: int | None, overrides: list[str], master_port: int | None = None,
+                 shutdown_timeout: int = SHUTDOWN_TIMEOUT) -> int:
+    """Run `pretrain train CONFIG OVERRIDES` in `nproc` local processes (default: one per GPU, else 1) and
+    return the exit code described in the module docstring."""
+    nproc = default_nproc() if nproc is None else nproc
+    if nproc < 1:
+        return _error("--nproc must be at least 1")
+    if shutdown_timeout < 1:
+        return _error("--shutdown-timeout must be at least 1 s")
     try:
         cfg = load_config(config, overrides)
+        cfg.check_world_size(nproc)
     except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    if nproc < 1:
-        print("error: --nproc must be at least 1")
-        return 2
+        return _error(str(err))
     env = dict(os.environ)
     # Without this, each CPU rank spawns a thread per core and 2 ranks on 2 cores thrash.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = torchrun_command(config, nproc, overrides, master_port or _free_port())
+    cmd = torchrun_command(config, nproc, overrides, master_port or _free_port(), shutdown_timeout)
     marker = Path(cfg.run.output_dir) / "PREEMPTED"
     marker.unlink(missing_ok=True)
-    code = subprocess.call(cmd, env=env)
-    # torchrun reports any non-zero worker exit as 1; the trainer leaves PREEMPTED when it exited for a signal
-    # after a committed checkpoint, so the "resume me" code survives the launcher.
+    code = _run_forwarding_signals(cmd, env)
+    # torchrun reports any non-zero worker exit (and its own exit on a signal) as 1; the trainer leaves PREEMPTED
+    # when it exited for a signal after a committed checkpoint, so the "resume me" code survives the launcher.
     return EXIT_PREEMPTED if code != 0 and marker.exists() else code
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun in its own session and hand it every signal in FORWARDED exactly once. (In our process group,
+    a Ctrl-C would reach it twice, and subprocess's own KeyboardInterrupt path would SIGKILL it, orphaning the
+    workers, which torchrun starts in sessions of their own.)"""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,20 +28,47 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
+    """See pretrain/model/*.py for the why of each choice."""
+
     # A hub id, a local directory, or an inline config (a dict with `model_type`) for random init.
     llm: str | dict[str, Any]
     vision: str | dict[str, Any]
+    # mlp2x_gelu (LLaVA-1.5) or linear (one trained layer); both export as plain LlavaForConditionalGeneration.
+    # mlp3x_gelu is refused: transformers' Llava projector has two layers, so it could not be exported.
     projector: Literal["mlp2x_gelu", "linear", "mlp3x_gelu"] = "mlp2x_gelu"
     # Tokenizer location; defaults to `llm` when that is a hub id or a directory.
     tokenizer: str | None = None
-    vision_feature_layer: int = -2
+    # A tower layer index, or several whose features are concatenated (the projector input widens accordingly).
+    vision_feature_layer: int | list[int] = -2
     # None = the tower's convention: "default" (drop CLS) for CLIP, "full" for SigLIP (it has no CLS token).
     vision_feature_select_strategy: Literal["default", "full"] | None = None
+    # For the decoder (the tower runs sdpa unless eager / flash_attention_2); auto = flash_attention_2 on CUDA in
+    # bf16 when flash-attn is installed, else sdpa.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # Non-reentrant, for the decoder and the vision tower: every layer, or layers 0, k, 2k, ... of each.
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     activation_checkpointing_every_k: int = Field(default=2, ge=1)
-    # An exported Hugging Face directory (ours or a public LLaVA-format model) to start from.
+    # An exported Hugging Face directory (ours or a public LLaVA-format model) to start from. It defines the
+    # architecture: llm / vision are not loaded, and projector / vision_feature_* must agree if set explicitly.
     init_from: str | None = None
+    # Only the projector from a file (safetensors / .bin, e.g. LLaVA's stage-1 mm_projector.bin) or an export
+    # directory, loaded after everything else (so it also overrides init_from's projector).
+    projector_from: str | None = None
+
+    @field_validator("projector")
+    @classmethod
+    def _exportable(cls, kind: str) -> str:
+        if kind == "mlp3x_gelu":
+            raise ValueError("mlp3x_gelu cannot be exported as transformers' LlavaForConditionalGeneration (its "
+                             "projector has two layers): use mlp2x_gelu or linear")
+        return kind
+
+    @field_validator("vision_feature_layer")
+    @classmethod
+    def _some_layer(cls, layer: int | list[int]) -> int | list[int]:
+        if isinstance(layer, list) and not layer:
+            raise ValueError("an empty list selects no features")
+        return layer
 
 
 class DataSource(Section):
@@ -88,6 +115,9 @@ class TrainConfig(Section):
     log_every: int = Field(default=10, ge=1)
     val_every: int = Field(default=0, ge=0)
     val_batches: int = Field(default=8, ge=1)
+    # At each validation: this many val images captioned greedily by the training model (TensorBoard, val.jsonl).
+    val_captions: int = Field(default=4, ge=0)
+    val_caption_tokens: int = Field(default=24, ge=1)
     max_nonfinite_in_row: int = Field(default=5, ge=1)
     progress_bar: bool = True
 
@@ -116,6 +146,27 @@ class DeepSpeedConfig(Section):
     timeout_minutes: int = Field(default=30, ge=1)
 
 
+class ObjectivesConfig(Section):
+    """Training objectives and their weights. The step loss is caption_weight x (mean token loss) + the weighted
+    alignment losses (see pretrain.model.vlm). Contrastive and ITM use the samples that have an image; their text is
+    what the sample is trained to produce (its label tokens)."""
+
+    caption_weight: float = Field(default=1.0, ge=0)
+    # Image-text contrastive (InfoNCE, negatives gathered across ranks) between pooled image and text features.
+    contrastive_weight: float = Field(default=0.0, ge=0)
+    # Image-text matching: a binary head on the decoder's fused representation, hard negatives from the similarities.
+    itm_weight: float = Field(default=0.0, ge=0)
+    temperature_init: float = Field(default=0.07, gt=0, le=1)
+    learnable_temperature: bool = True
+    # CLIP clamps the learned logit scale (1 / temperature) at 100 for stability.
+    max_logit_scale: float = Field(default=100.0, gt=1)
+    embed_dim: int = Field(default=256, ge=8)
+
+    @property
+    def alignment(self) -> bool:
+        return self.contrastive_weight > 0 or self.itm_weight > 0
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig
@@ -123,9 +174,11 @@ class Config(Section):
     train: TrainConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:
+        _check_objectives(self)
         ds = self.deepspeed
         if ds.offload_params != "none" and ds.zero_stage != 3:
             raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
@@ -154,6 +207,15 @@ class Config(Section):
                 f"({self.train.micro_batch_size}) x train.grad_accum ({self.train.grad_accum}) x world size "
                 f"({world_size}) = {got}; set train.grad_accum="
                 f"{self.train.global_batch_size / (self.train.micro_batch_size * world_size):g} or drop the key")
+
+
+def _check_objectives(cfg: Config) -> None:
+    o = cfg.objectives
+    if o.caption_weight + o.contrastive_weight + o.itm_weight == 0:
+        raise ValueError("objectives: caption_weight, contrastive_weight and itm_weight are all 0: nothing to train")
+    if o.itm_weight > 0 and cfg.train.micro_batch_size < 2 and not cfg.data.packing:
+        raise ValueError("objectives.itm_weight > 0 draws hard negatives from the other images of a micro-batch: "
+                         "it needs train.micro_batch_size >= 2 image samples")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

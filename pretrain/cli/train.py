@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import traceback
 
 from pretrain.config import ConfigError, load_config
@@ -24,14 +25,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}")
+        print(f"pretrain train: {err}", file=sys.stderr)
         return dist.EXIT_CONFIG
     try:
         from pretrain.train.trainer import Trainer
 
         code = Trainer(cfg).fit()
     except ConfigError as err:
-        print(f"error: {err}", flush=True)
+        print(f"pretrain train: {err}", file=sys.stderr, flush=True)
         dist.finish(dist.EXIT_CONFIG, synchronize=False)
     except Exception as err:
         # A failing rank must not leave its peers waiting in a collective: exit now without a barrier; the

@@ -7,8 +7,15 @@ however far the DataLoader prefetched. torch's DataLoader takes batches from wor
 worker order is rotated to continue with the slot that was next.
 
 Resuming needs the same world size and worker count. With another world size the saved slots cannot be mapped one to
-one: the loader then starts each source at the beginning of the next epoch of the slowest slot (no sample of that
-epoch is seen twice or never; the rest of the interrupted epoch is dropped, and the loader says so).
+one: the loader then starts every source, in every new slot, at the beginning of the epoch after the furthest epoch
+any old slot had reached (`1 + max(epoch)` over all old slots and sources). That epoch is split over the new slots
+as usual, so none of its samples is seen twice or never; the rest of the interrupted epochs is dropped, and the
+loader says so. This needs the states of *all* old ranks (slots drift apart by whole epochs when shards hold
+different sample counts): pass `merge_states([state of rank 0, state of rank 1, ...])`.
+
+Epochs: a source's epoch is one pass over its shards. A source read as a stream (`pipe:`, http) may instead be given
+an epoch size (`LoaderSpec.epoch_size`, the config's `data.epoch_size`): each slot's epoch of it then ends after its
+share, ceil(epoch_size / slots), of samples, and the next epoch starts over with a new shard order.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.batching import Batcher, collate
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
+from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, is_remote, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class LoaderSpec:
     max_length: int = 2048
     packing: bool = False
     pad_id: int = 0
+    epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
 
 
 @dataclass
@@ -68,7 +76,7 @@ class SlotPipeline:
         n = len(spec.sources)
         self.streams = [
             SourceStream(urls, slot, n_slots, spec.seed, i, spec.shuffle, self.reader,
-                         StreamState(**st.streams[i]) if st.streams else None)
+                         StreamState(**st.streams[i]) if st.streams else None, _epoch_share(spec, urls, n_slots))
             for i, urls in enumerate(spec.sources)]
         self.mix_rng = seeded_rng(spec.seed, slot, "mix")
         self.buffer = ShuffleBuffer(spec.shuffle_buffer if spec.shuffle else 1, seeded_rng(spec.seed, slot, "buf"))
@@ -83,11 +91,12 @@ class SlotPipeline:
 
     def _restore(self, st: SlotState) -> None:
         # At a batch boundary the batcher holds at most the carried-over sample: re-pushing rebuilds it exactly.
-        for src, url, index in st.pending:
-            sample = self.processor(self.reader.read_at(url, index).parts)
+        raws = self.reader.read_refs([(url, index) for _, url, index in [*st.pending, *st.buffer]])
+        for (src, url, index), raw in zip(st.pending, raws):
+            sample = self.processor(raw.parts)
             self.batcher.push(((src, url, index), sample), len(sample))
-        for src, url, index in st.buffer:
-            self.buffer.items.append((src, self.reader.read_at(url, index)))
+        for (src, _, _), raw in zip(st.buffer, raws[len(st.pending):]):
+            self.buffer.items.append((src, raw))
 
     def state(self) -> SlotState:
         return SlotState(
@@ -125,6 +134,27 @@ class SlotPipeline:
             batch["_slot"] = self.slot
             batch["_state"] = self.state()
             yield batch
+
+
+def _epoch_share(spec: LoaderSpec, urls: list[str], n_slots: int) -> int | None:
+    """A slot's samples per epoch of a stream source under `epoch_size`; None for shard-sized epochs."""
+    if spec.epoch_size is None or not any(is_remote(u) for u in urls):
+        return None
+    return -(-spec.epoch_size // n_slots)
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One loader state holding the slots of every rank's state (all saved at the same step), for a resume with
+    another world size or worker count, where the restart epoch must account for every old slot."""
+    if not states:
+        raise ValueError("no loader states to merge")
+    merged = {**states[0], "slots": {}}
+    for state in states:
+        if (state.get("world_size"), state.get("num_workers")) != (merged.get("world_size"),
+                                                                    merged.get("num_workers")):
+            raise ValueError("loader states from runs of different world sizes or worker counts")
+        merged["slots"].update(state["slots"])
+    return merged
 
 
 def _as_rng_state(state) -> tuple:
@@ -167,7 +197,9 @@ class ResumableLoader:
             self.slot_states = self._restart_states(state)
             return
         self.consumed = state["consumed"]
-        self.slot_states = {int(k): SlotState(**v) for k, v in state["slots"].items()}
+        w = max(self.spec.num_workers, 1)
+        # A merged state holds every rank's slots: keep this rank's, so `stats()` counts only its own.
+        self.slot_states = {int(k): SlotState(**v) for k, v in state["slots"].items() if int(k) // w == self.spec.rank}
 
     def _restart_states(self, state: dict) -> dict[int, SlotState]:
         epochs = [s["streams"][i]["epoch"] for s in state["slots"].values() for i in range(len(s["streams"]))]
@@ -177,8 +209,7 @@ class ResumableLoader:
                     self.spec.world_size, self.spec.num_workers, epoch)
         w = max(self.spec.num_workers, 1)
         n = len(self.spec.sources)
-        return {self.spec.rank * w + i: SlotState(streams=[{"epoch": epoch, "shard_pos": 0, "sample_pos": 0,
-                                                            "lost": {}} for _ in range(n)]) for i in range(w)}
+        return {self.spec.rank * w + i: SlotState(streams=[{"epoch": epoch} for _ in range(n)]) for i in range(w)}
 
     def state_dict(self) -> dict:
         return {

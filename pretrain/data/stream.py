@@ -12,6 +12,7 @@ sample instead, so no slot is ever starved.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import re
@@ -22,12 +23,18 @@ from pathlib import Path
 
 import braceexpand
 import webdataset as wds
+from webdataset.gopen import set_options
 
 from pretrain.data import errors
 
 # webdataset's key rule: the key is the path up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
+def is_remote(url: str) -> bool:
+    """A stream (`pipe:`, http(s), cloud storage): read front to back, its sample count unknown in advance."""
+    return url.startswith(_REMOTE)
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -82,6 +89,19 @@ def _group(members: Iterator[tuple[str, object]]) -> Iterator[tuple[str, list[tu
         group.append((ext.lower(), payload))
     if key is not None:
         yield key, group
+
+
+def _stream_members(tf: tarfile.TarFile, start: int) -> Iterator[tuple[str, bytes | None]]:
+    """Members of a tar read as a stream, with their data read at once (a stream cannot seek back to it later);
+    members of samples before `start` are passed over unread: tarfile skips their bytes without keeping them."""
+    key, index = None, -1
+    for info in tf:
+        m = _KEY_EXT.match(info.name) if info.isfile() else None
+        if not m:
+            continue
+        if m.group(1) != key:
+            key, index = m.group(1), index + 1
+        yield info.name, tf.extractfile(info).read() if index >= start else None
 
 
 def _size(path: str) -> int:
@@ -147,6 +167,26 @@ class ShardReader:
                 data[ext] = f.read(m.size)
         return RawSample(key, url, index, data)
 
+    def read_refs(self, refs: list[tuple[str, int]]) -> list[RawSample]:
+        """Samples by (url, index), in the order given. A stream is read once for all the samples wanted from it
+        (a resume restores a whole shuffle buffer of them), not once per sample."""
+        wanted: dict[str, set[int]] = {}
+        for url, index in refs:
+            if url.startswith(_REMOTE):
+                wanted.setdefault(url, set()).add(index)
+        found: dict[tuple[str, int], RawSample] = {}
+        for url, indices in wanted.items():
+            with contextlib.closing(self.iterate(url, min(indices))) as samples:
+                for sample in samples:
+                    if sample.index in indices:
+                        found[url, sample.index] = sample
+                    if sample.index >= max(indices):
+                        break
+        missing = [ref for ref in refs if ref[0] in wanted and tuple(ref) not in found]
+        if missing:
+            raise TarShardError(f"{missing[0][0]}: sample {missing[0][1]} not found")
+        return [found[url, index] if url in wanted else self.read_at(url, index) for url, index in refs]
+
     def iterate(self, url: str, start: int = 0) -> Iterator[RawSample]:
         """Samples from `start` on. Raises TarShardError at the end if the shard was truncated or unreadable."""
         if not url.startswith(_REMOTE):
@@ -167,20 +207,22 @@ class ShardReader:
         yield from self._iterate_stream(url, start)
 
     def _iterate_stream(self, url: str, start: int) -> Iterator[RawSample]:
+        stream = None
         try:
             stream = wds.gopen(url, "rb")
             with tarfile.open(fileobj=stream, mode="r|*") as tf:
-                def members() -> Iterator[tuple[str, object]]:
-                    for info in tf:
-                        if info.isfile():
-                            yield info.name, info
-
-                for i, (key, parts) in enumerate(_group(members())):
-                    if i < start:
-                        continue  # the data of skipped members is never read into memory: tarfile seeks/skips
-                    yield RawSample(key, url, i, {ext: tf.extractfile(info).read() for ext, info in parts})
+                for i, (key, parts) in enumerate(_group(_stream_members(tf, start))):
+                    if i >= start:
+                        yield RawSample(key, url, i, dict(parts))
+            finished, stream = stream, None
+            finished.close()  # a pipe's exit status is checked here
         except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             raise TarShardError(f"{url}: {err}") from err
+        finally:
+            if stream is not None:
+                # Stopped early (a resume point, an epoch cap) or failed: a pipe's writer may die of SIGPIPE.
+                set_options(stream, ignore_errors=True)
+                stream.close()
 
 
 @dataclass
@@ -188,20 +230,25 @@ class StreamState:
     epoch: int = 0
     shard_pos: int = 0  # index into this slot's shard list of the epoch
     sample_pos: int = 0  # next sample index within that shard
+    taken: int = 0  # samples this slot took in this epoch (counted against `epoch_samples`)
     lost: dict[str, int] = field(default_factory=dict)
 
 
 class SourceStream:
-    """One source's endless, seeded, resumable sample stream for one slot."""
+    """One source's endless, seeded, resumable sample stream for one slot.
+
+    `epoch_samples`: end this slot's epoch after that many samples (bad ones included) even if its shards go on,
+    as webdataset's `with_epoch` does for streams; the next epoch starts over with a new shard order."""
 
     def __init__(self, urls: list[str], slot: int, n_slots: int, seed: int, source: int, shuffle: bool,
-                 reader: ShardReader, state: StreamState | None = None) -> None:
+                 reader: ShardReader, state: StreamState | None = None, epoch_samples: int | None = None) -> None:
         if not urls:
             raise ValueError("a data source has no shards")
         self.urls, self.slot, self.n_slots = urls, slot, n_slots
         self.seed, self.source, self.shuffle = seed, source, shuffle
         self.reader = reader
         self.state = state or StreamState()
+        self.epoch_samples = epoch_samples
         self._it: Iterator[RawSample] | None = None
 
     def shards_for(self, epoch: int) -> tuple[list[str], bool]:
@@ -217,23 +264,30 @@ class SourceStream:
         while True:
             shards, by_sample = self.shards_for(st.epoch)
             yielded = False
-            while st.shard_pos < len(shards):
+            while st.shard_pos < len(shards) and not self._epoch_full():
                 url = shards[st.shard_pos]
                 offset = self._epoch_offset(shards, st.shard_pos) if by_sample else 0
                 try:
-                    for raw in self.reader.iterate(url, st.sample_pos):
-                        st.sample_pos = raw.index + 1
-                        if by_sample and (offset + raw.index) % self.n_slots != self.slot:
-                            continue
-                        yielded = True
-                        yield raw
+                    with contextlib.closing(self.reader.iterate(url, st.sample_pos)) as samples:
+                        for raw in samples:
+                            st.sample_pos = raw.index + 1
+                            if by_sample and (offset + raw.index) % self.n_slots != self.slot:
+                                continue
+                            yielded = True
+                            st.taken += 1
+                            yield raw
+                            if self._epoch_full():
+                                break
                 except TarShardError:
                     st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
                 st.shard_pos, st.sample_pos = st.shard_pos + 1, 0
             if not yielded and st.shard_pos >= len(shards) and not self._any_readable(shards):
                 raise DataSourceError(f"data source {self.source} has no readable samples in {len(shards)} shard(s) "
                                       f"(first: {shards[0] if shards else '-'})")
-            st.epoch, st.shard_pos, st.sample_pos = st.epoch + 1, 0, 0
+            st.epoch, st.shard_pos, st.sample_pos, st.taken = st.epoch + 1, 0, 0, 0
+
+    def _epoch_full(self) -> bool:
+        return self.epoch_samples is not None and self.state.taken >= self.epoch_samples
 
     def _any_readable(self, shards: list[str]) -> bool:
         return any((self.reader.count(u) or 0) > 0 for u in shards if not u.startswith(_REMOTE))

@@ -8,24 +8,30 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+IMAGE = "<image>"
+
 
 class Captioner:
+    """Greedy captions (no prompt: the pretraining format `[bos] <image>` then the caption) or answers to a prompt
+    (rendered with the exported chat template, the image first in the user turn as in training)."""
+
     def __init__(self, hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         self.processor = AutoProcessor.from_pretrained(hf_dir)
         self.model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).eval()
         self.tok = self.processor.tokenizer
 
-    def _prompt(self, prompt: str | None) -> str:
-        if prompt is None:  # caption mode: the pretraining format, `[bos] <image>` then the caption
-            return (self.tok.bos_token or "") + "<image>"
-        messages = [{"role": "user", "content": "<image>\n" + prompt}]
+    def prompt_text(self, prompt: str | None) -> str:
+        if prompt is None:
+            return (self.tok.bos_token or "") + IMAGE
+        content = prompt if IMAGE in prompt else IMAGE + "\n" + prompt
+        messages = [{"role": "user", "content": content}]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompt: str | None = None, max_new_tokens: int = 32) -> list[str]:
         out = []
         for image in images:
-            inputs = self.processor(images=image.convert("RGB"), text=self._prompt(prompt), return_tensors="pt",
+            inputs = self.processor(images=image.convert("RGB"), text=self.prompt_text(prompt), return_tensors="pt",
                                     add_special_tokens=False)
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)

@@ -1,23 +1,41 @@
 """Committed checkpoint -> Hugging Face directory loadable as LlavaForConditionalGeneration + its processor.
 
-Weights are consolidated from DeepSpeed's shards with DeepSpeed's own tool (any ZeRO stage, any world size), the
-`vlm.` prefix of our training wrapper is dropped, and transformers' save_pretrained writes safetensors shards with
-an index, mapping in-memory names to its on-disk names itself (no key surgery here).
+Streaming: the model is never consolidated. Each output tensor is assembled piece by piece from DeepSpeed's shards
+(zero.py) and appended to a safetensors shard whose header was written first (safetensors_stream.py), so peak memory
+is bounded by the reader's release budget plus a few pieces, whatever the model size. Names and tied weights follow
+transformers' own save_pretrained (layout.py). Frozen parameters come from the checkpoint (DeepSpeed saves them in
+the training dtype) or, where it lacks them or on request, from the run's sources (sources.py).
+
+Output: model(-0000i-of-0000n).safetensors (+ model.safetensors.index.json when sharded), config.json,
+generation_config.json, tokenizer (with <image>), preprocessor and processor config, chat template. No pickles.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+import yaml
+from huggingface_hub import split_torch_state_dict_into_shards
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor
 
+from pretrain.config import ModelConfig
+from pretrain.export.layout import ExportLayout, ExportTensor, export_layout
+from pretrain.export.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
+from pretrain.export.sources import SourceWeights
+from pretrain.export.zero import ZeroCheckpoint
 from pretrain.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-PREFIX = "vlm."
+PREFIX = "vlm."  # VLMForTraining holds the Llava model as `vlm`
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FROZEN_FROM = ("checkpoint", "source")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -35,11 +53,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
+def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> ModelConfig | None:
+    """The run's `model` section: from `run_config`, else the run directory's config.yaml (checkpoints/<tag>/..)."""
+    path = Path(run_config) if run_config else tag_dir.parent.parent / "config.yaml"
+    if not path.is_file():
+        if run_config:
+            raise FileNotFoundError(f"{path}: no such run config")
+        return None
+    return ModelConfig(**yaml.safe_load(path.read_text())["model"])
 
 
 def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
@@ -53,24 +74,128 @@ def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
         num_additional_image_tokens=1 if has_cls else 0, image_token="<image>")
 
 
-def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
-    tag_dir = resolve_checkpoint(checkpoint)
+@dataclass
+class Planned:
+    tensor: ExportTensor
+    origin: str  # "checkpoint" | "source"
+    pieces: Callable[[], Iterator[torch.Tensor]]
+
+
+class _Sources:
+    """The run's sources, opened only if some tensor needs them."""
+
+    def __init__(self, mcfg: ModelConfig | None) -> None:
+        self.mcfg, self._weights = mcfg, None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if self.mcfg is None:
+            return None
+        if self._weights is None:
+            self._weights = SourceWeights(self.mcfg)
+        return self._weights.shape(name)
+
+    def pieces(self, name: str) -> Iterator[torch.Tensor]:
+        return self._weights.pieces(name)
+
+
+def plan(layout: ExportLayout, zero: ZeroCheckpoint, sources: _Sources, frozen_from: str) -> list[Planned]:
+    """Where each exported tensor comes from. Trainable ones: the checkpoint's fp32 master weights. Frozen ones:
+    the checkpoint's copy, or the source's when the checkpoint lacks it or `frozen_from == "source"` (and the
+    source has it in the same shape: rows added for new tokens exist only in the checkpoint)."""
+    for dropped, kept in layout.tied.items():
+        if PREFIX + dropped in zero.locs and zero.resolve(PREFIX + dropped) != zero.resolve(PREFIX + kept):
+            raise ValueError(f"the config ties {dropped} to {kept}, but the checkpoint trained them separately")
+    planned, missing = [], []
+    for t in layout.tensors:
+        held = zero.resolve(PREFIX + t.name)
+        if held is not None and zero.locs[held].shape != t.shape:
+            raise ValueError(f"{t.name}: shape {zero.locs[held].shape} in the checkpoint, {t.shape} in the config")
+        frozen = held is None or held not in zero.trainable
+        if frozen and (held is None or frozen_from == "source") and sources.shape(t.name) == t.shape:
+            planned.append(Planned(t, "source", lambda n=t.name: sources.pieces(n)))
+        elif held is not None:
+            planned.append(Planned(t, "checkpoint", lambda n=held: zero.pieces(n)))
+        else:
+            missing.append(t.name)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} tensors are neither in the checkpoint nor in the run's sources "
+                                f"(model.llm / model.vision / model.init_from): {missing[:5]}")
+    return planned
+
+
+def write_weights(out: Path, planned: list[Planned], dtype: torch.dtype, max_shard_size: str | int,
+                  n_parameters: int) -> None:
+    def out_dtype(t: ExportTensor) -> torch.dtype:
+        return dtype if t.floating else t.dtype
+
+    shapes = {p.tensor.disk_name: torch.empty(p.tensor.shape, dtype=out_dtype(p.tensor), device="meta")
+              for p in planned}
+    split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    by_disk = {p.tensor.disk_name: p for p in planned}
+    for filename, names in split.filename_to_tensors.items():
+        specs = [TensorSpec(n, by_disk[n].tensor.shape, out_dtype(by_disk[n].tensor)) for n in names]
+        with StreamingSafetensorsWriter(out / filename, specs, {"format": "pt"}) as writer:
+            for spec in specs:
+                writer.write_tensor(spec.name, (piece.to(spec.dtype) for piece in by_disk[spec.name].pieces()))
+        log.info("wrote %s (%d tensors)", filename, len(names))
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": n_parameters, **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out}: exists and is not an earlier export; refusing to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    _check_out_dir(out)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str | int = "5GB",
+            *, frozen_from: str = "checkpoint", run_config: str | Path | None = None) -> Path:
+    """Export a committed checkpoint. `frozen_from="source"` takes frozen weights from the run's sources even where
+    the checkpoint has them (DeepSpeed keeps frozen weights in the training dtype only, e.g. bf16)."""
+    if dtype not in DTYPES or frozen_from not in FROZEN_FROM:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, frozen_from one of {list(FROZEN_FROM)}")
+    tag_dir, out = resolve_checkpoint(checkpoint), Path(out_dir)
+    _check_out_dir(out)
     meta = tag_dir / ckpt.HF_META
     config = LlavaConfig.from_pretrained(meta)
-    state = consolidated_state_dict(tag_dir)
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.text_config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    model = model.to(DTYPES[dtype])
-    model.config.use_cache = True
-    out = Path(out_dir)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    model.generation_config.save_pretrained(out)
-    processor_from(meta, config).save_pretrained(out)
-    log.info("exported %s -> %s (%s)", tag_dir, out, dtype)
+    layout = export_layout(config)
+    zero = ZeroCheckpoint(tag_dir)
+    planned = plan(layout, zero, _Sources(run_model_config(tag_dir, run_config)), frozen_from)
+    _log_origins(planned, zero)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_weights(tmp, planned, DTYPES[dtype], max_shard_size, layout.n_parameters)
+        config.use_cache = True  # the trainer turns the cache off; generation wants it
+        config.text_config.use_cache = True
+        config.dtype = str(DTYPES[dtype]).split(".")[1]
+        config.architectures = [type(layout.model).__name__]  # as save_pretrained records it
+        config.save_pretrained(tmp)
+        layout.model.generation_config.save_pretrained(tmp)
+        processor_from(meta, config).save_pretrained(tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s -> %s (%s, ZeRO-%d x %d ranks)", tag_dir, out, dtype, zero.stage, zero.world_size)
     return out
+
+
+def _log_origins(planned: list[Planned], zero: ZeroCheckpoint) -> None:
+    from_source = [p.tensor.name for p in planned if p.origin == "source"]
+    if from_source:
+        log.info("%d frozen tensors taken from the run's sources (e.g. %s)", len(from_source), from_source[0])
+    low = [p.tensor.name for p in planned if p.origin == "checkpoint"
+           and zero.locs[zero.resolve(PREFIX + p.tensor.name)].dtype.itemsize < 4 and p.tensor.floating]
+    if low:
+        log.info("%d frozen tensors are stored in 16 bits in the checkpoint (the training dtype); "
+                 "--frozen-from source takes the full-precision originals", len(low))

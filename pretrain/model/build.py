@@ -29,6 +29,8 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.model.attention import AttentionChoice, resolve_attention
+from pretrain.model.projector import ACTIVATION, is_linear, load_projector, projector_activation, set_identity
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class ZeroContext:
     @property
     def zero3(self) -> bool:
         return bool(self.ds_config) and self.ds_config.get("zero_optimization", {}).get("stage") == 3
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.ds_config) and bool(self.ds_config.get("bf16", {}).get("enabled"))
 
     def init(self) -> contextlib.AbstractContextManager:
         if not self.zero3:
@@ -96,16 +102,13 @@ def image_token_count(vision_cfg: PretrainedConfig, strategy: str) -> int:
 def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
     text_cfg = load_component_config(mcfg.llm, vision=False)
     vision_cfg = load_component_config(mcfg.vision, vision=True)
-    if mcfg.projector != "mlp2x_gelu":
-        # transformers' Llava defines only the 2-layer GELU MLP; other kinds would not export as plain Llava.
-        raise ConfigError(f"model.projector={mcfg.projector!r} is not supported yet (valid: mlp2x_gelu)")
     strategy = select_strategy(mcfg, vision_cfg)
     text_cfg.vocab_size = max(text_cfg.vocab_size, len(tokenizer))
     return LlavaConfig(
         vision_config=vision_cfg.to_dict(),
         text_config=text_cfg.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu",
+        projector_hidden_act=projector_activation(mcfg.projector),
         vision_feature_layer=mcfg.vision_feature_layer,
         vision_feature_select_strategy=strategy,
         image_seq_length=image_token_count(vision_cfg, strategy),
@@ -115,25 +118,26 @@ def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 
 
 IMAGE_TOKEN = "<image>"
+# Grown vocabularies are padded to a multiple of this (as LLaVA-1.5's HF checkpoints are): tensor-core friendly.
+VOCAB_MULTIPLE = 64
 
 
-def _attn(mcfg: ModelConfig) -> str:
-    # `auto`: transformers picks flash/sdpa when it can; sdpa is the safe default everywhere.
-    return "sdpa" if mcfg.attn_implementation == "auto" else mcfg.attn_implementation
+def attention_for(mcfg: ModelConfig, zero: ZeroContext) -> AttentionChoice:
+    return resolve_attention(mcfg.attn_implementation, half_precision=zero.bf16)
 
 
-def _load_decoder(mcfg: ModelConfig, text_cfg: PretrainedConfig, zero: ZeroContext, dtype: torch.dtype) -> nn.Module:
+def _load_decoder(mcfg: ModelConfig, text_cfg: PretrainedConfig, attn: str, dtype: torch.dtype) -> nn.Module:
     if isinstance(mcfg.llm, str):
-        return AutoModelForCausalLM.from_pretrained(mcfg.llm, dtype=dtype, attn_implementation=_attn(mcfg))
+        return AutoModelForCausalLM.from_pretrained(mcfg.llm, dtype=dtype, attn_implementation=attn)
     model_cls = AutoModelForCausalLM._model_mapping[type(text_cfg)]
-    return model_cls._from_config(text_cfg, dtype=dtype, attn_implementation=_attn(mcfg))
+    return model_cls._from_config(text_cfg, dtype=dtype, attn_implementation=attn)
 
 
-def _load_vision(mcfg: ModelConfig, vision_cfg: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+def _load_vision(mcfg: ModelConfig, vision_cfg: PretrainedConfig, attn: str, dtype: torch.dtype) -> nn.Module:
     model_cls = AutoModel._model_mapping[type(vision_cfg)]
     if isinstance(mcfg.vision, str):
-        return model_cls.from_pretrained(mcfg.vision, dtype=dtype, attn_implementation=_attn(mcfg))
-    return model_cls._from_config(vision_cfg, dtype=dtype, attn_implementation=_attn(mcfg))
+        return model_cls.from_pretrained(mcfg.vision, dtype=dtype, attn_implementation=attn)
+    return model_cls._from_config(vision_cfg, dtype=dtype, attn_implementation=attn)
 
 
 def build_model(
@@ -148,34 +152,68 @@ def build_model(
     Each random initialisation is seeded on its own, so the weights are the same on every rank and for every ZeRO
     stage (zero.Init and loading consume the RNG differently)."""
     zero = zero or ZeroContext()
+    attn = attention_for(mcfg, zero)
     if mcfg.init_from:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            mcfg.init_from, dtype=dtype, attn_implementation=_attn(mcfg))
-        _resize_vocab(model, tokenizer)
-        return model
+        model = _from_export(mcfg, attn, dtype)
+    else:
+        model = _assemble(mcfg, tokenizer, zero, attn, dtype, seed)
+    torch.manual_seed(seed + 3)
+    resize_vocab(model, tokenizer)
+    if mcfg.projector_from:
+        loaded = load_projector(model.model.multi_modal_projector, mcfg.projector_from, is_linear(model.config))
+        log.info("projector %s loaded from %s", loaded, mcfg.projector_from)
+    model.config.use_cache = False
+    return model
+
+
+def _assemble(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, zero: ZeroContext, attn: AttentionChoice,
+              dtype: torch.dtype, seed: int) -> LlavaForConditionalGeneration:
+    """Decoder, tower and projector built (partitioned under ZeRO-3) and put into an empty Llava shell."""
     llava_cfg = build_llava_config(mcfg, tokenizer)
-    text_cfg, vision_cfg = llava_cfg.text_config, llava_cfg.vision_config
     torch.manual_seed(seed)
-    decoder = _load_decoder(mcfg, text_cfg, zero, dtype)
+    decoder = _load_decoder(mcfg, llava_cfg.text_config, attn.decoder, dtype)
     torch.manual_seed(seed + 1)
-    vision = _load_vision(mcfg, vision_cfg, dtype)
+    vision = _load_vision(mcfg, llava_cfg.vision_config, attn.vision, dtype)
     torch.manual_seed(seed + 2)
     with zero.init():
         projector = LlavaMultiModalProjector(llava_cfg).to(dtype)
+    if is_linear(llava_cfg):
+        set_identity(projector)
     # Parameters on meta only (buffers such as rotary tables stay real): the shell costs no memory.
     with init_empty_weights(include_buffers=False), _zero3_suspended():
         model = LlavaForConditionalGeneration(llava_cfg)
     model.model.vision_tower = vision
     model.model.multi_modal_projector = projector
-    model.model.language_model = decoder.model
-    model.lm_head = decoder.lm_head
+    model.model.language_model = decoder.get_decoder()
+    model.lm_head = decoder.get_output_embeddings()
     model.config.text_config = decoder.config
     model.config.vision_config = vision.config
     _check_no_meta(model)
-    torch.manual_seed(seed + 3)
-    _resize_vocab(model, tokenizer)
-    model.config.use_cache = False
     return model
+
+
+def _from_export(mcfg: ModelConfig, attn: AttentionChoice, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """A whole exported Llava (ours or public): transformers loads it into the partitioned model under ZeRO-3."""
+    if not Path(mcfg.init_from).exists() and mcfg.init_from.startswith((".", "/")):
+        raise ConfigError(f"model.init_from: {mcfg.init_from} does not exist")
+    model = LlavaForConditionalGeneration.from_pretrained(mcfg.init_from, dtype=dtype,
+                                                          attn_implementation=attn.as_hf())
+    _check_agrees(mcfg, model.config)
+    return model
+
+
+def _check_agrees(mcfg: ModelConfig, cfg: LlavaConfig) -> None:
+    """Keys the user set explicitly must describe the export they start from (its config wins otherwise)."""
+    have = {"projector": cfg.projector_hidden_act, "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
+    want = {"projector": ACTIVATION.get(mcfg.projector), "vision_feature_layer": mcfg.vision_feature_layer,
+            "vision_feature_select_strategy": mcfg.vision_feature_select_strategy}
+    for key in sorted(mcfg.model_fields_set & set(have)):
+        if want[key] is not None and want[key] != have[key]:
+            shown = mcfg.projector if key == "projector" else want[key]
+            raise ConfigError(f"model.{key}={shown!r} but model.init_from={mcfg.init_from} has "
+                              f"{'projector_hidden_act' if key == 'projector' else key}={have[key]!r}; "
+                              "drop the key or start from another export")
 
 
 @contextlib.contextmanager
@@ -192,13 +230,20 @@ def _zero3_suspended():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def _resize_vocab(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the embeddings for added tokens (image, pad); transformers gathers under ZeRO-3 and, with
-    mean_resizing, draws the new rows from the old rows' mean and covariance instead of a random scale."""
+def resize_vocab(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings (and an untied lm_head) for added tokens (image, pad), to a multiple of VOCAB_MULTIPLE.
+
+    transformers gathers the partitioned rows under ZeRO-3 and, with mean_resizing, sets each new row to the mean of
+    the existing rows (plus noise of 1e-9 x their covariance): LLaVA's own rule for <image>/<pad>, the embedding
+    statistics rather than a random init at `initializer_range`, and for the output rows a logit that starts at the
+    average of the others. Under ZeRO-3 the new matrix exists whole on every rank for that moment (transformers
+    builds it outside zero.Init) and is partitioned when the DeepSpeed engine is created."""
     current = model.get_input_embeddings().weight
     rows = current.ds_shape[0] if hasattr(current, "ds_shape") else current.shape[0]
     if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=True)
+        log.info("embeddings resized %d -> %d rows for the added tokens", rows,
+                 model.get_input_embeddings().num_embeddings)
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     model.config.pad_token_id = tokenizer.pad_token_id
 

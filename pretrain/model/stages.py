@@ -1,14 +1,17 @@
 """Training stages and parameter groups.
 
 align: projector only (LLaVA stage 1). finetune: projector + decoder (LLaVA stage 2). full: everything, the vision
-tower included. Frozen parameters get requires_grad=False and no optimizer group, so they carry no optimizer state.
-Biases and norm weights get no weight decay.
+tower included. Frozen parameters get requires_grad=False and no optimizer group, so they carry no optimizer state
+(DeepSpeed keeps them out of its fp32 master copy too). The fixed identity layer of a `linear` projector is frozen in
+every stage. Biases and norm weights get no weight decay.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from transformers import LlavaForConditionalGeneration
+
+from pretrain.model.projector import frozen_names
 
 TRAINABLE = {"align": ("projector",), "finetune": ("projector", "llm"), "full": ("projector", "llm", "vision")}
 
@@ -23,10 +26,13 @@ def component_of(name: str) -> str:
 
 def apply_stage(model: LlavaForConditionalGeneration, stage: str) -> dict[str, int]:
     """Freeze by stage; returns trainable parameter counts per component (ZeRO-3 aware)."""
+    if stage not in TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r} (valid: {', '.join(TRAINABLE)})")
+    fixed = frozen_names(model.config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         comp = component_of(name)
-        p.requires_grad_(comp in TRAINABLE[stage])
+        p.requires_grad_(comp in TRAINABLE[stage] and not name.endswith(fixed))
         if p.requires_grad:
             counts[comp] = counts.get(comp, 0) + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
     return counts

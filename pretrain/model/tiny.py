@@ -35,19 +35,22 @@ VISION_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` (plus the byte alphabet, so nothing is ever unknown)."""
+def build_tokenizer(texts: list[str], vocab_size: int = 512, image_and_pad: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` (plus the byte alphabet, so nothing is ever unknown).
+
+    `image_and_pad=False` leaves out <image> and <pad>, like most LLM tokenizers: the model builder must add them."""
+    specials = [t for t in SPECIAL_TOKENS if image_and_pad or t not in ("<pad>", "<image>")]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=["<image>", "<|im_start|>", "<|im_end|>"])
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>" if image_and_pad else None,
+        additional_special_tokens=[t for t in specials if t not in ("<s>", "</s>", "<pad>")])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -4,26 +4,58 @@ Why not `model(**batch).loss`: (1) the loss must be averaged over the label toke
 return a sum and let the trainer divide; (2) logits are computed only at label positions, in chunks, so a large
 vocabulary never materialises fp32 logits for every token; (3) a micro-batch without images still runs the vision
 tower on a dummy image (its output multiplied by zero), so under ZeRO-3 every rank runs the same collectives.
+
+Alignment objectives (`objectives:` in the config; see pretrain.model.alignment). The trainer divides the summed loss
+of every micro-batch by the label-token count N of the whole global batch. A per-micro-batch mean loss L_a (the
+contrastive or ITM loss of its pairs) is therefore added as `weight x L_a x n`, n being this micro-batch's label
+count: after the trainer's division the step optimises
+    caption_weight x (mean token loss) + weight x sum_mb(n_mb / N x L_a,mb),
+i.e. the weight times the label-weighted average of the micro-batches' alignment losses (their plain average when
+micro-batches carry equal label counts), whatever the accumulation and data-parallel sizes. In eval mode (validation)
+the forward returns the plain token loss only, so validation loss and perplexity stay language-model numbers.
+The alignment path runs every step on every rank, with a dummy row where a micro-batch has no pair, for the same
+reason as the dummy image: ZeRO-3 ranks must gather the same parameters in the same order.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from pretrain.config import ObjectivesConfig
 from pretrain.data.text import IGNORE
+from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 
 LOGIT_CHUNK = 4096  # label positions per lm-head chunk
+# The test switch that breaks the image path (features zeroed), so tests can prove they detect it; the same JSON
+# variable as the trainer's fault injection (pretrain.train.faults), empty in any real run.
+FAULTS_ENV = "PRETRAIN_TEST_FAULTS"
 
 
 class VLMForTraining(nn.Module):
-    def __init__(self, vlm: LlavaForConditionalGeneration) -> None:
+    def __init__(self, vlm: LlavaForConditionalGeneration, objectives: ObjectivesConfig | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.vlm = vlm
+        self.objectives = o = objectives or ObjectivesConfig()
+        # Extra parameters live here, inside the module DeepSpeed wraps, so ZeRO partitions and checkpoints them;
+        # the Hugging Face export takes only `vlm.*`.
+        self.alignment = None
+        if o.alignment:
+            self.alignment = AlignmentHeads(vlm.config.text_config.hidden_size, o.embed_dim, o.temperature_init,
+                                            o.learnable_temperature, o.max_logit_scale, o.itm_weight > 0, seed)
+        self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
+        faults = json.loads(os.environ.get(FAULTS_ENV, "") or "{}")
+        self.zero_image_features = bool(faults.get("zero_image_features"))
 
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    # -- image and text paths ------------------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens, (images, tokens per image, hidden)."""
         cfg = self.vlm.config
         out = self.vlm.model.get_image_features(
             pixel_values=pixel_values,
@@ -31,39 +63,130 @@ class VLMForTraining(nn.Module):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
         feats = out.pooler_output
-        return torch.cat(list(feats), dim=0) if isinstance(feats, list | tuple) else feats.flatten(0, 1)
+        feats = torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
+        return feats * 0.0 if self.zero_image_features else feats
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens of all images laid end to end, (images x tokens, hidden)."""
+        return self.image_features(pixel_values).flatten(0, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vlm.get_input_embeddings().weight.dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image tokens replaced by image features (computed here, or given)."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
-        if pixel_values is None:
+        if features is None and pixel_values is None:
             size = self.vlm.config.vision_config.image_size
             dummy = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
             return embeds + 0.0 * self.image_embeddings(dummy).sum()
-        feats = self.image_embeddings(pixel_values.to(embeds.dtype))
+        if features is None:
+            features = self.image_features(pixel_values.to(embeds.dtype))
         mask = (input_ids == self.vlm.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        if mask.sum() != feats.numel():
-            raise ValueError(f"{int(mask.sum()) // embeds.shape[-1]} image tokens for {feats.shape[0]} image "
-                             "features: the data and the model disagree on image tokens per image")
-        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        if mask.sum() != features.numel():
+            raise ValueError(f"{int(mask.sum()) // embeds.shape[-1]} image tokens for {features.shape[0]} image(s) "
+                             f"of {features.shape[1]} tokens: the data and the model disagree on image tokens")
+        return embeds.masked_scatter(mask, features.to(embeds.dtype))
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
-        packed = batch.get("packed", False)
-        out = self.vlm.model.language_model(
-            inputs_embeds=embeds,
-            # Packed rows: no mask, so transformers builds the per-sample causal mask from restarting positions.
-            attention_mask=None if packed else batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        )
+    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's last hidden states."""
+        out = self.vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
+    def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features)
+        # Packed rows: no mask, so transformers builds the per-sample causal mask from restarting positions.
+        mask = None if batch.get("packed", False) else batch.get("attention_mask")
+        return self.decode(embeds, mask, batch.get("position_ids"))
+
+    # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (sum of token losses, number of label tokens) for this micro-batch."""
-        hidden = self.hidden_states(batch)[:, :-1]
+        """Returns (summed loss, number of label tokens) for this micro-batch: see the module docstring."""
+        pixel_values = batch.get("pixel_values")
+        features = None if pixel_values is None else self.image_features(pixel_values.to(self.dtype))
+        hidden = self.hidden_states(batch, features)[:, :-1]
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
-        return chunked_cross_entropy(self.vlm.lm_head, hidden[keep], targets[keep]), keep.sum()
+        token_sum, n = chunked_cross_entropy(self.vlm.lm_head, hidden[keep], targets[keep]), keep.sum()
+        if not self.training:
+            return token_sum, n
+        o = self.objectives
+        loss = o.caption_weight * token_sum
+        parts = {"caption": token_sum.detach() / n.clamp(min=1)}
+        if self.alignment is not None:
+            aligned = self.alignment_losses(batch, features)
+            weights = {"contrastive": o.contrastive_weight, "itm": o.itm_weight}
+            loss = loss + sum(weights[k] * v for k, v in aligned.items() if k in weights) * n
+            parts.update({k: v.detach() for k, v in aligned.items()})
+        self.last_losses = parts
+        return loss, n
+
+    def alignment_losses(self, batch: dict, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Mean contrastive and ITM losses of this micro-batch's image-text pairs (and the logit scale)."""
+        pairs = batch_pairs(batch, self.vlm.config.image_token_id)
+        n_images = 0 if features is None else features.shape[0]
+        if len(pairs) != n_images:
+            raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
+        img, txt, scale = self.encode_pairs(features, pairs.texts)
+        keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
+        out = {"contrastive": contrastive_loss(img, txt, scale, keys), "logit_scale": scale.detach()}
+        if self.alignment.itm_head is not None:
+            out["itm"] = self.itm_loss(features, pairs, img, txt, keys)
+        return out
+
+    def encode_pairs(self, features: torch.Tensor | None, texts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """Normalised contrastive embeddings of images (mean of their image tokens) and texts (mean of the decoder's
+        hidden states over the text alone), and the logit scale."""
+        hidden = self.vlm.config.text_config.hidden_size
+        pooled_img = features.mean(1) if features is not None else torch.zeros(0, hidden, dtype=self.dtype,
+                                                                                device=self._device())
+        return self.alignment(pooled_img, self.pool_text(texts))
+
+    def pool_text(self, texts: list[list[int]]) -> torch.Tensor:
+        """Mean of the decoder's last hidden states over each text, read after a bos token (where the model has
+        one) as a language model expects; (texts, hidden). Runs on a dummy text when there is none."""
+        cfg = self.vlm.config.text_config
+        prefix = [cfg.bos_token_id] if getattr(cfg, "bos_token_id", None) is not None else []
+        rows = [prefix + t for t in texts] or [prefix or [self._pad_id()]]
+        ids, mask = self._pad(rows)
+        hidden = self.decode(self.vlm.get_input_embeddings()(ids), mask)
+        weights = mask.clone()
+        weights[:, : len(prefix)] = 0
+        weights = weights.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return pooled[: len(texts)]
+
+    def itm_loss(self, features: torch.Tensor | None, pairs: Pairs, img: torch.Tensor, txt: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
+        rows, labels = [], []
+        if len(pairs) >= 2:
+            with torch.no_grad():
+                neg_text, neg_image = hard_negatives(img @ txt.T, keys)
+            rows, labels = itm_pairs(len(pairs), neg_text, neg_image)
+        logits = self.alignment.match_logits(self.fused_states(features, pairs.texts, rows))
+        if not rows:
+            return 0.0 * logits.sum()
+        return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+
+    def fused_states(self, features: torch.Tensor | None, texts: list[list[int]],
+                     rows: list[tuple[int, int]]) -> torch.Tensor:
+        """Last-token hidden states of `[bos] image tokens text` for (image, text) index pairs; (rows, hidden)."""
+        cfg = self.vlm.config
+        prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
+        n_tokens = cfg.image_seq_length
+        if rows:
+            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + texts[t] for _, t in rows])
+            feats = features[[i for i, _ in rows]]
+        else:  # dummy row: same modules, same collectives; its result is dropped
+            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + [self._pad_id()]])
+            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=ids.device)
+        hidden = self.decode(self.embed(ids, None, feats), mask)
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last][: len(rows)]
 
     def per_token_loss(self, batch: dict) -> torch.Tensor:
         """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""
@@ -72,6 +195,24 @@ class VLMForTraining(nn.Module):
         logits = self.vlm.lm_head(hidden).float()
         loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
         return loss * (targets != IGNORE)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.vlm.get_input_embeddings().weight.device
+
+    def _pad_id(self) -> int:
+        pad = self.vlm.config.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and the attention mask."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids.to(self._device()), mask.to(self._device())
 
 
 def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

@@ -9,6 +9,7 @@ tools read it too) is replaced atomically only after that. A save killed half-wa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -165,3 +166,37 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
             shutil.rmtree(root / t, ignore_errors=True)
             removed.append(t)
     return removed
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that failed half-way (a full disk above all); earlier checkpoints and `latest` are untouched."""
+
+
+def _disk_full(err: BaseException, free: int) -> bool:
+    # torch.save reports ENOSPC as an opaque RuntimeError ("unexpected pos ..."): look at the chain, then at the disk.
+    chain: BaseException | None = err
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC or "No space left" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return free < 64 * 2**20
+
+
+def write_failure(root: Path, tag: str, err: BaseException) -> CheckpointWriteError:
+    """The error to raise when saving `tag` failed: says why (a full disk by name) and what still stands. The
+    partial checkpoint is removed to give its space back (it was never committed, so nothing refers to it)."""
+    ckpt_dir = root / tag
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = 0
+    latest_file = root / LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    if ckpt_dir.is_dir() and not is_committed(ckpt_dir):
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    what = "no space left on device" if _disk_full(err, free) else "write failed"
+    standing = f"`latest` still names {latest}" if latest else "no earlier checkpoint exists"
+    return CheckpointWriteError(
+        f"{what} while saving checkpoint {ckpt_dir} ({free / 2**20:.1f} MiB free in {root}): "
+        f"{type(err).__name__}: {err}. The partial checkpoint was removed; earlier checkpoints are intact and "
+        f"{standing}. Free space (or lower checkpoint.keep_last), then resume with checkpoint.resume=auto.")

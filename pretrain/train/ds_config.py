@@ -1,19 +1,28 @@
 """The DeepSpeed config: generated from ours, optionally on top of a user's DeepSpeed JSON (LLaVA's zero3.json).
 
-Precedence: the user's file is the base; our batch sizes, precision, clipping and ZeRO stage always win (they are
-what our config validated); then `deepspeed.overrides` (dotted keys) win over everything. "auto" values in a user
-file are resolved from ours, as HF Trainer does.
+Precedence, lowest first:
+1. cosmetic defaults of ours (`steps_per_print`, `wall_clock_breakdown`);
+2. the user's file (`deepspeed.config_file`), its "auto" values removed. Its `optimizer` and `scheduler` are dropped
+   with a warning: ours carry the parameter groups, lr multipliers and exact resume;
+3. what our config validated, always: batch sizes (micro x accumulation x world), gradient clipping, precision
+   (bf16 / fp16 off), the ZeRO stage, offload when ours asks for it, and the client-optimizer flags;
+4. ZeRO tuning knobs (overlap_comm, bucket and prefetch sizes, persistence threshold, live parameters) from ours only
+   where the file does not set them: an "auto" there resolves to our value, as the HF Trainer resolves its autos;
+5. `deepspeed.overrides` (dotted keys, e.g. `zero_optimization.sub_group_size`) over everything.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pretrain.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _offload(kind: str, nvme_path: str | None) -> dict[str, Any] | None:
@@ -38,22 +47,33 @@ def _drop_auto(tree: Any) -> Any:
     return tree
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def read_user_config(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed JSON with "auto" values, `optimizer` and `scheduler` removed."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"deepspeed.config_file: {file} not found")
+    try:
+        tree = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_file: {file} is not valid JSON: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"deepspeed.config_file: {file} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if tree.pop(key, None) is not None:
+            log.warning("deepspeed.config_file: its %r section is ignored: the trainer's own (train.lr, "
+                        "train.schedule, ...) is used", key)
+    return _drop_auto(tree)
+
+
+def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for `world_size` ranks; `load_universal` to load a universal checkpoint."""
     ds = cfg.deepspeed
-    base: dict[str, Any] = {}
-    if ds.config_file:
-        path = Path(ds.config_file)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed.config_file: {path} not found")
-        try:
-            base = _drop_auto(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"deepspeed.config_file: {path} is not valid JSON: {err}") from None
-        # Optimizer and scheduler are ours (param groups, multipliers, exact resume); theirs would conflict.
-        base.pop("optimizer", None)
-        base.pop("scheduler", None)
+    base = read_user_config(ds.config_file) if ds.config_file else {}
     t = cfg.train
     zero = dict(base.get("zero_optimization", {}))
+    if zero.get("stage", ds.zero_stage) != ds.zero_stage:
+        log.warning("deepspeed.config_file sets ZeRO stage %s; deepspeed.zero_stage=%d is used", zero["stage"],
+                    ds.zero_stage)
     zero["stage"] = ds.zero_stage
     zero.setdefault("overlap_comm", ds.overlap_comm)
     zero.setdefault("contiguous_gradients", True)
@@ -67,8 +87,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         off = _offload(kind, ds.nvme_path)
         if off:
             zero[key] = off
-    out = {
-        **base,
+    out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **base}
+    out.update({
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
@@ -77,13 +97,17 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
-        # Our client optimizer is torch AdamW; DeepSpeed's CPU Adam would need a 2-minute C++ build per machine.
+        # The client optimizer is ours: torch AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded (setup.py).
         "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds.offload_optimizer != "none":
-        out["zero_force_ds_cpu_optimizer"] = True
+    })
+    if load_universal:
+        out["checkpoint"] = {**out.get("checkpoint", {}), "load_universal": True}
     for dotted, value in ds.overrides.items():
         _set_dotted(out, dotted, value)
     return out
+
+
+def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
+    """Whether ZeRO keeps the optimizer state on CPU / NVMe (then the optimizer must be DeepSpeed's CPU Adam)."""
+    off = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device") in ("cpu", "nvme")

@@ -1,4 +1,5 @@
-"""Fault injection for the tests of the failure paths (a NaN loss, a rank that dies, a save killed half-way).
+"""Fault injection for the tests of the failure paths (a NaN loss, a rank that dies, a save killed half-way, a full
+disk, a slow step).
 
 Read from the PRETRAIN_TEST_FAULTS environment variable (JSON); empty in any real run. Kept in one place so the
 trainer's own code stays free of test branches.
@@ -6,9 +7,11 @@ trainer's own code stays free of test branches.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import time
 
 ENV = "PRETRAIN_TEST_FAULTS"
 
@@ -19,14 +22,28 @@ class Faults:
         self.nan_steps = set(spec.get("nan_steps", []))
         self.die = spec.get("die")  # {"rank": r, "step": s}
         self.kill_in_save = spec.get("kill_in_save")  # {"rank": r, "step": s}: SIGKILL after the shards, pre-commit
+        self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write
+        self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to every step: signal tests
+
+    @staticmethod
+    def _hit(spec: dict | None, rank: int, step: int) -> bool:
+        return bool(spec) and spec["rank"] == rank and spec["step"] == step
 
     def loss_is_nan(self, step: int) -> bool:
         return step in self.nan_steps
 
+    def maybe_sleep(self, _step: int) -> None:
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
+
     def maybe_die(self, rank: int, step: int) -> None:
-        if self.die and self.die["rank"] == rank and self.die["step"] == step:
+        if self._hit(self.die, rank, step):
             os._exit(13)
 
     def maybe_kill_in_save(self, rank: int, step: int) -> None:
-        if self.kill_in_save and self.kill_in_save["rank"] == rank and self.kill_in_save["step"] == step:
+        if self._hit(self.kill_in_save, rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_disk_full(self, rank: int, step: int, path: str) -> None:
+        if self._hit(self.enospc_in_save, rank, step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

@@ -1,4 +1,9 @@
-"""Rank-0 metrics: metrics.jsonl (one object per logged step), TensorBoard scalars, a progress bar."""
+"""Rank-0 metrics: metrics.jsonl (one object per logged step), TensorBoard scalars and images, a progress bar.
+
+TensorBoard tags: `train/<key>` for every numeric value of a metrics.jsonl record (loss, grad_norm, tokens_per_s,
+samples_per_s, mfu and gpu_mem_gib on CUDA only, step_time_s, data_wait_frac, ...), plus `lr/<param group>`,
+`data/skipped_<reason>`, `val/loss`, `val/perplexity` and `val/caption_<i>` (image and text).
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,11 @@ class MetricsWriter:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
             self.tb.add_text(tag, text, step)
+
+    def image(self, tag: str, hwc: Any, step: int) -> None:
+        """An HWC uint8 picture (a val image with its generated caption)."""
+        if self.enabled:
+            self.tb.add_image(tag, hwc, step, dataformats="HWC")
 
     def advance(self, n: int, loss: float | None) -> None:
         if self.pbar is not None:

@@ -18,6 +18,7 @@ from pretrain.data.text import TextProcessor
 from pretrain.model.build import ZeroContext, build_model, load_component_config, load_tokenizer
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
+from pretrain.train.ds_config import optimizer_offloaded
 from pretrain.train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,18 @@ def enable_activation_checkpointing(model, mode: str, every_k: int) -> None:
                 layer.gradient_checkpointing = i % every_k == 0
 
 
+def make_optimizer(groups: list[dict], cfg: Config, offloaded: bool) -> torch.optim.Optimizer:
+    """torch AdamW; DeepSpeed's CPU Adam (same update rule, a C++ kernel compiled on first use) when ZeRO keeps the
+    optimizer state on CPU/NVMe, where DeepSpeed refuses other optimizers."""
+    t = cfg.train
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                             fused=torch.cuda.is_available())
+
+
 def build_engine(cfg: Config, ds_config: dict) -> Built:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -67,8 +80,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     trainable = apply_stage(model, cfg.train.stage)
     t = cfg.train
     groups = param_groups(model, t.lr, t.weight_decay, t.lr_multipliers)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-                                  fused=torch.cuda.is_available())
+    optimizer = make_optimizer(groups, cfg, optimizer_offloaded(ds_config))
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, *_ = deepspeed.initialize(model=VLMForTraining(model), optimizer=optimizer, lr_scheduler=scheduler,

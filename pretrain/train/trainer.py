@@ -1,9 +1,8 @@
 """The training loop: one process of a data-parallel DeepSpeed run.
 
-Loss normalisation: the loss of a step is the sum of token losses over the label tokens of the whole global batch
-(all micro-batches of the accumulation window, all ranks) divided by their count, not a mean of per-rank means. The
-label count is all-reduced before the window's backward passes, and each micro-batch's summed loss is scaled by
-dp x accumulation / count, because DeepSpeed divides by both.
+What happens where: step.py (one optimizer step, loss normalisation, model FLOPs), checkpoint.py (commit marker,
+`latest`, retention), universal.py (resume on another number of ranks), validation.py (val loss, captions),
+signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), metrics.py (metrics.jsonl, TensorBoard, progress bar).
 """
 
 from __future__ import annotations
@@ -19,28 +18,21 @@ import torch
 from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.stream import DataSourceError
-from pretrain.data.text import IGNORE
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import dist
+from pretrain.train import dist, universal
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
 from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
+from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
+from pretrain.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many non-finite steps, a broken data source)."""
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _label_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 class Trainer:
@@ -50,11 +42,22 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         cfg.check_world_size(self.world)
+        # Early, so a signal during the (long) build is not fatal: the loop then runs one step and checkpoints.
+        self.stop = StopRequest(self.run_dir / "PREEMPTED" if self.rank == 0 else None)
+        self.stop.install()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.device = dist.device()
-        self.ds_config = build_ds_config(cfg, self.world)
+        self.faults = Faults()
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
+        self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
+                                                                              cfg.deepspeed.zero_stage)
+        if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
+            universal.convert(self.resume_from, self.rank)
+        self.ds_config = build_ds_config(cfg, self.world, load_universal=self.universal)
         built = build_engine(cfg, self.ds_config)
         self.engine, self.tokenizer, self.processor = built.engine, built.tokenizer, built.processor
         self.image_processor = built.image_processor
@@ -66,123 +69,101 @@ class Trainer:
         loader_state = self._resume()
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True, state=loader_state)
-        self.stop = StopRequest()
-        self.faults = Faults()
-        self.flops_per_token = None  # set by the bench/MFU integration when a FLOPs model is available
+        self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
+        self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
+                                   self.device, self.run_dir)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _resume(self) -> dict | None:
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        path = self.resume_from
         if path is None:
             return None
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        load_dir, tag = (path, universal.UNIVERSAL) if self.universal else (path.parent, path.name)
+        _, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
+        if self.universal:
+            old = client.get("world_size", self.resume_meta.get("world_size"))
+            loader_state = universal.merge_loader_states(path, old)
+            if self.rank == 0:
+                log.warning("resumed from %s at step %d on %d rank(s) (it was written by %d) through DeepSpeed's "
+                            "universal checkpoint", path, self.step, self.world, old)
+            return loader_state
         mine = ckpt.read_rank_state(path, self.rank)
-        if mine is not None and client.get("world_size") == self.world:
-            ckpt.set_rng_state(mine["rng"])
-            loader_state = mine["loader"]
-        else:
-            # Another world size: every rank reads rank 0's loader state to agree on the epoch to restart at.
-            loader_state = (mine or ckpt.read_rank_state(path, 0))["loader"]
+        if mine is None:
+            raise RuntimeError(f"{path}: trainer state of rank {self.rank} is missing")
+        ckpt.set_rng_state(mine["rng"])
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
-        return loader_state
+        return mine["loader"]
 
     def save(self) -> Path:
+        """Every rank writes its shards and trainer state; rank 0 commits after a barrier. A failed write (a full
+        disk) raises CheckpointWriteError naming the checkpoint; earlier ones and `latest` stay as they were."""
         tag = ckpt.tag_for(self.step)
+        try:
+            self._write_checkpoint(tag)
+        except (OSError, RuntimeError) as err:
+            raise ckpt.write_failure(self.ckpt_root, tag, err) from err
+        dist.barrier()  # every rank has written its shards and state
+        if self.rank == 0:
+            try:
+                ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
+                                                  "zero_stage": self.cfg.deepspeed.zero_stage})
+            except OSError as err:
+                raise ckpt.write_failure(self.ckpt_root, tag, err) from err
+            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        dist.barrier()
+        return self.ckpt_root / tag
+
+    def _write_checkpoint(self, tag: str) -> None:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                   "nonfinite_total": self.nonfinite_total,
                   "versions": {p: version(p) for p in ("torch", "deepspeed", "transformers")}}
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         self.faults.maybe_kill_in_save(self.rank, self.step)
-        ckpt.write_rank_state(self.ckpt_root / tag, self.rank,
+        path = self.ckpt_root / tag
+        self.faults.maybe_disk_full(self.rank, self.step, str(path))
+        ckpt.write_rank_state(path, self.rank,
                               {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
         if self.rank == 0:
             # What an export needs besides the weights: the Llava config, tokenizer and image processor.
-            meta = self.ckpt_root / tag / ckpt.HF_META
+            meta = path / ckpt.HF_META
             self.engine.module.vlm.config.save_pretrained(meta)
             self.tokenizer.save_pretrained(meta)
             self.image_processor.save_pretrained(meta)
-        dist.barrier()  # every rank has written its shards and state
-        if self.rank == 0:
-            ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
-                                              "zero_stage": self.cfg.deepspeed.zero_stage})
-            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        dist.barrier()
-        return self.ckpt_root / tag
-
-    # -- one optimizer step ----------------------------------------------------------------------------------------
-    def _train_step(self, batches: list[dict]) -> dict:
-        engine = self.engine
-        gas = len(batches)
-        n_labels = dist.all_reduce(torch.tensor([sum(_label_tokens(b) for b in batches)], dtype=torch.float64))
-        n_labels = max(float(n_labels.item()), 1.0)
-        scale = self.world * gas / n_labels
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        skipped = 0
-        for batch in batches:
-            loss, _ = engine(_to_device(batch, self.device))
-            if self.faults.loss_is_nan(self.step + 1):
-                loss = loss * float("nan")
-            bad = dist.all_reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]), "max").item()
-            if bad:
-                skipped += 1
-                if gas == 1:
-                    break  # no backward, no step: the update is skipped on every rank alike
-                engine.step()  # keep DeepSpeed's accumulation boundary aligned; this micro-batch adds nothing
-                continue
-            engine.backward(loss * scale)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
-        total = dist.all_reduce(loss_sum.clone()).item()
-        if skipped:
-            self.nonfinite_total += 1
-            self.nonfinite_in_row += 1
-        else:
-            self.nonfinite_in_row = 0
-        norm = engine.get_global_grad_norm() if not skipped or gas > 1 else None
-        return {"loss": total / n_labels if not skipped else float("nan"), "grad_norm": _float(norm),
-                "nonfinite": bool(skipped), "label_tokens": n_labels}
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def fit(self) -> int:
-        cfg, t = self.cfg, self.cfg.train
-        self.stop.install()
-        if self.rank == 0:
-            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+        """Train to train.max_steps (or stop_at_step); returns EXIT_OK, or EXIT_PREEMPTED after a signal."""
+        t = self.cfg.train
         writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar)
         it = iter(self.loader)
-        window_start, wait, n_tokens, n_samples, done = time.perf_counter(), 0.0, 0, 0, 0
+        window = _Window()
         code = dist.EXIT_OK
         try:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
                 batches = [next(it) for _ in range(t.grad_accum)]
-                wait += time.perf_counter() - t0
-                out = self._train_step(batches)
+                window.wait += time.perf_counter() - t0
+                out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1)
                 self.step += 1
                 self.faults.maybe_die(self.rank, self.step)
-                done += 1
-                n_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-                n_samples += sum(b["n_samples"] for b in batches)
-                if out["nonfinite"] and self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                    raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row (limit "
-                                          f"train.max_nonfinite_in_row={t.max_nonfinite_in_row}); the last good "
-                                          "checkpoint is intact")
+                window.add(batches)
+                self.flops.add(batches)
+                self._count_nonfinite(out)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self._log(writer, out, elapsed, wait, n_tokens, n_samples, done)
-                    window_start, wait, n_tokens, n_samples, done = time.perf_counter(), 0.0, 0, 0, 0
-                writer.advance(1, None if math.isnan(out["loss"]) else out["loss"])
+                    self._log(writer, out, window)
+                    window = _Window()
+                writer.advance(1, None if math.isnan(out.loss) else out.loss)
                 if t.val_every and self.step % t.val_every == 0:
-                    self._validate(writer)
-                every = cfg.checkpoint.every_steps
+                    self.validator.run(writer, self.step)
                 signalled = dist.all_reduce(torch.tensor([1.0 if self.stop.requested else 0.0]), "max").item()
                 sliced = t.stop_at_step is not None and self.step >= t.stop_at_step
+                every = self.cfg.checkpoint.every_steps
                 if signalled or sliced or (every and self.step % every == 0) or self.step == t.max_steps:
                     self.save()
                 if signalled:
@@ -197,36 +178,43 @@ class Trainer:
             writer.close()
         return code
 
+    def _count_nonfinite(self, out: StepResult) -> None:
+        if not out.nonfinite:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        limit = self.cfg.train.max_nonfinite_in_row
+        if self.nonfinite_in_row >= limit:
+            raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row (limit "
+                                  f"train.max_nonfinite_in_row={limit}); the last good checkpoint is intact")
+
     def _mark(self, name: str) -> None:
         """DONE / PREEMPTED in the run directory: what a chained job or `pretrain launch` reads back."""
         if self.rank == 0:
             (self.run_dir / name).write_text(f"{self.step}\n")
 
-    def _log(self, writer: MetricsWriter, out: dict, elapsed: float, wait: float, n_tokens: int, n_samples: int,
-             steps: int) -> None:
-        totals = dist.all_reduce(torch.tensor([n_tokens, n_samples], dtype=torch.float64))
-        self.tokens_seen += int(totals[0].item())
+    def _log(self, writer: MetricsWriter, out: StepResult, w: _Window) -> None:
+        elapsed = time.perf_counter() - w.start
+        totals = dist.all_reduce(torch.tensor([w.tokens, w.samples, self.flops.take()], dtype=torch.float64))
+        tokens, samples, flops = totals.tolist()
+        self.tokens_seen += int(tokens)
         stats = self.loader.stats()
         self._check_bad_fraction(stats)
         skipped = _reduce_counts(stats["skipped"])
-        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}
+        lrs = {f"lr/{name}": lr for name, lr in out.lrs.items()}
         values = {
-            "loss": out["loss"], "lr": next(iter(lrs.values())), "grad_norm": out["grad_norm"],
-            "tokens_per_s": totals[0].item() / elapsed, "samples_per_s": totals[1].item() / elapsed,
-            "mfu": self._mfu(totals[0].item() / elapsed), "data_wait_frac": wait / elapsed,
-            "step_time_s": elapsed / steps, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
-            "skipped": skipped,
+            "loss": out.loss, "lr": next(iter(lrs.values())), "grad_norm": out.grad_norm,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+            "mfu": mfu(flops, elapsed, self.world, device_name()), "data_wait_frac": w.wait / elapsed,
+            # Achieved model TFLOP/s per rank (the numerator of MFU): comparable across runs, also on CPU.
+            "tflops_per_rank": flops / elapsed / self.world / 1e12,
+            "step_time_s": elapsed / w.steps, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
+            "skipped": {k: v for k, v in skipped.items() if v},
         }
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()}})
-
-    def _mfu(self, tokens_per_s: float) -> float | None:
-        if not torch.cuda.is_available() or not self.flops_per_token:
-            return None
-        from pretrain.model.flops import PEAK_FLOPS
-
-        return self.flops_per_token * tokens_per_s / (PEAK_FLOPS["h100"] * self.world)
 
     def _check_bad_fraction(self, stats: dict) -> None:
         d = self.cfg.data
@@ -240,39 +228,30 @@ class Trainer:
                     f"({bad[i] / seen:.1%} > data.max_bad_fraction={d.max_bad_fraction}); reasons: "
                     f"{stats['skipped'][i]}. Run `pretrain shards verify` on it.")
 
-    @torch.no_grad()
     def validate(self) -> float:
-        loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, self.rank,
-                             self.world, train=False)
-        self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for _, batch in zip(range(self.cfg.train.val_batches), loader):
-            loss, n = self.engine(_to_device(batch, self.device))
-            total += torch.tensor([loss.item(), n.item()], dtype=torch.float64)
-        self.engine.train()
-        total = dist.all_reduce(total)
-        return total[0].item() / max(total[1].item(), 1.0)
-
-    def _validate(self, writer: MetricsWriter) -> None:
-        val = self.validate()
-        writer.scalar("val/loss", val, self.step)
-        writer.scalar("val/perplexity", math.exp(min(val, 50.0)), self.step)
-        if self.rank == 0:
-            with open(self.run_dir / "val.jsonl", "a") as f:
-                f.write(f'{{"step": {self.step}, "val_loss": {val}}}\n')
+        """Validation loss over train.val_batches batches per rank (collective)."""
+        return self.validator.loss()
 
 
-def _float(x) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
+class _Window:
+    """Counters of the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait, self.tokens, self.samples, self.steps = 0.0, 0, 0, 0
+
+    def add(self, batches: list[dict]) -> None:
+        self.steps += 1
+        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        self.samples += sum(b["n_samples"] for b in batches)
 
 
 def _reduce_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
-    """Skip counts summed over sources and ranks, over the fixed reason list so every rank reduces alike."""
+    """Skip counts summed over sources and ranks, over the fixed reason list so every rank reduces alike; every
+    reason is returned (zeros included) so TensorBoard shows a line per reason from the start."""
     local = torch.zeros(len(REASONS), dtype=torch.float64)
     for d in dicts:
         for k, v in d.items():
             local[REASONS.index(k) if k in REASONS else -1] += v
     total = dist.all_reduce(local)
-    return {k: int(v) for k, v in zip(REASONS, total.tolist()) if v}
+    return {k: int(v) for k, v in zip(REASONS, total.tolist())}

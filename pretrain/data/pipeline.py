@@ -1,0 +1,79 @@
+"""The sample-processing side of a run, built from its config alone: tokenizer, image processor and the
+SampleProcessor the loader runs, without building the model or a DeepSpeed engine.
+
+`pretrain shards verify` and the benchmarks use it so they run exactly the training path; it makes the same objects
+as `pretrain.train.setup.build_engine` (image tokens per image and the image token id come from the same Llava
+config the model is built from).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoImageProcessor, LlavaConfig, PreTrainedTokenizerBase
+
+from pretrain.config import Config, ModelConfig
+from pretrain.data.image import ImageTransform, image_processor_for_vision_config
+from pretrain.data.sample import SampleProcessor
+from pretrain.data.text import TextProcessor
+from pretrain.model.build import IMAGE_TOKEN, build_llava_config, load_component_config, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataProcessing:
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+    processor: SampleProcessor
+    vlm_config: LlavaConfig
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vlm_config.image_token_id
+
+    @property
+    def image_tokens(self) -> int:
+        """Decoder positions one image takes."""
+        return self.vlm_config.image_seq_length
+
+
+def image_processor_for(mcfg: ModelConfig) -> Any:
+    """The vision tower's own image processor (from its directory or the exported model), else one built from the
+    tower's config with the standard CLIP / SigLIP settings."""
+    source = mcfg.init_from or (mcfg.vision if isinstance(mcfg.vision, str) else None)
+    if source:
+        try:
+            return AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            log.warning("no image processor in %s (%s); using one built from the vision config", source, err)
+    return image_processor_for_vision_config(load_component_config(mcfg.vision, vision=True))
+
+
+def vlm_config_for(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    """The Llava config the model will have (no weights are loaded)."""
+    if mcfg.init_from:
+        cfg = LlavaConfig.from_pretrained(mcfg.init_from)
+        cfg.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # as build_model sets it after loading
+        return cfg
+    return build_llava_config(mcfg, tokenizer)
+
+
+def sample_processor(cfg: Config, tokenizer: PreTrainedTokenizerBase, vlm_config: LlavaConfig,
+                     image_processor: Any) -> SampleProcessor:
+    """Raw sample -> ProcessedSample, the training path: text with the image tokens expanded, pixels as the tower's
+    processor makes them (or the fast path with `data.fast_image_decode`)."""
+    text = TextProcessor(tokenizer, vlm_config.image_token_id, vlm_config.image_seq_length, cfg.data.max_length)
+    transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
+    return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
+
+
+def build_processing(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> DataProcessing:
+    """Everything between shard bytes and a batch for this config; `tokenizer` defaults to `load_tokenizer`."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    vlm_config = vlm_config_for(cfg.model, tokenizer)
+    image_processor = image_processor_for(cfg.model)
+    processor = sample_processor(cfg, tokenizer, vlm_config, image_processor)
+    return DataProcessing(tokenizer, image_processor, processor, vlm_config)

@@ -1,0 +1,152 @@
+"""Image-text alignment objectives next to captioning: contrastive (InfoNCE) and image-text matching (ITM).
+
+Contrastive (CLIP, Radford et al. 2021; as in ALBEF/BLIP's image-text contrastive loss): a pooled image feature
+(mean of the projector's image tokens, i.e. the image as the decoder sees it) and a pooled text feature (mean of the
+decoder's last hidden states over the text alone, without the image) are projected into a shared space and
+L2-normalised; logits are similarities times a learnable scale (1 / temperature, clamped as CLIP does). Negatives are
+every pair of the global batch: features are gathered across ranks with `torch.distributed.nn.functional.all_gather`,
+which carries the gradient back to the rank that produced each feature (open_clip's `gather_with_grad`). Pairs whose
+texts are identical are all positives (soft targets), so duplicate captions are not pushed apart.
+
+ITM (ALBEF, Li et al. 2021; BLIP): the decoder reads `[bos] image tokens text` and a linear head on the hidden state
+of the last token (the only one that has attended to both) classifies matched / not matched. For every image a hard
+negative text, and for every text a hard negative image, is drawn from the micro-batch with probability
+softmax(similarity) (positives and identical texts excluded): 1 positive and 2 negatives per pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.data.text import IGNORE
+
+
+@dataclass
+class Pairs:
+    """The image-text pairs of a micro-batch: samples with an image, in the order of `pixel_values`."""
+
+    texts: list[list[int]]  # label token ids of each pair's sample (what it is trained to produce)
+    keys: list[int]  # a hash per text: equal texts are equal keys
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def batch_pairs(batch: dict, image_token_id: int) -> Pairs:
+    """Split each row into its samples (`sample_lengths`, or one sample per row) and keep those with an image.
+    collate() stacks `pixel_values` in the same row-major sample order, so pair i goes with image i."""
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    lengths = batch.get("sample_lengths") or [[int(n)] for n in batch["attention_mask"].sum(1).tolist()]
+    texts: list[list[int]] = []
+    for row_ids, row_labels, row_lengths in zip(ids, labels, lengths):
+        at = 0
+        for n in row_lengths:
+            if image_token_id in row_ids[at : at + n]:
+                texts.append([t for t in row_labels[at : at + n] if t != IGNORE])
+            at += n
+    return Pairs(texts, [hash(tuple(t)) for t in texts])
+
+
+class AlignmentHeads(nn.Module):
+    """The extra learnable parameters of the alignment objectives; initialised from their own seeded generator so
+    every rank (and every ZeRO stage) starts from the same weights without touching the global RNG."""
+
+    def __init__(self, hidden: int, embed_dim: int, temperature_init: float, learnable_temperature: bool,
+                 max_logit_scale: float, itm: bool, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed + 7)
+        self.image_proj = nn.Linear(hidden, embed_dim, bias=False)
+        self.text_proj = nn.Linear(hidden, embed_dim, bias=False)
+        self.itm_head = nn.Linear(hidden, 2) if itm else None
+        for lin in (self.image_proj, self.text_proj, self.itm_head):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=hidden**-0.5, generator=g)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        scale = torch.tensor(math.log(1.0 / temperature_init))
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def forward(self, image_pooled: torch.Tensor, text_pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(normalised image embeddings, normalised text embeddings, logit scale). The scale is read here, inside
+        a forward, so ZeRO-3 has gathered it."""
+        img = F.normalize(self.image_proj(image_pooled).float(), dim=-1)
+        txt = F.normalize(self.text_proj(text_pooled).float(), dim=-1)
+        return img, txt, self.logit_scale.float().clamp(max=self.max_log_scale).exp()
+
+    def match_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(fused).float()
+
+
+def gather_with_grad(local: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' rows (ranks may hold different counts): (all rows, all keys, offset of this rank's rows).
+    Rows are padded to the largest count for the collective and the padding dropped after; the gather is
+    differentiable, so each rank's features receive the gradient of every rank's loss."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local, keys, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    width = max(max(counts), 1)
+    pad = width - local.shape[0]
+    padded = torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local
+    padded_keys = torch.cat([keys, keys.new_zeros(pad)]) if pad else keys
+    from torch.distributed.nn.functional import all_gather
+
+    rows = all_gather(padded)
+    key_rows = [torch.zeros_like(padded_keys) for _ in range(world)]
+    dist.all_gather(key_rows, padded_keys)
+    out = torch.cat([r[:c] for r, c in zip(rows, counts)])
+    out_keys = torch.cat([k[:c] for k, c in zip(key_rows, counts)])
+    # `out` stays in the graph of the gather even when it is empty, so every rank runs its backward collective.
+    return out, out_keys, sum(counts[:rank])
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's pairs against the global batch; mean over this rank's pairs (0 if none).
+    Targets spread evenly over the pairs whose text equals the positive's."""
+    all_img, all_keys, offset = gather_with_grad(img, keys)
+    all_txt, _, _ = gather_with_grad(txt, keys)
+    n = img.shape[0]
+    if n == 0 or all_img.shape[0] < 2:
+        return 0.0 * (all_img.sum() + all_txt.sum() + scale)
+    same = (keys[:, None] == all_keys[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    logits_i2t = scale * img @ all_txt.T
+    logits_t2i = scale * txt @ all_img.T
+    loss_i2t = -(targets * F.log_softmax(logits_i2t, dim=1)).sum(1)
+    loss_t2i = -(targets * F.log_softmax(logits_t2i, dim=1)).sum(1)
+    del offset  # the positives are found by key, which also covers this rank's own diagonal
+    return ((loss_i2t + loss_t2i) / 2).mean()
+
+
+def hard_negatives(sim: torch.Tensor, keys: torch.Tensor) -> tuple[list[int], list[int]]:
+    """For each image (row of `sim`) a text index, and for each text (column) an image index, drawn with probability
+    softmax(similarity) among the pairs whose text differs; -1 where every text of the micro-batch is the same."""
+    differ = keys[:, None] != keys[None, :]
+    picks = []
+    for s in (sim, sim.T):
+        weights = torch.softmax(s.float(), dim=1) * differ
+        ok = weights.sum(1) > 0
+        drawn = torch.multinomial(torch.where(ok[:, None], weights, torch.ones_like(weights)), 1).squeeze(1)
+        picks.append(torch.where(ok, drawn, torch.full_like(drawn, -1)).tolist())
+    return picks[0], picks[1]
+
+
+def itm_pairs(n: int, neg_text: list[int], neg_image: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """(image index, text index) of every ITM row and its label: the n positives, then the drawn negatives."""
+    rows = [(i, i) for i in range(n)]
+    rows += [(i, t) for i, t in enumerate(neg_text) if t >= 0]
+    rows += [(j, t) for t, j in enumerate(neg_image) if j >= 0]
+    return rows, [1] * n + [0] * (len(rows) - n)

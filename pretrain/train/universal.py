@@ -1,0 +1,102 @@
+"""Resuming on another number of ranks: DeepSpeed's universal checkpoint, and the loader state that goes with it.
+
+A native ZeRO checkpoint holds each rank's flat partition of the fp32 weights and optimizer state; it loads only at
+the data-parallel size it was written with. `deepspeed.checkpoint.ds_to_universal` rewrites it as one file per
+parameter and state (`zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt` + the model-states files with the client state and
+the LR scheduler), which any number of ranks re-partitions on load with `"checkpoint": {"load_universal": true}`.
+
+The conversion runs once, on rank 0, into `<checkpoint>/universal` (written under a temporary name and renamed when
+complete, so a conversion killed half-way is redone, never half-used); the other ranks wait at a barrier. The
+checkpoint's own files and its commit marker are left as they are.
+
+Optimizer state survives exactly (the same fp32 numbers, re-partitioned); losses after the resume still differ from
+a run that kept its ranks: the data stream starts a new epoch (see merge_loader_states) and sums are reduced in
+another order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pretrain.data.loader import merge_states
+from pretrain.train import checkpoint as ckpt
+from pretrain.train import dist
+
+log = logging.getLogger(__name__)
+
+UNIVERSAL = "universal"
+_DONE = "CONVERTED"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be loaded with this run's ranks or ZeRO stage."""
+
+
+def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
+    """Whether a committed checkpoint (its COMMITTED meta) must go through the universal format to load here."""
+    old_world, old_stage = meta.get("world_size"), meta.get("zero_stage")
+    if old_world == world and old_stage == zero_stage:
+        return False
+    if old_stage == 0 and zero_stage == 0:
+        return False  # no partitioning: every rank holds the whole optimizer state, any world size loads it
+    if 0 in (old_stage, zero_stage):
+        raise ResumeError(f"checkpoint written with ZeRO stage {old_stage} on {old_world} rank(s) cannot be resumed "
+                          f"with stage {zero_stage} on {world}: the universal format needs ZeRO 1-3 on both sides")
+    return True
+
+
+def universal_dir(ckpt_dir: Path) -> Path:
+    return Path(ckpt_dir) / UNIVERSAL
+
+
+def convert(ckpt_dir: Path, rank: int) -> Path:
+    """Rank 0 converts (unless a complete conversion is there); every rank returns the universal directory once it
+    is complete. Collective: all ranks must call it."""
+    out = universal_dir(ckpt_dir)
+    error = ""
+    if rank == 0 and not (out / _DONE).is_file():
+        try:
+            _convert(Path(ckpt_dir), out)
+        except (OSError, subprocess.CalledProcessError) as err:
+            error = str(err)
+    dist.barrier()
+    if error or not (out / _DONE).is_file():
+        raise ResumeError(f"could not convert {ckpt_dir} to DeepSpeed's universal format: "
+                          f"{error or 'rank 0 failed; see its output'}")
+    return out
+
+
+def _convert(src: Path, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    # A separate process: the converter forks worker pools, which a process holding NCCL/gloo threads should not.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    log.warning("checkpoint %s was written by another number of ranks: converting it to DeepSpeed's universal "
+                "format in %s", src, out)
+    tmp.mkdir(parents=True)
+    with open(tmp / "convert.log", "w") as logf:
+        subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=True)
+    (tmp / _DONE).write_text("ok\n")
+    tmp.rename(out)
+
+
+def merge_loader_states(ckpt_dir: Path, old_world: int) -> dict[str, Any]:
+    """Every old rank's loader state merged into one (pretrain.data.loader.merge_states). The loader restarts a
+    changed world at the epoch after the furthest old slot; it must see all old slots to find it (rank 0's alone may
+    lag another rank by an epoch, and then samples of that epoch would be seen twice)."""
+    states = []
+    for r in range(old_world):
+        state = ckpt.read_rank_state(ckpt_dir, r)
+        if state is None:
+            raise ResumeError(f"{ckpt_dir}: trainer state of rank {r} of {old_world} is missing")
+        states.append(state["loader"])
+    return merge_states(states)

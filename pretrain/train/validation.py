@@ -1,0 +1,170 @@
+"""Validation: loss on `data.val`, and a few val images captioned by the model as it trains (TensorBoard).
+
+Captions come from greedy generation through the training model itself (no export). Under ZeRO-3 every forward
+gathers parameters collectively, so every rank reads the same few val samples and runs the same generation loop
+(`synced_gpus`, as the HF Trainer does); rank 0 alone writes. Without ZeRO-3 rank 0 generates alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pretrain.config import Config
+from pretrain.data.errors import SampleError
+from pretrain.data.sample import SampleProcessor, image_bytes
+from pretrain.data.stream import ShardReader, TarShardError, expand_urls
+from pretrain.data.text import IGNORE
+from pretrain.train import dist
+from pretrain.train.metrics import MetricsWriter
+from pretrain.train.setup import make_loader
+from pretrain.train.step import to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionSample:
+    prompt: list[int]  # input ids up to the first label: `[bos] <image>*N` for captions, the user turn for chats
+    pixel_values: torch.Tensor
+    truth: str
+    image: Image.Image
+
+
+def caption_samples(cfg: Config, processor: SampleProcessor, tokenizer: Any, n: int) -> list[CaptionSample]:
+    """The first `n` usable samples with an image of the val sources, in shard order (the same on every rank)."""
+    out: list[CaptionSample] = []
+    reader = ShardReader()
+    for source in cfg.data.val:
+        for url in expand_urls(source.urls):
+            try:
+                for raw in reader.iterate(url):
+                    if len(out) == n:
+                        return out
+                    sample = _caption_sample(raw.parts, processor, tokenizer)
+                    if sample is not None:
+                        out.append(sample)
+            except TarShardError as err:
+                log.warning("validation captions: %s", err)
+    return out
+
+
+def _caption_sample(parts: dict[str, bytes], processor: SampleProcessor, tokenizer: Any) -> CaptionSample | None:
+    try:
+        s = processor(parts)
+        data = image_bytes(parts)
+        if s.pixel_values is None or data is None:
+            return None
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (SampleError, OSError):
+        return None
+    first = next((i for i, x in enumerate(s.labels) if x != IGNORE), None)
+    if first is None or first == 0:
+        return None
+    truth = tokenizer.decode([t for t, x in zip(s.input_ids, s.labels) if x != IGNORE], skip_special_tokens=True)
+    image.thumbnail((256, 256))
+    return CaptionSample(s.input_ids[:first], s.pixel_values, truth.strip(), image)
+
+
+@torch.no_grad()
+def generate_captions(engine: Any, samples: list[CaptionSample], tokenizer: Any, device: torch.device,
+                      max_new_tokens: int, synced: bool) -> list[str]:
+    """Greedy captions, batched by prompt length (no padding needed: caption prompts all have the same length)."""
+    vlm = engine.module.vlm
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(len(s.prompt), []).append(i)
+    out = [""] * len(samples)
+    was_training = vlm.training
+    vlm.eval()
+    try:
+        for length, idx in sorted(groups.items()):
+            ids = torch.tensor([samples[i].prompt for i in idx], device=device)
+            pixels = torch.stack([samples[i].pixel_values for i in idx]).to(device, dtype=vlm.dtype)
+            gen = vlm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                               max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[row, length:].tolist(), skip_special_tokens=True).strip()
+    finally:
+        vlm.train(was_training)
+    return out
+
+
+def captioned_image(image: Image.Image, generated: str, truth: str) -> np.ndarray:
+    """The image with the generated caption and the truth written under it, HWC uint8 for TensorBoard."""
+    font = ImageFont.load_default()
+    width = max(image.width, 256)
+    lines = _wrap("model: " + generated, width) + _wrap("truth: " + truth, width)
+    canvas = Image.new("RGB", (width, image.height + 14 * len(lines) + 6), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, image.height + 3 + 14 * k), line, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
+    per_line = max(8, width // char_px)
+    return [text[i : i + per_line] for i in range(0, max(len(text), 1), per_line)][:4]
+
+
+class Validator:
+    """Runs at `train.val_every`: val loss/perplexity on every rank, captions of `train.val_captions` images."""
+
+    def __init__(self, cfg: Config, engine: Any, processor: SampleProcessor, tokenizer: Any, rank: int, world: int,
+                 device: torch.device, run_dir: Path) -> None:
+        self.cfg, self.engine, self.processor, self.tokenizer = cfg, engine, processor, tokenizer
+        self.rank, self.world, self.device, self.run_dir = rank, world, device, run_dir
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        self._samples: list[CaptionSample] | None = None
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, self.rank,
+                             self.world, train=False)
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for _, batch in zip(range(self.cfg.train.val_batches), loader):
+            loss, n = self.engine(to_device(batch, self.device))
+            total += torch.tensor([loss.item(), n.item()], dtype=torch.float64)
+        self.engine.train()
+        total = dist.all_reduce(total)
+        return total[0].item() / max(total[1].item(), 1.0)
+
+    def captions(self) -> list[dict[str, Any]]:
+        """[{generated, truth, image}] on rank 0 (empty elsewhere)."""
+        t = self.cfg.train
+        if not t.val_captions or not (self.zero3 or self.rank == 0):
+            return []
+        if self._samples is None:
+            self._samples = caption_samples(self.cfg, self.processor, self.tokenizer, t.val_captions)
+        texts = generate_captions(self.engine, self._samples, self.tokenizer, self.device, t.val_caption_tokens,
+                                  synced=self.zero3 and self.world > 1)
+        if self.rank != 0:
+            return []
+        return [{"generated": g, "truth": s.truth, "image": s.image} for g, s in zip(texts, self._samples)]
+
+    def run(self, writer: MetricsWriter, step: int) -> float:
+        val = self.loss()
+        caps = self.captions()
+        writer.scalar("val/loss", val, step)
+        writer.scalar("val/perplexity", math.exp(min(val, 50.0)), step)
+        for i, c in enumerate(caps):
+            writer.image(f"val/caption_{i}", captioned_image(c["image"], c["generated"], c["truth"]), step)
+            writer.text(f"val/caption_{i}", f"**model:** {c['generated']}  \n**truth:** {c['truth']}", step)
+        if self.rank == 0:
+            record = {"step": step, "val_loss": val,
+                      "captions": [{"generated": c["generated"], "truth": c["truth"]} for c in caps]}
+            with open(self.run_dir / "val.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return val

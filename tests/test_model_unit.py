@@ -1,0 +1,262 @@
+"""The model in one process (no DeepSpeed): projector kinds and their export, attention choice, packed rows under
+every attention implementation that runs on CPU, activation checkpointing, projector files, tokenizer additions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaForConditionalGeneration
+
+from pretrain.config import ConfigError, ModelConfig, build_config
+from pretrain.data.batching import collate
+from pretrain.data.sample import ProcessedSample
+from pretrain.data.text import TextProcessor
+from pretrain.model.attention import AttentionChoice, resolve_attention
+from pretrain.model.build import build_model, load_tokenizer
+from pretrain.model.checkpointing import checkpointed_layers, enable_activation_checkpointing
+from pretrain.model.projector import load_projector
+from pretrain.model.stages import apply_stage
+from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES, build_tokenizer
+from pretrain.model.vlm import VLMForTraining
+
+
+def _mcfg(llm: str = "llama", vision: str = "clip", **kw) -> ModelConfig:
+    return ModelConfig(llm=dict(DECODER_SHAPES[llm]), vision=dict(VISION_SHAPES[vision]), **kw)
+
+
+def _samples(model, tokenizer, seed: int = 0) -> list[ProcessedSample]:
+    """Two captioned images and a text-only conversation between them, of different lengths."""
+    cfg = model.config
+    text = TextProcessor(tokenizer, cfg.image_token_id, cfg.image_seq_length, max_length=256)
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+
+    def image():
+        return torch.randn(3, size, size, generator=g)
+
+    a = text.caption("two red circles on the left of a blue square.")
+    b = text.conversation([{"from": "human", "value": "say hello"}, {"from": "gpt", "value": "hello there"}], False)
+    c = text.caption("a green triangle.")
+    return [ProcessedSample(a.input_ids, a.labels, image()), ProcessedSample(b.input_ids, b.labels, None),
+            ProcessedSample(c.input_ids, c.labels, image())]
+
+
+def _per_sample_losses(wrapper: VLMForTraining, batch: dict, lengths: list[list[int]]) -> list[torch.Tensor]:
+    """Token losses of each sample's own predictions (not the one across a boundary into the next sample)."""
+    with torch.no_grad():
+        losses = wrapper.per_token_loss(batch)
+    out = []
+    for r, row in enumerate(lengths):
+        at = 0
+        for k in row:
+            out.append(losses[r, at : at + k - 1])
+            at += k
+    return out
+
+
+# -- projector kinds ----------------------------------------------------------------------------------------------
+def test_linear_projector_is_one_trained_layer_and_exports_as_plain_llava(tmp_path, tokenizer):
+    model = build_model(_mcfg(projector="linear"), tokenizer)
+    proj = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "linear"
+    assert torch.equal(proj.linear_2.weight, torch.eye(proj.linear_2.weight.shape[0]))
+    assert not proj.linear_2.bias.any()
+    trainable = apply_stage(model, "align")
+    assert trainable == {"projector": proj.linear_1.weight.numel() + proj.linear_1.bias.numel()}
+    assert not proj.linear_2.weight.requires_grad and proj.linear_1.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    x = torch.randn(2, 7, proj.linear_1.in_features)
+    with torch.no_grad():
+        assert torch.allclose(exported.model.multi_modal_projector(x), proj.linear_1(x), atol=1e-6)
+
+
+def test_mlp2x_gelu_is_llavas_projector_and_deeper_mlps_are_refused(tokenizer):
+    model = build_model(_mcfg(vision_feature_layer=[-1, -2]), tokenizer)
+    proj = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "gelu"
+    assert proj.linear_1.in_features == 2 * model.config.vision_config.hidden_size  # two layers concatenated
+    tree = {"model": {"llm": "x", "vision": "y", "projector": "mlp3x_gelu"}, "data": {"train": [{"urls": "a"}]},
+            "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match="model.projector.*cannot be exported"):
+        build_config(tree)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+def test_attention_choice():
+    assert resolve_attention("auto", half_precision=True, cuda=False) == AttentionChoice("sdpa", "sdpa")
+    assert resolve_attention("eager", half_precision=False) == AttentionChoice("eager", "eager")
+    # The tower has no mask: flex would only recompile per image count there.
+    assert resolve_attention("flex_attention", half_precision=False) == AttentionChoice("flex_attention", "sdpa")
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_attention("flash_attention_2", half_precision=True, cuda=False)
+    with pytest.raises(ConfigError, match="fp32"):
+        resolve_attention("flash_attention_2", half_precision=False, cuda=True)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
+def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
+    """A packed row (no attention mask, restarting position ids) must score every sample as if it were alone. Every
+    batch has the same shape (1, W), so flex_attention compiles its kernel once."""
+    model = build_model(_mcfg(attn_implementation=impl), tokenizer).eval()
+    assert model.config.text_config._attn_implementation == impl
+    wrapper = VLMForTraining(model)
+    samples = _samples(model, tokenizer)
+    width = sum(len(s) for s in samples)
+    packed = collate([samples], tokenizer.pad_token_id, pad_to_multiple=width)
+    assert packed["packed"] and packed["attention_mask"].shape == (1, width)
+    got = _per_sample_losses(wrapper, packed, packed["sample_lengths"])
+    for s, loss in zip(samples, got):
+        alone = collate([[s]], tokenizer.pad_token_id, pad_to_multiple=width)
+        want = _per_sample_losses(wrapper, alone, alone["sample_lengths"])[0]
+        assert want.sum() > 0
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    if impl == "sdpa":
+        # The check can fail: positions that do not restart make the later samples attend to the earlier ones.
+        leaky = {**packed, "position_ids": torch.arange(width)[None]}
+        crossed = _per_sample_losses(wrapper, leaky, packed["sample_lengths"])
+        assert not torch.allclose(crossed[1], got[1], atol=1e-3)
+
+
+# -- activation checkpointing -------------------------------------------------------------------------------------
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss, n = VLMForTraining(model)(batch)
+    (loss / n).backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _attention_calls(model) -> dict[str, list[int]]:
+    """Count each layer's attention calls: a checkpointed layer runs twice per step (forward and recompute)."""
+    calls: dict[str, list[int]] = {}
+    stacks = {"llm": model.model.language_model.layers, "vision": model.model.vision_tower.vision_model.encoder.layers}
+    for name, layers in stacks.items():
+        calls[name] = [0] * len(layers)
+        for i, layer in enumerate(layers):
+            layer.self_attn.register_forward_hook(lambda *_, n=name, i=i: calls[n].__setitem__(i, calls[n][i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(("mode", "checkpointed"), [("full", [0, 1, 2, 3]), ("every_k", [0, 2])])
+def test_activation_checkpointing_keeps_loss_and_gradients(tokenizer, mode, checkpointed):
+    shape = {"num_hidden_layers": 4}
+    mcfg = ModelConfig(llm={**DECODER_SHAPES["llama"], **shape}, vision={**VISION_SHAPES["clip"], **shape},
+                       vision_feature_layer=-1)
+    plain = build_model(mcfg, tokenizer).train()
+    apply_stage(plain, "full")
+    batch = collate([[s] for s in _samples(plain, tokenizer)], tokenizer.pad_token_id)
+    want_loss, want_grads = _loss_and_grads(plain, batch)
+    model = build_model(mcfg, tokenizer).train()
+    apply_stage(model, "full")
+    enable_activation_checkpointing(model, mode, every_k=2)
+    assert checkpointed_layers(model) == {"llm": checkpointed, "vision": checkpointed}
+    calls = _attention_calls(model)
+    loss, grads = _loss_and_grads(model, batch)
+    for stack in ("llm", "vision"):
+        assert calls[stack] == [2 if i in checkpointed else 1 for i in range(4)], stack
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    assert any("vision_tower" in k for k in grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+# -- projector files ----------------------------------------------------------------------------------------------
+def test_projector_from_reads_llava_and_hf_layouts(tmp_path, tokenizer):
+    model = build_model(_mcfg(), tokenizer)
+    proj = model.model.multi_modal_projector
+    src = {k: torch.randn_like(v) for k, v in proj.state_dict().items()}
+    # The LLaVA repo's stage-1 output: nn.Sequential indices under `model.mm_projector`.
+    llava = {f"model.mm_projector.{'0' if k.startswith('linear_1') else '2'}.{k.split('.')[-1]}": v
+             for k, v in src.items()}
+    torch.save(llava, tmp_path / "mm_projector.bin")
+    assert load_projector(proj, tmp_path / "mm_projector.bin", linear=False) == sorted(src)
+    for k, v in proj.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    # A sharded export directory: only the shard(s) holding the projector are read.
+    exported = tmp_path / "export"
+    model.save_pretrained(exported, max_shard_size="100KB")
+    assert json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    fresh = build_model(_mcfg(), tokenizer, seed=1).model.multi_modal_projector
+    load_projector(fresh, exported, linear=False)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, src[k]), k
+
+
+def test_projector_from_refuses_what_does_not_fit(tmp_path, tokenizer):
+    proj = build_model(_mcfg(), tokenizer).model.multi_modal_projector
+    w = proj.linear_1.weight
+    save_file({"model.mm_projector.weight": torch.randn_like(w), "model.mm_projector.bias": torch.zeros(w.shape[0])},
+              tmp_path / "linear.safetensors")
+    with pytest.raises(ConfigError, match="set model.projector=linear"):
+        load_projector(proj, tmp_path / "linear.safetensors", linear=False)
+    deep = {f"mm_projector.{i}.weight": torch.zeros(64, 64) for i in (0, 2, 4)}
+    save_file(deep, tmp_path / "deep.safetensors")
+    with pytest.raises(ConfigError, match="deeper than two"):
+        load_projector(proj, tmp_path / "deep.safetensors", linear=False)
+    save_file({f"multi_modal_projector.{k}": torch.zeros(3, *v.shape[1:]) for k, v in proj.state_dict().items()},
+              tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match="is \\(3"):
+        load_projector(proj, tmp_path / "other.safetensors", linear=False)
+    # A single-layer file fits a linear projector: linear_2 stays the identity.
+    linear = build_model(_mcfg(projector="linear"), tokenizer).model.multi_modal_projector
+    assert load_projector(linear, tmp_path / "linear.safetensors", linear=True) == ["linear_1.bias", "linear_1.weight"]
+    assert torch.equal(linear.linear_2.weight, torch.eye(w.shape[0]))
+
+
+def test_init_from_must_agree_with_explicit_keys(tmp_path, tokenizer):
+    model = build_model(_mcfg(), tokenizer)
+    model.save_pretrained(tmp_path)
+    again = build_model(_mcfg(init_from=str(tmp_path)), tokenizer)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    with pytest.raises(ConfigError, match="model.projector='linear' but model.init_from"):
+        build_model(_mcfg(init_from=str(tmp_path), projector="linear"), tokenizer)
+
+
+# -- tokenizer ----------------------------------------------------------------------------------------------------
+def write_bare_decoder(out, seed: int = 0):
+    """A Llama whose tokenizer has neither <image> nor <pad>, with embeddings off-centre like trained ones (a common
+    offset), so rows set to the mean differ clearly from a random or zero initialisation."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.demo import tokenizer_corpus
+    from pretrain.model.tiny import write_tiny_decoder
+
+    bare = build_tokenizer(tokenizer_corpus(200), vocab_size=300, image_and_pad=False)
+    write_tiny_decoder(out, bare, "llama", seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            m.weight.add_(0.1 * torch.randn(m.weight.shape[1], generator=g))
+    model.save_pretrained(out)
+    return out, len(bare)
+
+
+def check_grown_rows(weight: torch.Tensor, old_rows: int) -> None:
+    """New rows: the mean of the old ones (transformers adds noise of 1e-9 x covariance), not a random init."""
+    old, new = weight[:old_rows], weight[old_rows:]
+    mean = old.mean(0)
+    assert new.shape[0] > 0 and (new - mean).abs().max() < 1e-3
+    assert mean.norm() > 0.5  # the offset is there, so neither zeros nor N(0, 0.02) rows would pass
+    spread = (old - mean).norm(dim=1)
+    assert (new - mean).norm(dim=1).max() < 0.01 * spread.min()
+
+
+def test_image_and_pad_tokens_are_added_and_embeddings_grow_from_the_mean(tmp_path):
+    llm, bare_len = write_bare_decoder(tmp_path / "llm")
+    tok = load_tokenizer(_mcfg(tokenizer=str(llm)))
+    assert len(tok) == bare_len + 2 and tok.pad_token == "<pad>"
+    assert tok("a <image> b")["input_ids"].count(tok.convert_tokens_to_ids("<image>")) == 1
+    model = build_model(ModelConfig(llm=str(llm), vision=dict(VISION_SHAPES["clip"])), tok)
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows >= len(tok) and rows % 64 == 0
+    assert model.lm_head.weight.shape[0] == rows
+    check_grown_rows(model.get_input_embeddings().weight.detach(), bare_len)
+    check_grown_rows(model.lm_head.weight.detach(), bare_len)
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") >= bare_len
+    assert model.config.pad_token_id == tok.pad_token_id >= bare_len
