@@ -80,6 +80,9 @@ def run_demo(out_dir: str | Path = "demo_out", nproc: int = 2, n_train: int = 40
     from launch.local import launch_local
     from pretrain.export.hf import convert
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo's own steps and the training bar are what a user wants to read
     out = Path(out_dir).resolve()
     print(f"[1/4] synthetic shards and tiny model in {out}")
     paths = prepare(out, n_train, n_val)
