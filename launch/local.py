@@ -77,7 +77,13 @@ def launch_local(config: str, nproc: int | None, overrides: list[str], master_po
     code = _run_forwarding_signals(cmd, env)
     # torchrun reports any non-zero worker exit (and its own exit on a signal) as 1; the trainer leaves PREEMPTED
     # when it exited for a signal after a committed checkpoint, so the "resume me" code survives the launcher.
-    return EXIT_PREEMPTED if code != 0 and marker.exists() else code
+    if code != 0 and marker.exists():
+        what = marker.read_text().strip()  # the step checkpointed on the signal, or why there is no new checkpoint
+        print(f"pretrain launch: stopped on a signal {f'at step {what}' if what.isdigit() else f'({what})'}; the "
+              f"last committed checkpoint stands and the same command resumes the run (exit {EXIT_PREEMPTED})",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention, 128 + its number
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:

@@ -1,6 +1,7 @@
-"""`pretrain launch` exit codes that tests/test_train.py does not already cover: a config or usage error (2, before
-any process starts) and a signalled run (75, after a committed checkpoint). A finished run (0) and failing runs
-(non-zero, not 75) are checked there."""
+"""`pretrain launch` behaviour the other suites do not cover: usage and world-size errors (2, before any process
+starts) and a signal sent to the launcher itself reaching every rank (75, after a committed checkpoint). A finished
+run (0) and failing runs are in test_train.py, an unknown key (2) in test_foundation.py, signals sent to the ranks or
+to torchrun in test_trainer_signals.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pretrain.train.dist import EXIT_CONFIG, EXIT_PREEMPTED
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--nproc", "2", "train.max_stepz=3"], "max_stepz"),
     (["--nproc", "2", "train.global_batch_size=5"], "train.global_batch_size"),
     (["--nproc", "0"], "--nproc must be at least 1"),
 ])
@@ -79,3 +79,4 @@ def test_signalled_run_checkpoints_and_exits_75(tmp_path, assets, shapes):
     assert _logged_steps(run) == list(range(1, stopped + 1))
     assert ckpt.find_resume(run / "checkpoints") == run / "checkpoints" / ckpt.tag_for(stopped)
     assert f"signal {signal.SIGUSR1.value}: finishing this step" in out
+    assert f"stopped on a signal at step {stopped}; the last committed checkpoint stands" in out

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _model_fixtures import check_grown_rows, write_bare_decoder
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
@@ -14,12 +15,12 @@ from pretrain.config import ConfigError, ModelConfig, build_config
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
 from pretrain.data.text import TextProcessor
-from pretrain.model.attention import AttentionChoice, resolve_attention
+from pretrain.model.attention import AttentionChoice, decode_rows, one_row_for_packing, resolve_attention
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.checkpointing import checkpointed_layers, enable_activation_checkpointing
 from pretrain.model.projector import load_projector
 from pretrain.model.stages import apply_stage
-from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES, build_tokenizer
+from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES
 from pretrain.model.vlm import VLMForTraining
 
 
@@ -97,28 +98,58 @@ def test_attention_choice():
         resolve_attention("flash_attention_2", half_precision=False, cuda=True)
 
 
+def _packing_batches(samples: list[ProcessedSample], pad_id: int, packed_path: bool) -> tuple[dict, list[dict]]:
+    """Two packed rows ([s0 s1], [s2 + pad]) and the same samples unpacked, every batch of shape (2, W).
+    `packed_path`: the unpacked batches go through the no-mask path too (the pad tail is its own segment, and causal
+    attention never lets a sample see what follows it), so flex_attention compiles one kernel, not two (~20 s)."""
+    width = len(samples[0]) + len(samples[1])
+    packed = collate([samples[:2], samples[2:]], pad_id, pad_to_multiple=width)
+    alone = [collate([[samples[0]], [samples[1]]], pad_id, pad_to_multiple=width),
+             collate([[samples[2]], [samples[0]]], pad_id, pad_to_multiple=width)]
+    for b in alone:
+        b["packed"] = packed_path
+    assert packed["packed"] and {b["input_ids"].shape for b in [packed, *alone]} == {(2, width)}
+    return packed, alone
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
-    """A packed row (no attention mask, restarting position ids) must score every sample as if it were alone. Every
-    batch has the same shape (1, W), so flex_attention compiles its kernel once."""
+    """Packed rows (no attention mask, restarting position ids) must score every sample as if it were alone."""
     model = build_model(_mcfg(attn_implementation=impl), tokenizer).eval()
     assert model.config.text_config._attn_implementation == impl
     wrapper = VLMForTraining(model)
     samples = _samples(model, tokenizer)
-    width = sum(len(s) for s in samples)
-    packed = collate([samples], tokenizer.pad_token_id, pad_to_multiple=width)
-    assert packed["packed"] and packed["attention_mask"].shape == (1, width)
+    packed, alone = _packing_batches(samples, tokenizer.pad_token_id, packed_path=impl == "flex_attention")
     got = _per_sample_losses(wrapper, packed, packed["sample_lengths"])
-    for s, loss in zip(samples, got):
-        alone = collate([[s]], tokenizer.pad_token_id, pad_to_multiple=width)
-        want = _per_sample_losses(wrapper, alone, alone["sample_lengths"])[0]
-        assert want.sum() > 0
-        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    want = _per_sample_losses(wrapper, alone[0], alone[0]["sample_lengths"])
+    want.append(_per_sample_losses(wrapper, alone[1], alone[1]["sample_lengths"])[0])
+    for g, w in zip(got, want):
+        assert w.sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     if impl == "sdpa":
         # The check can fail: positions that do not restart make the later samples attend to the earlier ones.
-        leaky = {**packed, "position_ids": torch.arange(width)[None]}
+        leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand(2, -1)}
         crossed = _per_sample_losses(wrapper, leaky, packed["sample_lengths"])
         assert not torch.allclose(crossed[1], got[1], atol=1e-3)
+
+
+def test_packed_rows_laid_end_to_end_stay_apart(tokenizer):
+    """What flash_attention_2 gets for a multi-row packed batch (decode_rows' one long row), checked with sdpa's
+    position-derived mask: every sample's hidden states equal those it has alone."""
+    model = build_model(_mcfg(), tokenizer).eval()
+    assert one_row_for_packing("flash_attention_2", True, 2) and not one_row_for_packing("sdpa", True, 2)
+    samples = _samples(model, tokenizer)
+    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
+    wrapper = VLMForTraining(model)
+    decoder = model.model.language_model
+    with torch.no_grad():
+        embeds = wrapper.embed(packed["input_ids"], packed["pixel_values"])
+        flat = decode_rows(decoder, embeds, None, packed["position_ids"], packed=True, one_row=True)
+        for row, at, s in ((0, 0, samples[0]), (0, len(samples[0]), samples[1]), (1, 0, samples[2])):
+            batch = collate([[s]], tokenizer.pad_token_id)
+            own = decode_rows(decoder, wrapper.embed(batch["input_ids"], batch["pixel_values"]),
+                              batch["attention_mask"], batch["position_ids"], packed=False)
+            torch.testing.assert_close(flat[row, at : at + len(s)], own[0, : len(s)], rtol=1e-5, atol=1e-5)
 
 
 # -- activation checkpointing -------------------------------------------------------------------------------------
@@ -132,7 +163,7 @@ def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]
 def _attention_calls(model) -> dict[str, list[int]]:
     """Count each layer's attention calls: a checkpointed layer runs twice per step (forward and recompute)."""
     calls: dict[str, list[int]] = {}
-    stacks = {"llm": model.model.language_model.layers, "vision": model.model.vision_tower.vision_model.encoder.layers}
+    stacks = {"llm": model.model.language_model.layers, "vision": model.model.vision_tower.encoder.layers}
     for name, layers in stacks.items():
         calls[name] = [0] * len(layers)
         for i, layer in enumerate(layers):
@@ -218,35 +249,6 @@ def test_init_from_must_agree_with_explicit_keys(tmp_path, tokenizer):
 
 
 # -- tokenizer ----------------------------------------------------------------------------------------------------
-def write_bare_decoder(out, seed: int = 0):
-    """A Llama whose tokenizer has neither <image> nor <pad>, with embeddings off-centre like trained ones (a common
-    offset), so rows set to the mean differ clearly from a random or zero initialisation."""
-    from transformers import AutoModelForCausalLM
-
-    from pretrain.demo import tokenizer_corpus
-    from pretrain.model.tiny import write_tiny_decoder
-
-    bare = build_tokenizer(tokenizer_corpus(200), vocab_size=300, image_and_pad=False)
-    write_tiny_decoder(out, bare, "llama", seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
-            m.weight.add_(0.1 * torch.randn(m.weight.shape[1], generator=g))
-    model.save_pretrained(out)
-    return out, len(bare)
-
-
-def check_grown_rows(weight: torch.Tensor, old_rows: int) -> None:
-    """New rows: the mean of the old ones (transformers adds noise of 1e-9 x covariance), not a random init."""
-    old, new = weight[:old_rows], weight[old_rows:]
-    mean = old.mean(0)
-    assert new.shape[0] > 0 and (new - mean).abs().max() < 1e-3
-    assert mean.norm() > 0.5  # the offset is there, so neither zeros nor N(0, 0.02) rows would pass
-    spread = (old - mean).norm(dim=1)
-    assert (new - mean).norm(dim=1).max() < 0.01 * spread.min()
-
-
 def test_image_and_pad_tokens_are_added_and_embeddings_grow_from_the_mean(tmp_path):
     llm, bare_len = write_bare_decoder(tmp_path / "llm")
     tok = load_tokenizer(_mcfg(tokenizer=str(llm)))

@@ -232,6 +232,9 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tmp_path):
     # Any other failure says so, with plenty of room left.
     other = ckpt.write_failure(root, ckpt.tag_for(6), PermissionError(errno.EACCES, "Permission denied"))
     assert "write failed" in str(other) and "no space" not in str(other)
+    # torch.save's own wording of a failed write counts when the disk is full; a peer's failure does not.
+    assert ckpt._disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288"), free=0)
+    assert not ckpt._disk_full(RuntimeError("Connection closed by peer [127.0.0.1]:23968"), free=0)
     # A committed checkpoint is never removed by the failure path.
     assert "write failed" in str(ckpt.write_failure(root, good, RuntimeError("late"))) and (root / good).is_dir()
 

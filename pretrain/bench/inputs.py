@@ -8,9 +8,13 @@ photos (pure noise would make JPEG decoding unrealistically slow, flat colour un
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +67,21 @@ def bench_sample(index: int, sizes: tuple[tuple[int, int], ...], seed: int = 0) 
 
 
 def write_bench_shards(out_dir: str | Path, shards: int, samples_per_shard: int,
-                       sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES, seed: int = 0) -> list[str]:
-    """`out_dir/shard-NNNNNN.tar` + manifest.json; deterministic for the same arguments. Returns the shard paths."""
+                       sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES, seed: int = 0, workers: int = 1) -> list[str]:
+    """`out_dir/shard-NNNNNN.tar` + manifest.json, the same bytes for the same arguments whatever `workers` (the
+    processes drawing and encoding images). Returns the shard paths."""
     out = Path(out_dir)
+    n = shards * samples_per_shard
+    make = functools.partial(bench_sample, sizes=sizes, seed=seed)
     with ShardWriter(out, samples_per_shard=samples_per_shard) as writer:
-        for i in range(shards * samples_per_shard):
-            writer.write(bench_sample(i, sizes, seed))
+        if workers > 1 and n >= 64:  # below that, starting the processes costs more than it saves
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+            with ctx.Pool(workers) as pool:
+                for sample in pool.imap(make, range(n), chunksize=8):
+                    writer.write(sample)
+        else:
+            for i in range(n):
+                writer.write(make(i))
     write_manifest(out, writer.shards, extra={"source": "bench", "seed": seed, "sizes": [list(s) for s in sizes]})
     return [str(out / s["url"]) for s in writer.shards]
 
@@ -89,7 +102,7 @@ def ensure_bench_shards(urls: list[str], samples_per_shard: int,
         raise FileNotFoundError(f"missing shards ({len(paths) - len(existing)} of {len(paths)}, e.g. "
                                 f"{next(p for p in paths if not p.is_file())}); benchmark shards are generated only "
                                 "for a complete set named DIR/shard-{000000..N}.tar")
-    write_bench_shards(paths[0].parent, len(paths), samples_per_shard, sizes)
+    write_bench_shards(paths[0].parent, len(paths), samples_per_shard, sizes, workers=min(8, os.cpu_count() or 1))
     return True
 
 

@@ -57,10 +57,12 @@ def machine() -> str:
     return f"no GPU; {cpu}"
 
 
-def environment() -> dict[str, Any]:
+def environment(command: list[str] | None = None) -> dict[str, Any]:
+    """`command`: the words of the command line (default: this process's)."""
+    words = command if command is not None else ["pretrain", *sys.argv[1:]]
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "versions": _versions(), "commit": _commit(),
-            "command": " ".join(["pretrain", *map(shlex.quote, sys.argv[1:])])}
+            "command": " ".join(map(shlex.quote, words))}
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -77,14 +79,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def record(path: str | Path, title: str, env: dict[str, Any], body: str) -> None:
-    """Append one entry to a results file (benchmarks/RESULTS.md): the figures and how they were made."""
+def record(path: str | Path, section: str, title: str, env: dict[str, Any], body: str) -> None:
+    """Add one entry to a results file (benchmarks/RESULTS.md): the figures and how they were made, at the end of
+    its `## {section}` (created at the end of the file when missing), so entries of one benchmark stay together
+    whatever else the file holds."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    entry = (f"\n### {title} ({env['date']})\n\n- machine: {env['machine']}\n- versions: {versions}\n"
-             f"- commit: {env['commit']}\n- command: `{env['command']}`\n\n{body}\n")
+    entry = (f"### {title} ({env['date']})\n\n- machine: {env['machine']}\n- versions: {versions}\n"
+             f"- commit: {env['commit']}\n- command: `{env['command']}`\n\n{body}\n\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("# Benchmark results\n")
-    with open(path, "a") as f:
-        f.write(entry)
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else ["# Benchmark results\n", "\n"]
+    heading = f"## {section}\n"
+    if heading not in lines:
+        lines += ["\n"] * (bool(lines) and lines[-1].strip() != "") + [heading, "\n"]
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    if end > 0 and lines[end - 1].strip():
+        entry = "\n" + entry
+    lines.insert(end, entry)
+    path.write_text("".join(lines))

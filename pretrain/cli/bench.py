@@ -62,6 +62,7 @@ def _add_shards(bench: Any) -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--samples-per-shard", type=int, default=250)
     p.add_argument("--image-sizes", default=None, help="e.g. 854x480,1280x720 (default 480p-720p)")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing and encoding images")
     p.set_defaults(handler=cmd_shards)
 
 
@@ -84,19 +85,35 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[str]]:
     return with_local_inputs(cfg, args.work_dir, args.samples_per_shard, _sizes(args.image_sizes))
 
 
+SECTIONS = {"data": "Data loading: `pretrain bench data` (issue 3)",
+            "train": "Training throughput: `pretrain bench train` (issue 9)"}
+
+
 def _finish(args: argparse.Namespace, title: str, header: list[str], rows: list[list], result: dict,
             notes: str = "") -> int:
     from pretrain.bench.report import environment, markdown_table, record
 
-    env = environment()
+    env = environment(_command(args))
     text = markdown_table(header, rows) + (f"\n\n{notes}" if notes else "")
     print(text)
     if args.record:
-        record(args.record, title, env, text)
+        record(args.record, SECTIONS[args.bench_command], title, env, text)
         print(f"recorded in {args.record}")
     if args.json:
         print(json.dumps({**result, "environment": env}))
     return 0
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    """The command line that reproduces this run, every option spelled out (defaults included)."""
+    words = ["pretrain", "bench", args.bench_command]
+    for key, value in vars(args).items():
+        if key in ("command", "bench_command", "handler") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            words += [flag] if item is True else [flag, str(item)]
+    return words
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -144,7 +161,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from pretrain.bench.inputs import write_bench_shards
 
     try:
-        paths = write_bench_shards(args.out, args.shards, args.samples_per_shard, _sizes(args.image_sizes))
+        paths = write_bench_shards(args.out, args.shards, args.samples_per_shard, _sizes(args.image_sizes),
+                                   workers=args.workers)
     except ValueError as err:
         return _error(str(err))
     print(f"{len(paths)} shard(s) x {args.samples_per_shard} samples -> {args.out}")

@@ -1,13 +1,17 @@
 """Committed checkpoint -> Hugging Face directory loadable as LlavaForConditionalGeneration + its processor.
 
-Streaming: the model is never consolidated. Each output tensor is assembled piece by piece from DeepSpeed's shards
-(zero.py) and appended to a safetensors shard whose header was written first (safetensors_stream.py), so peak memory
-is bounded by the reader's release budget plus a few pieces, whatever the model size. Names and tied weights follow
-transformers' own save_pretrained (layout.py). Frozen parameters come from the checkpoint (DeepSpeed saves them in
-the training dtype) or, where it lacks them or on request, from the run's sources (sources.py).
+Streaming: the model is never consolidated. Each output tensor is read piece by piece (at most 32 MiB) from
+DeepSpeed's shards (zero.py) and appended to a safetensors shard whose header was written first
+(safetensors_stream.py); neither a whole tensor nor a whole output shard is ever in memory. What bounds the peak:
+the pages of the memory-mapped rank files read since the last release (at most 256 MiB, then they are unmapped),
+a few pieces, and the interpreter with torch/transformers/deepspeed (~0.4 GB), whatever the model size.
+Names and tied weights follow transformers' own save_pretrained (layout.py). Frozen parameters come from the
+checkpoint (DeepSpeed saves them in the training dtype) or, where it lacks them or on request, from the run's
+sources (sources.py).
 
 Output: model(-0000i-of-0000n).safetensors (+ model.safetensors.index.json when sharded), config.json,
-generation_config.json, tokenizer (with <image>), preprocessor and processor config, chat template. No pickles.
+generation_config.json, tokenizer (with <image>), processor config (with the image processor), chat template.
+No pickles.
 """
 
 from __future__ import annotations
@@ -54,13 +58,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> ModelConfig | None:
-    """The run's `model` section: from `run_config`, else the run directory's config.yaml (checkpoints/<tag>/..)."""
-    path = Path(run_config) if run_config else tag_dir.parent.parent / "config.yaml"
-    if not path.is_file():
-        if run_config:
-            raise FileNotFoundError(f"{path}: no such run config")
-        return None
-    return ModelConfig(**yaml.safe_load(path.read_text())["model"])
+    """The run's `model` section: from `run_config`, else the checkpoint's own copy of the run config, else the run
+    directory's config.yaml (checkpoints/<tag>/../..)."""
+    if run_config and not Path(run_config).is_file():
+        raise FileNotFoundError(f"{run_config}: no such run config")
+    candidates = [Path(run_config)] if run_config else [tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"]
+    path = next((p for p in candidates if p.is_file()), None)
+    return ModelConfig(**yaml.safe_load(path.read_text())["model"]) if path else None
 
 
 def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
@@ -146,6 +150,8 @@ def write_weights(out: Path, planned: list[Planned], dtype: torch.dtype, max_sha
 
 
 def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"{out}: exists and is not an earlier export; refusing to replace it")
 

@@ -88,12 +88,13 @@ class StreamingSafetensorsWriter:
     def close(self) -> None:
         if self._file.closed:
             return
+        if self._next != len(self.specs):
+            self.abort()
+            missing = [s.name for s in self.specs[self._next:]]
+            raise ValueError(f"{self.path.name}: {len(missing)} tensors never written: {missing[:3]}")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        if self._next != len(self.specs):
-            missing = [s.name for s in self.specs[self._next:]]
-            raise ValueError(f"{self.path.name}: {len(missing)} tensors never written: {missing[:3]}")
         self._tmp.replace(self.path)
 
     def abort(self) -> None:

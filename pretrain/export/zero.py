@@ -14,9 +14,10 @@ Frozen parameters (no optimizer state) exist only in the training dtype: ZeRO-3 
 `frozen_param_fragments`, ZeRO-0/1 only in the module state dict.
 
 Memory: files are opened with torch.load(mmap=True), which costs only their pickled metadata; tensor data is paged
-in as it is read and copied out in pieces of at most `chunk_bytes`. Pages that were read stay resident (and count in
-RSS) while a file is mapped, so after every `release_bytes` read all files are dropped and re-opened on demand. Peak
-memory is about release_bytes + a few pieces, independent of model and tensor size.
+in as it is read, handed out as views of at most `chunk_bytes`. Pages that were read stay resident (and count in
+RSS) while a file is mapped, so after every `release_bytes` read all files are dropped (unmapped once the consumer
+let go of the last piece) and re-opened on demand. Peak memory is about release_bytes + a piece, independent of
+model and tensor size.
 
 Reused from DeepSpeed: the file discovery and ZeRO-3 partition arithmetic of zero_to_fp32, and its key constants.
 Deliberately not reused: its parse_model_states (loads model-state files without mmap: for ZeRO-1/2 that is the whole
@@ -105,6 +106,10 @@ class ZeroCheckpoint:
             self._index_trainable(model0, self._optim(0))
         self.trainable = frozenset(self.locs)
         self._index_rest(model0)
+        if not self.optim_files:
+            # ZeRO-0 in fp32 records nothing about what was trained: treat every saved tensor as trained.
+            self.trainable = frozenset(self.locs)
+            self.world_size = int(model0.get("dp_world_size", 1))
 
     # -- index ---------------------------------------------------------------------------------------------------------
     def _index_trainable(self, model0: dict, optim0: dict) -> None:
@@ -190,8 +195,8 @@ class ZeroCheckpoint:
                     yield from self._span(lambda r=r: [self._fragment(r, name, part)], 0, take)
 
     def _span(self, tensors: Callable[[], list[torch.Tensor]], start: int, length: int) -> Iterator[torch.Tensor]:
-        """Elements [start, start + length) of the concatenation of `tensors()`, copied out in chunks. `tensors` is
-        called for every chunk because a release in between unmaps what it returned before."""
+        """Elements [start, start + length) of the concatenation of `tensors()`, as views of at most chunk_bytes.
+        `tensors` is called for every chunk because a release in between drops what it returned before."""
         pos, end = start, start + length
         while pos < end:
             base = 0
@@ -202,10 +207,12 @@ class ZeroCheckpoint:
             else:
                 raise ValueError(f"{self.dir}: reading past the end of a flat group (offset {pos})")
             n = min(end - pos, base + t.numel() - pos, max(1, self.chunk_bytes // t.element_size()))
-            piece = t.reshape(-1)[pos - base : pos - base + n].clone()
+            piece = t.reshape(-1)[pos - base : pos - base + n]  # a view: no copy; it keeps its mapping alive
+            nbytes = piece.nbytes
             del t
-            self._touched(piece.nbytes)
             yield piece
+            del piece
+            self._touched(nbytes)  # after the consumer is done with the piece
             pos += n
 
     def _fragment(self, rank: int, name: str, part: int) -> torch.Tensor:

@@ -5,8 +5,9 @@ Contrastive (CLIP, Radford et al. 2021; as in ALBEF/BLIP's image-text contrastiv
 decoder's last hidden states over the text alone, without the image) are projected into a shared space and
 L2-normalised; logits are similarities times a learnable scale (1 / temperature, clamped as CLIP does). Negatives are
 every pair of the global batch: features are gathered across ranks with `torch.distributed.nn.functional.all_gather`,
-which carries the gradient back to the rank that produced each feature (open_clip's `gather_with_grad`). Pairs whose
-texts are identical are all positives (soft targets), so duplicate captions are not pushed apart.
+which carries the gradient back to the rank that produced each feature (open_clip's `gather_with_grad`). Duplicate
+captions need no special targets: identical texts have identical embeddings, so their logits tie and the summed
+InfoNCE terms (and gradients) equal those of multi-positive targets.
 
 ITM (ALBEF, Li et al. 2021; BLIP): the decoder reads `[bos] image tokens text` and a linear head on the hidden state
 of the last token (the only one that has attended to both) classifies matched / not matched. For every image a hard
@@ -17,6 +18,7 @@ softmax(similarity) (positives and identical texts excluded): 1 positive and 2 n
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +71,8 @@ class AlignmentHeads(nn.Module):
                 nn.init.normal_(lin.weight, std=hidden**-0.5, generator=g)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-        scale = torch.tensor(math.log(1.0 / temperature_init))
+        # Shape (1,), not a scalar: ZeRO-3 cannot partition 0-dim parameters.
+        scale = torch.tensor([math.log(1.0 / temperature_init)])
         if learnable_temperature:
             self.logit_scale = nn.Parameter(scale)
         else:
@@ -81,54 +84,55 @@ class AlignmentHeads(nn.Module):
         a forward, so ZeRO-3 has gathered it."""
         img = F.normalize(self.image_proj(image_pooled).float(), dim=-1)
         txt = F.normalize(self.text_proj(text_pooled).float(), dim=-1)
-        return img, txt, self.logit_scale.float().clamp(max=self.max_log_scale).exp()
+        return img, txt, self.logit_scale.float().clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def match_logits(self, fused: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused).float()
 
 
-def gather_with_grad(local: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All ranks' rows (ranks may hold different counts): (all rows, all keys, offset of this rank's rows).
+def gather_with_grad(local: torch.Tensor, keys: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """All ranks' rows (ranks may hold different counts): (all rows, all keys if given, offset of this rank's rows).
     Rows are padded to the largest count for the collective and the padding dropped after; the gather is
     differentiable, so each rank's features receive the gradient of every rank's loss."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local, keys, 0
+    from torch.distributed.nn.functional import all_gather
+
     world, rank = dist.get_world_size(), dist.get_rank()
     count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     counts = [int(c.item()) for c in counts]
-    width = max(max(counts), 1)
-    pad = width - local.shape[0]
-    padded = torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local
-    padded_keys = torch.cat([keys, keys.new_zeros(pad)]) if pad else keys
-    from torch.distributed.nn.functional import all_gather
-
-    rows = all_gather(padded)
-    key_rows = [torch.zeros_like(padded_keys) for _ in range(world)]
-    dist.all_gather(key_rows, padded_keys)
-    out = torch.cat([r[:c] for r, c in zip(rows, counts)])
-    out_keys = torch.cat([k[:c] for k, c in zip(key_rows, counts)])
+    pad = max(max(counts), 1) - local.shape[0]
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates it (every call) for a private functional-collectives API; it is still the public,
+        # autograd-aware all_gather that the gradient contract above relies on.
+        warnings.simplefilter("ignore", FutureWarning)
+        rows = all_gather(torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local)
     # `out` stays in the graph of the gather even when it is empty, so every rank runs its backward collective.
+    out = torch.cat([r[:c] for r, c in zip(rows, counts)])
+    out_keys = None
+    if keys is not None:
+        padded = torch.cat([keys, keys.new_zeros(pad)]) if pad else keys
+        key_rows = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(key_rows, padded)
+        out_keys = torch.cat([k[:c] for k, c in zip(key_rows, counts)])
     return out, out_keys, sum(counts[:rank])
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's pairs against the global batch; mean over this rank's pairs (0 if none).
-    Targets spread evenly over the pairs whose text equals the positive's."""
-    all_img, all_keys, offset = gather_with_grad(img, keys)
-    all_txt, _, _ = gather_with_grad(txt, keys)
+    The positive of local pair i is global row offset + i."""
+    all_img, _, offset = gather_with_grad(img)
+    all_txt, _, _ = gather_with_grad(txt)
     n = img.shape[0]
     if n == 0 or all_img.shape[0] < 2:
         return 0.0 * (all_img.sum() + all_txt.sum() + scale)
-    same = (keys[:, None] == all_keys[None, :]).float()
-    targets = same / same.sum(1, keepdim=True)
-    logits_i2t = scale * img @ all_txt.T
-    logits_t2i = scale * txt @ all_img.T
-    loss_i2t = -(targets * F.log_softmax(logits_i2t, dim=1)).sum(1)
-    loss_t2i = -(targets * F.log_softmax(logits_t2i, dim=1)).sum(1)
-    del offset  # the positives are found by key, which also covers this rank's own diagonal
-    return ((loss_i2t + loss_t2i) / 2).mean()
+    targets = torch.arange(offset, offset + n, device=img.device)
+    loss_i2t = F.cross_entropy(scale * img @ all_txt.T, targets)
+    loss_t2i = F.cross_entropy(scale * txt @ all_img.T, targets)
+    return (loss_i2t + loss_t2i) / 2
 
 
 def hard_negatives(sim: torch.Tensor, keys: torch.Tensor) -> tuple[list[int], list[int]]:

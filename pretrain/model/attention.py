@@ -13,6 +13,9 @@ CUDA it dispatches to the flash kernel itself). It follows the decoder for `eage
 
 `auto`: flash_attention_2 when CUDA is there, the flash-attn package imports and training runs in bf16 (FA2 has no
 fp32 kernels); sdpa otherwise.
+
+flash_attention_2 and packing: transformers finds the varlen boundaries from position ids only in a one-row batch;
+`decode_rows` lays a multi-row packed batch end to end for it (one_row_for_packing).
 """
 
 from __future__ import annotations
@@ -72,3 +75,27 @@ def _check_flash(cuda: bool, half_precision: bool) -> None:
     if not flash_attn_installed():
         raise ConfigError("model.attn_implementation=flash_attention_2: the flash-attn package is not installed "
                           "(pip install -e '.[gpu]'); use sdpa (or auto)")
+
+
+def one_row_for_packing(impl: str, packed: bool, rows: int) -> bool:
+    """transformers' flash_attention_2 reads sample boundaries from restarting position ids only in a batch of one
+    row (modeling_flash_attention_utils._is_packed_sequence); with more rows it would attend across the samples of a
+    row. Such batches go through the decoder as one long row: every row starts at position 0, so rows stay apart
+    as well. sdpa, eager and flex_attention build a per-row mask and need none of this."""
+    return packed and impl == "flash_attention_2" and rows > 1
+
+
+def decode_rows(decoder: torch.nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, packed: bool, one_row: bool | None = None) -> torch.Tensor:
+    """The decoder's last hidden states for a padded or packed micro-batch. Packed rows carry no attention mask:
+    the per-sample causal mask comes from the restarting position ids (see the module docstring)."""
+    if one_row is None:
+        one_row = one_row_for_packing(decoder.config._attn_implementation, packed, embeds.shape[0])
+    if one_row:
+        b, t = embeds.shape[:2]
+        out = decoder(inputs_embeds=embeds.reshape(1, b * t, -1), attention_mask=None,
+                      position_ids=position_ids.reshape(1, b * t), use_cache=False)
+        return out.last_hidden_state.reshape(b, t, -1)
+    out = decoder(inputs_embeds=embeds, attention_mask=None if packed else attention_mask, position_ids=position_ids,
+                  use_cache=False)
+    return out.last_hidden_state

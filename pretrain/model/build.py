@@ -4,6 +4,10 @@ Each component comes from a hub id, a local directory (the same `from_pretrained
 random init. Under ZeRO-3 every component is created inside `deepspeed.zero.Init`, so no rank ever holds the whole
 model: transformers enters zero.Init itself while an `HfDeepSpeedConfig` is alive, and we enter it for the projector.
 The Llava shell is built on the meta device and its submodules replaced by the partitioned components.
+
+`model.init_from` loads a whole export instead (transformers loads into the partitioned model). Then the tokenizer's
+added tokens grow the embeddings (resize_vocab; the new rows are partitioned at once), and `model.projector_from`
+overwrites the projector inside a gather (pretrain.model.projector). Attention: pretrain.model.attention.
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ class ZeroContext:
         import deepspeed
 
         return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+
+    def partition(self, module: nn.Module) -> None:
+        """Partition parameters created outside zero.Init (rank 0's values win), e.g. resized embeddings."""
+        if self.zero3 and any(not hasattr(p, "ds_id") for p in module.parameters()):
+            import deepspeed
+
+            deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
 
 
 def _is_local_or_hub(spec: str | dict) -> bool:
@@ -159,6 +170,7 @@ def build_model(
         model = _assemble(mcfg, tokenizer, zero, attn, dtype, seed)
     torch.manual_seed(seed + 3)
     resize_vocab(model, tokenizer)
+    zero.partition(model)
     if mcfg.projector_from:
         loaded = load_projector(model.model.multi_modal_projector, mcfg.projector_from, is_linear(model.config))
         log.info("projector %s loaded from %s", loaded, mcfg.projector_from)
@@ -236,8 +248,8 @@ def resize_vocab(model: LlavaForConditionalGeneration, tokenizer: PreTrainedToke
     transformers gathers the partitioned rows under ZeRO-3 and, with mean_resizing, sets each new row to the mean of
     the existing rows (plus noise of 1e-9 x their covariance): LLaVA's own rule for <image>/<pad>, the embedding
     statistics rather than a random init at `initializer_range`, and for the output rows a logit that starts at the
-    average of the others. Under ZeRO-3 the new matrix exists whole on every rank for that moment (transformers
-    builds it outside zero.Init) and is partitioned when the DeepSpeed engine is created."""
+    average of the others. Under ZeRO-3 transformers builds the new matrix whole on every rank (outside zero.Init);
+    build_model partitions it right after (ZeroContext.partition)."""
     current = model.get_input_embeddings().weight
     rows = current.ds_shape[0] if hasattr(current, "ds_shape") else current.shape[0]
     if len(tokenizer) > rows:

@@ -20,6 +20,7 @@ reason as the dummy image: ZeRO-3 ranks must gather the same parameters in the s
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -31,6 +32,7 @@ from pretrain.config import ObjectivesConfig
 from pretrain.data.text import IGNORE
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 
+log = logging.getLogger(__name__)
 LOGIT_CHUNK = 4096  # label positions per lm-head chunk
 # The test switch that breaks the image path (features zeroed), so tests can prove they detect it; the same JSON
 # variable as the trainer's fault injection (pretrain.train.faults), empty in any real run.
@@ -52,6 +54,7 @@ class VLMForTraining(nn.Module):
         self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
         faults = json.loads(os.environ.get(FAULTS_ENV, "") or "{}")
         self.zero_image_features = bool(faults.get("zero_image_features"))
+        self._warned_no_pairs = False
 
     # -- image and text paths ------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -128,12 +131,16 @@ class VLMForTraining(nn.Module):
     def alignment_losses(self, batch: dict, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Mean contrastive and ITM losses of this micro-batch's image-text pairs (and the logit scale)."""
         pairs = batch_pairs(batch, self.vlm.config.image_token_id)
+        if not pairs and not self._warned_no_pairs:
+            self._warned_no_pairs = True  # text-only data contributes only to the caption loss
+            log.warning("objectives: contrastive/ITM need image-text samples; a micro-batch without images adds "
+                        "nothing to them (warned once)")
         n_images = 0 if features is None else features.shape[0]
         if len(pairs) != n_images:
             raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
         img, txt, scale = self.encode_pairs(features, pairs.texts)
         keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
-        out = {"contrastive": contrastive_loss(img, txt, scale, keys), "logit_scale": scale.detach()}
+        out = {"contrastive": contrastive_loss(img, txt, scale), "logit_scale": scale.detach()}
         if self.alignment.itm_head is not None:
             out["itm"] = self.itm_loss(features, pairs, img, txt, keys)
         return out

@@ -172,14 +172,19 @@ class CheckpointWriteError(RuntimeError):
     """A save that failed half-way (a full disk above all); earlier checkpoints and `latest` are untouched."""
 
 
+# How torch.save's C++ writer reports a failed write (ENOSPC included) without an errno.
+_WRITER_ERRORS = ("inline_container", "iostream error", "PytorchStreamWriter", "file write failed")
+
+
 def _disk_full(err: BaseException, free: int) -> bool:
-    # torch.save reports ENOSPC as an opaque RuntimeError ("unexpected pos ..."): look at the chain, then at the disk.
+    """ENOSPC in the exception chain, or a failed file write while the disk is (nearly) full."""
     chain: BaseException | None = err
     while chain is not None:
         if isinstance(chain, OSError) and chain.errno == errno.ENOSPC or "No space left" in str(chain):
             return True
         chain = chain.__cause__ or chain.__context__
-    return free < 64 * 2**20
+    a_write = isinstance(err, OSError) or any(s in str(err) for s in _WRITER_ERRORS)
+    return a_write and free < 64 * 2**20
 
 
 def write_failure(root: Path, tag: str, err: BaseException) -> CheckpointWriteError:

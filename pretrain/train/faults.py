@@ -23,7 +23,8 @@ class Faults:
         self.die = spec.get("die")  # {"rank": r, "step": s}
         self.kill_in_save = spec.get("kill_in_save")  # {"rank": r, "step": s}: SIGKILL after the shards, pre-commit
         self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write
-        self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to every step: signal tests
+        self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to each step (signal tests) ...
+        self.step_sleep_from = int(spec.get("step_sleep_from", 1))  # ... from this step on
 
     @staticmethod
     def _hit(spec: dict | None, rank: int, step: int) -> bool:
@@ -32,8 +33,8 @@ class Faults:
     def loss_is_nan(self, step: int) -> bool:
         return step in self.nan_steps
 
-    def maybe_sleep(self, _step: int) -> None:
-        if self.step_sleep:
+    def maybe_sleep(self, step: int) -> None:
+        if self.step_sleep and step >= self.step_sleep_from:
             time.sleep(self.step_sleep)
 
     def maybe_die(self, rank: int, step: int) -> None:

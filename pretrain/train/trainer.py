@@ -7,6 +7,7 @@ signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), metrics.py (metrics.json
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -40,11 +41,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        # First, so a signal during the (long) set-up is not fatal: the loop then runs one step and checkpoints.
+        self.stop = StopRequest()
+        self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         cfg.check_world_size(self.world)
-        # Early, so a signal during the (long) build is not fatal: the loop then runs one step and checkpoints.
-        self.stop = StopRequest(self.run_dir / "PREEMPTED" if self.rank == 0 else None)
-        self.stop.install()
+        if self.rank == 0:
+            self.stop.marker = self.run_dir / "PREEMPTED"
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -58,12 +61,15 @@ class Trainer:
         if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
             universal.convert(self.resume_from, self.rank)
         self.ds_config = build_ds_config(cfg, self.world, load_universal=self.universal)
+        if self.rank == 0:  # what DeepSpeed really ran with, after merging a user's file: for the user to check
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
         built = build_engine(cfg, self.ds_config)
         self.engine, self.tokenizer, self.processor = built.engine, built.tokenizer, built.processor
         self.image_processor = built.image_processor
         self.trainable = built.trainable
         self.step = 0
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # over all ranks, updated at each log and save
+        self._pending_tokens = 0  # this rank's tokens not yet counted into tokens_seen
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         loader_state = self._resume()
@@ -85,13 +91,14 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
-        if self.universal:
-            old = client.get("world_size", self.resume_meta.get("world_size"))
-            loader_state = universal.merge_loader_states(path, old)
+        old_world = client.get("world_size", self.resume_meta.get("world_size"))
+        if old_world != self.world:
+            # Another world size: no rank's loader position or RNG maps one to one; the loader restarts at a fresh
+            # epoch after the furthest old slot, which it finds from every old rank's state.
             if self.rank == 0:
-                log.warning("resumed from %s at step %d on %d rank(s) (it was written by %d) through DeepSpeed's "
-                            "universal checkpoint", path, self.step, self.world, old)
-            return loader_state
+                log.warning("resumed from %s at step %d on %d rank(s); it was written by %d%s", path, self.step,
+                            self.world, old_world, " (through DeepSpeed's universal checkpoint)" * self.universal)
+            return universal.merge_loader_states(path, old_world)
         mine = ckpt.read_rank_state(path, self.rank)
         if mine is None:
             raise RuntimeError(f"{path}: trainer state of rank {self.rank} is missing")
@@ -104,6 +111,7 @@ class Trainer:
         """Every rank writes its shards and trainer state; rank 0 commits after a barrier. A failed write (a full
         disk) raises CheckpointWriteError naming the checkpoint; earlier ones and `latest` stay as they were."""
         tag = ckpt.tag_for(self.step)
+        self._sync_tokens()
         try:
             self._write_checkpoint(tag)
         except (OSError, RuntimeError) as err:
@@ -130,6 +138,7 @@ class Trainer:
         ckpt.write_rank_state(path, self.rank,
                               {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
         if self.rank == 0:
+            save_config(self.cfg, path / "config.yaml")  # the resolved config this checkpoint was trained with
             # What an export needs besides the weights: the Llava config, tokenizer and image processor.
             meta = path / ckpt.HF_META
             self.engine.module.vlm.config.save_pretrained(meta)
@@ -152,7 +161,7 @@ class Trainer:
                 out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1)
                 self.step += 1
                 self.faults.maybe_die(self.rank, self.step)
-                window.add(batches)
+                self._pending_tokens += window.add(batches)
                 self.flops.add(batches)
                 self._count_nonfinite(out)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -198,7 +207,7 @@ class Trainer:
         elapsed = time.perf_counter() - w.start
         totals = dist.all_reduce(torch.tensor([w.tokens, w.samples, self.flops.take()], dtype=torch.float64))
         tokens, samples, flops = totals.tolist()
-        self.tokens_seen += int(tokens)
+        self._sync_tokens()
         stats = self.loader.stats()
         self._check_bad_fraction(stats)
         skipped = _reduce_counts(stats["skipped"])
@@ -215,6 +224,12 @@ class Trainer:
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()}})
+
+    def _sync_tokens(self) -> None:
+        """Collective: add every rank's tokens since the last sync to tokens_seen."""
+        pending = dist.all_reduce(torch.tensor([self._pending_tokens], dtype=torch.float64))
+        self.tokens_seen += int(pending.item())
+        self._pending_tokens = 0
 
     def _check_bad_fraction(self, stats: dict) -> None:
         d = self.cfg.data
@@ -240,10 +255,13 @@ class _Window:
         self.start = time.perf_counter()
         self.wait, self.tokens, self.samples, self.steps = 0.0, 0, 0, 0
 
-    def add(self, batches: list[dict]) -> None:
+    def add(self, batches: list[dict]) -> int:
+        """Count one step; returns its (non-padding) tokens on this rank."""
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self.steps += 1
-        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        self.tokens += tokens
         self.samples += sum(b["n_samples"] for b in batches)
+        return tokens
 
 
 def _reduce_counts(dicts: list[dict[str, int]]) -> dict[str, int]:

@@ -63,7 +63,7 @@ def convert(ckpt_dir: Path, rank: int) -> Path:
     if rank == 0 and not (out / _DONE).is_file():
         try:
             _convert(Path(ckpt_dir), out)
-        except (OSError, subprocess.CalledProcessError) as err:
+        except OSError as err:
             error = str(err)
     dist.barrier()
     if error or not (out / _DONE).is_file():
@@ -78,13 +78,20 @@ def _convert(src: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     workers = str(max(1, min(4, os.cpu_count() or 1)))
     # A separate process: the converter forks worker pools, which a process holding NCCL/gloo threads should not.
+    # --inject_missing_state: ZeRO-1/2 checkpoints of a plain (non-Megatron) model lack the version record the
+    # converter asserts on; it only adds that record.
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers]
-    log.warning("checkpoint %s was written by another number of ranks: converting it to DeepSpeed's universal "
-                "format in %s", src, out)
+           "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers,
+           "--inject_missing_state"]
+    log.warning("converting checkpoint %s to DeepSpeed's universal format in %s (it was written by another number "
+                "of ranks or ZeRO stage)", src, out)
     tmp.mkdir(parents=True)
-    with open(tmp / "convert.log", "w") as logf:
-        subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=True)
+    log_path = tmp.parent / "universal.log"
+    with open(log_path, "w") as logf:
+        done = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise OSError(f"ds_to_universal exited with {done.returncode} (log: {log_path}):\n{tail}")
     (tmp / _DONE).write_text("ok\n")
     tmp.rename(out)
 

@@ -48,11 +48,11 @@ def caption_samples(cfg: Config, processor: SampleProcessor, tokenizer: Any, n: 
         for url in expand_urls(source.urls):
             try:
                 for raw in reader.iterate(url):
-                    if len(out) == n:
-                        return out
                     sample = _caption_sample(raw.parts, processor, tokenizer)
                     if sample is not None:
                         out.append(sample)
+                    if len(out) == n:
+                        return out
             except TarShardError as err:
                 log.warning("validation captions: %s", err)
     return out
@@ -91,7 +91,7 @@ def generate_captions(engine: Any, samples: list[CaptionSample], tokenizer: Any,
             ids = torch.tensor([samples[i].prompt for i in idx], device=device)
             pixels = torch.stack([samples[i].pixel_values for i in idx]).to(device, dtype=vlm.dtype)
             gen = vlm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                               max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                               max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced, use_cache=True,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, length:].tolist(), skip_special_tokens=True).strip()

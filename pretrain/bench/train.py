@@ -1,0 +1,140 @@
+"""`pretrain bench train`: our Trainer, and with `--peer` transformers' Trainer + DeepSpeed (pretrain.bench.peer), on
+the same model, data and ZeRO stage, one after the other in one invocation.
+
+Each runs as a torchrun job of `pretrain.bench.worker` with `nproc` processes. Figures are read back from the
+metrics each writes per step (ours: the run's metrics.jsonl: tokens_per_s, samples_per_s, mfu, data_wait_frac,
+step_time_s), over the steps after `warmup` (compilation, allocator and loader start-up). The peer's micro-batch
+holds as many samples as ours' packed micro-batches did on average, so both do the same work per optimizer step.
+MFU: model FLOPs of the real tokens (pretrain.model.flops, LM head at label positions) over the dense bf16 peak of
+the devices; null on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import Config, save_config
+from pretrain.model.flops import peak_flops
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, extra: list[str] = ()) -> None:
+    """One torchrun job of the bench worker; raises RuntimeError with the tail of its log if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "pretrain.bench.worker", role, str(config), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                                                         // nproc)))}
+    log = out / f"{role}.log"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"bench train: {role} on {nproc} process(es), log {log}", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    if code != 0 or not (out / "result.json").is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        why = f"timed out after {timeout} s" if code is None else f"exit code {code}"
+        raise RuntimeError(f"bench {role} failed ({why}); end of {log}:\n{tail}")
+
+
+def summarize(records: list[dict], warmup: int, nproc: int, device: str) -> dict[str, Any]:
+    """Throughput over the measured steps: totals over total time, not a mean of per-step rates."""
+    steps = [r for r in records if r["step"] > warmup] or records[-1:]
+    time_s = sum(r["step_time_s"] for r in steps)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
+    samples = sum(r["samples_per_s"] * r["step_time_s"] for r in steps)
+    wait = sum(r["data_wait_frac"] * r["step_time_s"] for r in steps)
+    out = {"steps": len(steps), "step_time_s": time_s / len(steps), "tokens_per_s": tokens / time_s,
+           "samples_per_s": samples / time_s, "samples_per_step": samples / len(steps),
+           "data_wait_frac": wait / time_s, "mfu": None}
+    if all(r.get("flops") for r in steps) and device != "cpu":
+        try:
+            out["mfu"] = sum(r["flops"] for r in steps) / (time_s * nproc * peak_flops(device))
+        except ValueError:  # a device without a known peak
+            pass
+    elif all(r.get("mfu") is not None for r in steps):  # ours: the trainer computes it per logged window
+        out["mfu"] = sum(r["mfu"] * r["step_time_s"] for r in steps) / time_s
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _bench_config(cfg: Config, run_dir: Path, steps: int) -> Config:
+    tree = cfg.model_dump(mode="json")
+    tree["run"]["output_dir"] = str(run_dir)
+    tree["train"].update(max_steps=steps, stop_at_step=None, log_every=1, val_every=0, progress_bar=False,
+                         warmup_steps=min(cfg.train.warmup_steps, steps))
+    tree["checkpoint"].update(every_steps=0, resume="none")
+    return Config.model_validate(tree)
+
+
+def bench_train(cfg: Config, work_dir: Path, steps: int, nproc: int | None = None, peer: bool = False,
+                peer_batch: int | None = None, warmup: int | None = None, timeout: int = 3600) -> dict[str, Any]:
+    import torch
+
+    nproc = nproc or torch.cuda.device_count() or 1
+    cfg.check_world_size(nproc)
+    warmup = min(3, steps // 3) if warmup is None else warmup
+    if steps <= warmup:
+        raise RuntimeError(f"--steps ({steps}) must exceed the warm-up steps ({warmup})")
+    root = work_dir / cfg.run.name
+    ours_cfg = _bench_config(cfg, root / "ours", steps)
+    for name in ("metrics.jsonl", "DONE"):
+        (root / "ours" / name).unlink(missing_ok=True)
+    save_config(ours_cfg, root / "ours.yaml")
+    run_worker("ours", root / "ours.yaml", root / "ours", nproc, timeout)
+    info = json.loads((root / "ours" / "result.json").read_text())
+    result: dict[str, Any] = {"nproc": nproc, "steps": steps, "warmup_steps": warmup, "device": info["device"],
+                              "ours": summarize(_read_jsonl(root / "ours" / "metrics.jsonl"), warmup, nproc,
+                                                info["device"]) | {"gpu_mem_gib": info["gpu_mem_gib"]}}
+    if not peer:
+        return result
+    per_micro = result["ours"]["samples_per_step"] / (nproc * cfg.train.grad_accum)
+    batch = peer_batch or max(1, round(per_micro))
+    save_config(ours_cfg, root / "peer.yaml")
+    run_worker("peer", root / "peer.yaml", root / "peer", nproc, timeout,
+               ["--batch", str(batch), "--steps", str(steps)])
+    pinfo = json.loads((root / "peer" / "result.json").read_text())
+    result["peer"] = summarize(_read_jsonl(root / "peer" / "metrics.jsonl"), warmup, nproc, pinfo["device"]) | {
+        "gpu_mem_gib": pinfo["gpu_mem_gib"], "micro_batch": batch}
+    result["ratio"] = {k: result["ours"][k] / result["peer"][k] for k in ("tokens_per_s", "samples_per_s")}
+    return result
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list], str]:
+    header = ["trainer", "tokens/s", "samples/s", "MFU", "peak GPU GiB", "data wait", "step s", "samples/step"]
+    names = {"ours": "ours (packed, pretrain Trainer)", "peer": "peer (HF Trainer + DeepSpeed, padded)"}
+    rows = []
+    for key in ("ours", "peer"):
+        if key in result:
+            r = result[key]
+            rows.append([names[key], r["tokens_per_s"], r["samples_per_s"],
+                         None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                         r["gpu_mem_gib"], f"{100 * r['data_wait_frac']:.1f}%", r["step_time_s"],
+                         r["samples_per_step"]])
+    notes = (f"{result['nproc']} process(es) on {result['device']}; {result['steps']} steps, the first "
+             f"{result['warmup_steps']} left out.")
+    if "ratio" in result:
+        notes += (f" ours / peer: {result['ratio']['tokens_per_s']:.2f}x tokens/s, "
+                  f"{result['ratio']['samples_per_s']:.2f}x samples/s (peer micro-batch "
+                  f"{result['peer']['micro_batch']} samples).")
+    return header, rows, notes
