@@ -49,7 +49,8 @@ def test_train_reports_config_errors_without_starting(tmp_path, assets, shapes):
 
 def test_demo_pipeline_end_to_end(tmp_path):
     out = _run([sys.executable, "-m", "pretrain", "demo", str(tmp_path / "demo"), "--train-samples", "256",
-                "train.max_steps=8", "train.warmup_steps=2", "train.log_every=1", "train.val_every=4", "checkpoint.every_steps=4"],
+                "train.max_steps=8", "train.warmup_steps=2", "train.log_every=1", "train.val_every=4",
+                "checkpoint.every_steps=4"],
                timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "attribute accuracy on 8 validation images" in out.stdout

@@ -98,6 +98,8 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, assets, shapes, re
     assert "passing over step_00000004" in again.stdout + again.stderr
     assert (root / "latest").read_text().strip() == "step_00000006"
     assert losses(tmp_path / "run")[6] == losses(reference)[6]
+    steps = [m["step"] for m in metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps redone after the crash are logged once
 
 
 def test_a_dead_rank_ends_the_run_without_hanging(tmp_path, assets, shapes):

@@ -32,6 +32,21 @@ def question_prompt(tokenizer: PreTrainedTokenizerBase, image_token_id: int, ima
     return ids
 
 
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: eos, and the chat template's end-of-turn token (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`...), found by rendering an assistant turn and taking the first token after its content: the model
+    was trained to produce it there (TextProcessor labels the whole rendered turn)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if tokenizer.chat_template is None:
+        return ids
+    marker = "XYZZY"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text[text.index(marker) + len(marker):].lstrip(" ")
+    after = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    return ids + [after[0]] if after and after[0] not in ids else ids
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -43,9 +58,10 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
 
 
 @torch.no_grad()
-def greedy_generate(module: VLMForTraining, prompts: list[list[int]], pixel_values: torch.Tensor, eos_id: int,
-                    max_new_tokens: int = 32) -> list[list[int]]:
-    """New token ids for each prompt (one image each, in order), up to and excluding eos."""
+def greedy_generate(module: VLMForTraining, prompts: list[list[int]], pixel_values: torch.Tensor,
+                    stop: int | list[int], max_new_tokens: int = 32) -> list[list[int]]:
+    """New token ids for each prompt (one image each, in order), up to and excluding the first stop token."""
+    stop_t = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=module._device())
     vlm = module.vlm
     device = module._device()
     ids, mask = _left_pad(prompts, module._pad_id(), device)
@@ -57,9 +73,10 @@ def greedy_generate(module: VLMForTraining, prompts: list[list[int]], pixel_valu
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         nxt = vlm.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
-        for i in torch.nonzero(~done & (nxt != eos_id)).flatten().tolist():
+        ends = torch.isin(nxt, stop_t)
+        for i in torch.nonzero(~done & ~ends).flatten().tolist():
             result[i].append(int(nxt[i]))
-        done |= nxt == eos_id
+        done |= ends
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.data.batching import collate
 from pretrain.data.errors import SampleError
 from pretrain.eval import metrics as M
-from pretrain.eval.generate import caption_prompt, greedy_generate, question_prompt
+from pretrain.eval.generate import caption_prompt, greedy_generate, question_prompt, stop_ids
 from pretrain.eval.loading import EvalModel, load_eval_model
 from pretrain.eval.retrieval import contrastive_similarity, image_features, likelihood_similarity
 from pretrain.eval.samples import EvalSample, read_eval_samples
@@ -67,7 +67,7 @@ def generate_texts(em: EvalModel, images: list, prompts: list[list[int]], opts: 
     out = []
     for chunk in _batched(list(zip(images, prompts)), opts.batch_size):
         px = torch.stack([em.transform(img) for img, _ in chunk])
-        ids = greedy_generate(em.module, [p for _, p in chunk], px, em.tokenizer.eos_token_id, opts.max_new_tokens)
+        ids = greedy_generate(em.module, [p for _, p in chunk], px, stop_ids(em.tokenizer), opts.max_new_tokens)
         out += [em.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
     return out
 

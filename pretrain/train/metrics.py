@@ -21,6 +21,18 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _drop_after(path: Path, step: int) -> None:
+    """Keep each step once: lines logged after the checkpoint being resumed are rewritten away (atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool) -> None:
         self.enabled = enabled
@@ -32,7 +44,9 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        _drop_after(path, start_step)  # a run resumed after a crash redoes the steps past its checkpoint
+        self.jsonl = open(path, "a", buffering=1)
         if progress_bar:
             self.pbar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              mininterval=1.0)

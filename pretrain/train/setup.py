@@ -16,6 +16,7 @@ from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import expand_urls
 from pretrain.data.text import TextProcessor
 from pretrain.model.build import ZeroContext, build_model, load_component_config, load_tokenizer
+from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train.ds_config import optimizer_offloaded
@@ -42,16 +43,6 @@ def image_processor_for(cfg: Config):
         except (OSError, ValueError) as err:
             log.warning("no image processor in %s (%s); using one built from the vision config", source, err)
     return image_processor_for_vision_config(load_component_config(m.vision, vision=True))
-
-
-def enable_activation_checkpointing(model, mode: str, every_k: int) -> None:
-    if mode == "none":
-        return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "every_k":
-        for stack in (model.model.language_model.layers, model.model.vision_tower.vision_model.encoder.layers):
-            for i, layer in enumerate(stack):
-                layer.gradient_checkpointing = i % every_k == 0
 
 
 def make_optimizer(groups: list[dict], cfg: Config, offloaded: bool) -> torch.optim.Optimizer:
@@ -100,7 +91,8 @@ def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcess
         sources=[expand_urls(s.urls) for s in sources], weights=[s.weight for s in sources], rank=rank,
         world_size=world, num_workers=cfg.data.num_workers if train else 0, seed=cfg.run.seed, shuffle=train,
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
-        max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id)
+        max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id,
+        epoch_size=cfg.data.epoch_size if train else None)
     for i, urls in enumerate(spec.sources):
         if not urls:
             raise FileNotFoundError(f"data source {i} ({sources[i].urls!r}) matches no shards")
