@@ -17,6 +17,8 @@ TRAINABLE = {"align": ("projector",), "finetune": ("projector", "llm"), "full": 
 
 
 def component_of(name: str) -> str:
+    if name.startswith("alignment."):
+        return "alignment"  # contrastive / ITM heads of VLMForTraining: trained in every stage
     if "multi_modal_projector" in name:
         return "projector"
     if "vision_tower" in name:

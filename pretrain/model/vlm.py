@@ -31,6 +31,7 @@ from transformers import LlavaForConditionalGeneration
 from pretrain.config import ObjectivesConfig
 from pretrain.data.text import IGNORE
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
+from pretrain.model.attention import decode_rows
 
 log = logging.getLogger(__name__)
 LOGIT_CHUNK = 4096  # label positions per lm-head chunk
@@ -79,14 +80,20 @@ class VLMForTraining(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the image tokens replaced by image features (computed here, or given)."""
-        embeds = self.vlm.get_input_embeddings()(input_ids)
-        if features is None and pixel_values is None:
+        """Token embeddings with the image tokens replaced by image features (computed here, or given).
+
+        The image path always runs before the token embedding, on a dummy image when the micro-batch has none:
+        ZeRO-3 ranks must gather (forward) and reduce (backward) the same parameters in the same order, and autograd
+        orders the backward by creation, so a rank that ran the tower after the embedding would diverge."""
+        dummy = features is None and pixel_values is None
+        if dummy:
             size = self.vlm.config.vision_config.image_size
-            dummy = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
-            return embeds + 0.0 * self.image_embeddings(dummy).sum()
+            pixel_values = torch.zeros(1, 3, size, size, dtype=self.dtype, device=input_ids.device)
         if features is None:
-            features = self.image_features(pixel_values.to(embeds.dtype))
+            features = self.image_features(pixel_values.to(self.dtype))
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        if dummy:
+            return embeds + 0.0 * features.sum()
         mask = (input_ids == self.vlm.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         if mask.sum() != features.numel():
             raise ValueError(f"{int(mask.sum()) // embeds.shape[-1]} image tokens for {features.shape[0]} image(s) "
@@ -102,9 +109,10 @@ class VLMForTraining(nn.Module):
 
     def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features)
-        # Packed rows: no mask, so transformers builds the per-sample causal mask from restarting positions.
-        mask = None if batch.get("packed", False) else batch.get("attention_mask")
-        return self.decode(embeds, mask, batch.get("position_ids"))
+        # Packed rows: no mask, so transformers builds the per-sample causal mask from restarting positions
+        # (flash_attention_2: the varlen boundaries, with the rows laid end to end; see pretrain.model.attention).
+        return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
+                           batch.get("position_ids"), packed=batch.get("packed", False))
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

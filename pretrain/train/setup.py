@@ -69,12 +69,14 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
     trainable = apply_stage(model, cfg.train.stage)
+    # The wrapper holds the optional alignment heads: they need optimizer groups and ZeRO partitioning too.
+    module = VLMForTraining(model, cfg.objectives, seed=cfg.run.seed)
     t = cfg.train
-    groups = param_groups(model, t.lr, t.weight_decay, t.lr_multipliers)
+    groups = param_groups(module, t.lr, t.weight_decay, t.lr_multipliers)
     optimizer = make_optimizer(groups, cfg, optimizer_offloaded(ds_config))
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, *_ = deepspeed.initialize(model=VLMForTraining(model), optimizer=optimizer, lr_scheduler=scheduler,
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     del hf_ds
     image_processor = image_processor_for(cfg)
