@@ -11,14 +11,12 @@ from conftest import launch, write_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.config import Config, load_config
+from pretrain.data import pipeline
 from pretrain.data.batching import collate
-from pretrain.data.image import ImageTransform
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.synthetic import make_sample
-from pretrain.data.text import TextProcessor
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.vlm import VLMForTraining
-from pretrain.train.setup import image_processor_for
 
 
 def train_run(root: Path, assets: dict, shapes: dict, nproc: int = 2, llm: str = "llama", vision: str = "clip",
@@ -38,10 +36,7 @@ def run_config(run_dir: Path) -> Config:
 
 def sample_processor(cfg: Config, tokenizer, vlm_config) -> SampleProcessor:
     """What the trainer builds (train/setup.py build_engine) to turn raw samples into model inputs."""
-    image_processor = image_processor_for(cfg)
-    text = TextProcessor(tokenizer, vlm_config.image_token_id, vlm_config.image_seq_length, cfg.data.max_length)
-    transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
-    return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
+    return pipeline.sample_processor(cfg, tokenizer, vlm_config, pipeline.image_processor_for(cfg.model))
 
 
 def val_samples(n: int = 2) -> list[dict]:

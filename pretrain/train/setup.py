@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pretrain.config import Config, DataSource
-from pretrain.data.image import ImageTransform, image_processor_for_vision_config
 from pretrain.data.loader import LoaderSpec, ResumableLoader
+from pretrain.data.pipeline import image_processor_for, sample_processor
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import expand_urls
-from pretrain.data.text import TextProcessor
-from pretrain.model.build import ZeroContext, build_model, load_component_config, load_tokenizer
+from pretrain.model.build import ZeroContext, build_model, load_tokenizer
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
@@ -32,17 +31,6 @@ class Built:
     processor: SampleProcessor
     image_processor: Any
     trainable: dict[str, int]
-
-
-def image_processor_for(cfg: Config):
-    m = cfg.model
-    source = m.init_from or (m.vision if isinstance(m.vision, str) else None)
-    if source:
-        try:
-            return AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            log.warning("no image processor in %s (%s); using one built from the vision config", source, err)
-    return image_processor_for_vision_config(load_component_config(m.vision, vision=True))
 
 
 def make_optimizer(groups: list[dict], cfg: Config, offloaded: bool) -> torch.optim.Optimizer:
@@ -79,11 +67,9 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     del hf_ds
-    image_processor = image_processor_for(cfg)
-    vlm_cfg = model.config
-    text = TextProcessor(tokenizer, vlm_cfg.image_token_id, vlm_cfg.image_seq_length, cfg.data.max_length)
-    transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
-    processor = SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
+    # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
+    image_processor = image_processor_for(cfg.model)
+    processor = sample_processor(cfg, tokenizer, model.config, image_processor)
     return Built(engine, tokenizer, processor, image_processor, trainable)
 
 
