@@ -3,10 +3,12 @@ to run real multi-process training through `pretrain launch`. No network: hub ac
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,14 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A plain tar of (key, {ext: bytes}) samples, for hand-made good and bad shards."""
+    with tarfile.open(path, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path

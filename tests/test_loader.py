@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from itertools import islice
 
 import pytest
+from conftest import write_tar
 from transformers import AutoImageProcessor
 
 from pretrain.data.image import ImageTransform
@@ -74,15 +74,6 @@ def test_exact_resume(processor, shapes, workers, packing, stop_at):
         assert any(s.pending for s in first.slot_states.values())  # and a sample was carried over
 
 
-def _tar(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
 def test_bad_samples_are_skipped_and_counted(processor, shapes, tmp_path):
     good = tarfile.open(expand_urls(shapes["val"]["urls"])[0])
     members = {m.name: good.extractfile(m).read() for m in good.getmembers()}
@@ -100,7 +91,7 @@ def test_bad_samples_are_skipped_and_counted(processor, shapes, tmp_path):
         ("empty", {"png": png, "json": json.dumps({"caption": " "}).encode()}),
         ("ok1", {"png": png, "txt": b"two blue squares on the left."}),
     ]
-    _tar(tmp_path / "bad.tar", samples)
+    write_tar(tmp_path / "bad.tar", samples)
     loader = _loader(processor, str(tmp_path / "bad.tar"), shuffle=False, rows_per_batch=2)
     next(iter(loader))
     stats = loader.stats()

@@ -3,28 +3,16 @@ summary as the last line, exit 0 whenever the input could be read."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 from _shard_fixtures import bad_images, image_bytes
-from conftest import write_config
+from conftest import write_config, write_tar
 
 from pretrain.cli import main
 from pretrain.data.stream import expand_urls
 
 CAPTION = json.dumps({"caption": "two blue squares on the left."}).encode()
-
-
-def _tar(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +42,7 @@ def bad_shard(tmp_path_factory):
         ("longchat", {"jpg": jpeg, "json": json.dumps(long_chat).encode()}),
         ("good2", {"png": image_bytes("PNG", (30, 30), "RGBA"), "json": CAPTION}),
     ]
-    return _tar(tmp_path_factory.mktemp("bad") / "bad-000000.tar", samples)
+    return write_tar(tmp_path_factory.mktemp("bad") / "bad-000000.tar", samples)
 
 
 def _verify(capsys, *args) -> tuple[int, list[str], str]:
