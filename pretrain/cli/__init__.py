@@ -8,6 +8,8 @@ import importlib
 import logging
 import sys
 
+from pretrain.config import ConfigError
+
 # Sub-command modules, in the order `pretrain --help` lists them.
 COMMANDS = ("train", "launch", "submit", "demo", "shards", "verify", "convert", "generate", "eval", "bench", "plan")
 
@@ -39,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as err:
+        # One place reports a config that cannot run, for every command: the key, what is valid, exit 2.
+        name = " ".join(filter(None, (args.command, getattr(args, "shards_command", None))))
+        print(f"pretrain {name}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import load_config
 from pretrain.plan.estimate import GIB, GPUS, Cluster
 from pretrain.plan.planner import SCALE, Plan, make_plan
 
@@ -40,18 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        cluster = Cluster(GPUS[args.gpu], mfu=args.mfu, net_Bps=args.net_gbps * 1e9 / 8,
-                          gpus_per_node=args.gpus_per_node, cpu_adam_params_per_s=args.cpu_adam_rate,
-                          overhead_gib=args.overhead_gib)
-        plan = make_plan(cfg, args.gpus, args.gpu, args.tokens, args.mfu, args.zero, SCALE, cluster,
-                         seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
-                         images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
-                         micro_batch=args.micro_batch, chunked_ce=not args.no_chunked_ce)
-    except ConfigError as err:
-        print(f"pretrain plan: {err}", file=sys.stderr)
-        return 2
+    # A ConfigError (bad key, unresolvable model) is reported by pretrain.cli.main, exit 2.
+    cfg = load_config(args.config, args.overrides)
+    cluster = Cluster(GPUS[args.gpu], mfu=args.mfu, net_Bps=args.net_gbps * 1e9 / 8,
+                      gpus_per_node=args.gpus_per_node, cpu_adam_params_per_s=args.cpu_adam_rate,
+                      overhead_gib=args.overhead_gib)
+    plan = make_plan(cfg, args.gpus, args.gpu, args.tokens, args.mfu, args.zero, SCALE, cluster,
+                     seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
+                     images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
+                     micro_batch=args.micro_batch, chunked_ce=not args.no_chunked_ce)
     print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, args.config))
     return 0
 

@@ -22,11 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pretrain.train import dist
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"pretrain train: {err}", file=sys.stderr)
-        return dist.EXIT_CONFIG
+    cfg = load_config(args.config, args.overrides)  # a ConfigError is reported by pretrain.cli.main
     try:
         from pretrain.train.trainer import Trainer
 

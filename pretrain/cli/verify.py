@@ -49,10 +49,7 @@ def _shard_urls(patterns: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pretrain.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.override)
-    except ConfigError as err:
-        return _error(str(err))
+    cfg = load_config(args.config, args.override)  # a ConfigError is reported by pretrain.cli.main
     try:
         urls = _shard_urls(args.urls)
     except FileNotFoundError as err:
