@@ -27,10 +27,6 @@ class TokenizedText:
     labels: list[int]
     truncated: bool = False
 
-    @property
-    def n_label_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
 
 class TextProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_tokens: int,

@@ -70,10 +70,6 @@ class VLMForTraining(nn.Module):
         feats = torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
         return feats * 0.0 if self.zero_image_features else feats
 
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens of all images laid end to end, (images x tokens, hidden)."""
-        return self.image_features(pixel_values).flatten(0, 1)
-
     @property
     def dtype(self) -> torch.dtype:
         return self.vlm.get_input_embeddings().weight.dtype
