@@ -68,7 +68,7 @@ def test_llava_zero3_json_is_the_base_and_ours_win_where_validated(tmp_path):
     # Batch, clipping, precision: ours, always (the file's "auto"s and fp16 block do not survive).
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (4, 3, 24)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"] == {"enabled": False}
     # Optimizer and scheduler are the trainer's.
     assert "optimizer" not in ds and "scheduler" not in ds
     zero = ds["zero_optimization"]

@@ -21,6 +21,7 @@ from pretrain.bench.common_practice import IGNORE, LlavaShardDataset, LlavaStyle
 from pretrain.config import Config
 from pretrain.data.stream import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
+from pretrain.train import dist
 
 
 def llava_ds_config(cfg: Config) -> dict[str, Any]:
@@ -89,10 +90,7 @@ class _StepTimer(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, *_: Any, **__: Any) -> None:
         now = time.perf_counter()
         b = self.trainer.bench
-        totals = torch.tensor([b["tokens"], b["samples"], b["flops"]], dtype=torch.float64, device=args.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
-        tokens, samples, flops = totals.tolist()
+        tokens, samples, flops = dist.all_reduce_values([b["tokens"], b["samples"], b["flops"]])
         elapsed = now - self.last
         if self.out is not None:
             record = {"step": state.global_step, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,

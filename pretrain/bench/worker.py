@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.bench.peer import train_peer
 
             result = train_peer(cfg, out, args.batch, args.steps)
-        mem = torch.tensor([result["gpu_mem_gib"] or 0.0], dtype=torch.float64, device=dist.device())
-        result["gpu_mem_gib"] = dist.all_reduce(mem, "max").item() if result["gpu_mem_gib"] is not None else None
+        (mem,) = dist.all_reduce_values([result["gpu_mem_gib"] or 0.0], "max")
+        result["gpu_mem_gib"] = mem if result["gpu_mem_gib"] is not None else None
         result["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
         if int(os.environ.get("RANK", "0")) == 0:
             (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -52,6 +52,7 @@ class LoaderSpec:
     packing: bool = False
     pad_id: int = 0
     epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
+    single_pass: bool = False  # one epoch of every source, then the last (partial) batch and the end (validation)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class SlotPipeline:
         self.skipped = [dict(d) for d in st.skipped] or [{} for _ in range(n)]
         self.truncated, self.batches = st.truncated, st.batches
         self.batcher = Batcher(spec.rows_per_batch, spec.max_length, spec.packing)
+        self._done: set[int] = set()  # sources whose single pass is complete
         self._restore(st)
 
     def _restore(self, st: SlotState) -> None:
@@ -106,34 +108,55 @@ class SlotPipeline:
             ok=list(self.ok), skipped=[dict(d) for d in self.skipped], truncated=self.truncated,
             batches=self.batches)
 
-    def _next_raw(self):
-        if len(self.streams) == 1:
-            src = 0
-        else:
-            src = self.mix_rng.choices(range(len(self.streams)), weights=self.spec.weights)[0]
-        return src, self.streams[src].next()
+    def _next_raw(self) -> tuple[int, object] | None:
+        """The next (source, raw sample); None once every source finished its single pass."""
+        live = [i for i in range(len(self.streams)) if i not in self._done]
+        while live:
+            src = live[0] if len(live) == 1 else self.mix_rng.choices(live, [self.spec.weights[i] for i in live])[0]
+            raw = self.streams[src].next()
+            if not (self.spec.single_pass and self.streams[src].state.epoch > 0):
+                return src, raw
+            self._done.add(src)  # that sample opened the source's second epoch: the pass over it is complete
+            live.remove(src)
+        return None
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            item = self.buffer.push_pop(self._next_raw())
-            if item is None:
-                continue
-            src, raw = item
-            try:
-                sample = self.processor(raw.parts)
-            except SampleError as err:
-                self.skipped[src][err.reason] = self.skipped[src].get(err.reason, 0) + 1
-                continue
-            self.ok[src] += 1
-            self.truncated += int(sample.truncated)
-            rows = self.batcher.push(((src, raw.url, raw.index), sample), len(sample))
-            if rows is None:
-                continue
-            self.batches += 1
-            batch = collate([[s for _, s in row] for row in rows], self.spec.pad_id)
-            batch["_slot"] = self.slot
-            batch["_state"] = self.state()
-            yield batch
+            raw = self._next_raw()
+            if raw is None:
+                break
+            rows = self._add(self.buffer.push_pop(raw))
+            if rows is not None:
+                yield self._batch(rows)
+        while self.buffer.items:  # single pass over: what the shuffle buffer and the batcher still hold
+            rows = self._add(self.buffer.push_pop(None))
+            if rows is not None:
+                yield self._batch(rows)
+        rest = self.batcher.rows + ([self.batcher.current] if self.batcher.current else [])
+        if rest:
+            self.batcher.rows, self.batcher.current = [], []
+            yield self._batch(rest)
+
+    def _add(self, item: tuple[int, object] | None) -> list[list] | None:
+        """Decode one sample into the batcher; a finished micro-batch's rows, or None."""
+        if item is None:
+            return None
+        src, raw = item
+        try:
+            sample = self.processor(raw.parts)
+        except SampleError as err:
+            self.skipped[src][err.reason] = self.skipped[src].get(err.reason, 0) + 1
+            return None
+        self.ok[src] += 1
+        self.truncated += int(sample.truncated)
+        return self.batcher.push(((src, raw.url, raw.index), sample), len(sample))
+
+    def _batch(self, rows: list[list]) -> dict:
+        self.batches += 1
+        batch = collate([[s for _, s in row] for row in rows], self.spec.pad_id)
+        batch["_slot"] = self.slot
+        batch["_state"] = self.state()
+        return batch
 
 
 def _epoch_share(spec: LoaderSpec, urls: list[str], n_slots: int) -> int | None:

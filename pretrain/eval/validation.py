@@ -13,11 +13,11 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from pretrain.eval.metrics import retrieval_metrics
 from pretrain.model.alignment import batch_pairs, gather_with_grad
 from pretrain.model.vlm import VLMForTraining
+from pretrain.train import dist
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -30,12 +30,6 @@ def shuffled_images(batch: dict) -> dict:
     if px is None or px.shape[0] < 2:
         return batch
     return {**batch, "pixel_values": px.roll(1, dims=0)}
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 @torch.no_grad()
@@ -72,7 +66,7 @@ def validation_metrics(model, batches: Iterable[dict], device: torch.device | No
             n_batches += 1
     finally:
         model.train(was_training)
-    totals = _all_reduce(totals.to(device)).cpu()
+    totals = torch.tensor(dist.all_reduce_values(totals.tolist()), dtype=torch.float64)
     loss = totals[0].item() / max(totals[1].item(), 1.0)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": n_batches}
     if image_ablation:

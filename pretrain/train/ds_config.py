@@ -94,7 +94,8 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) 
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: a step skipped for a non-finite loss relies on it (see step.py).
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         # The client optimizer is ours: torch AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded (setup.py).

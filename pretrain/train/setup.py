@@ -80,7 +80,7 @@ def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcess
         world_size=world, num_workers=cfg.data.num_workers if train else 0, seed=cfg.run.seed, shuffle=train,
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
         max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id,
-        epoch_size=cfg.data.epoch_size if train else None)
+        epoch_size=cfg.data.epoch_size if train else None, single_pass=not train)
     for i, urls in enumerate(spec.sources):
         if not urls:
             raise FileNotFoundError(f"data source {i} ({sources[i].urls!r}) matches no shards")

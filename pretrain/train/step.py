@@ -2,16 +2,24 @@
 
 Loss normalisation: the loss of a step is the sum of token losses over the label tokens of the whole global batch
 (all micro-batches of the accumulation window, all ranks) divided by their count, not a mean of per-rank means. The
-label count is all-reduced before the window's backward passes, and each micro-batch's summed loss is scaled by
-dp x accumulation / count, because DeepSpeed divides by both.
+label count comes from the host batch and is all-reduced on the device before the window's backward passes (no read
+back), and each micro-batch's summed loss is scaled by dp x accumulation / count, because DeepSpeed divides by both.
 
-Non-finite losses: the decision is all-reduced so every rank skips alike. With accumulation the bad micro-batch
-adds nothing but still passes DeepSpeed's step() to keep its accumulation boundary aligned.
+One host synchronisation per step: the loss sum and the non-finite count stay on the device; after the last
+micro-batch's forward they are reduced in one collective with the caller's host numbers (`shared`: the stop request,
+and on logging steps the window's counters) and read back once. The grad norm is read only when asked (logging).
+
+Non-finite losses: a step with a non-finite loss in any micro-batch on any rank is skipped whole, on every rank
+alike, and no NaN reaches the weights. Without accumulation the update is simply not made (no backward, no
+optimizer step). With accumulation the earlier micro-batches have already run their backward, so every rank runs the
+last backward with a non-finite loss and DeepSpeed's overflow check discards the gradients and skips the update
+(ZeRO 1-3; at stage 0 the gradients are dropped before the optimizer, which skips parameters without one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +37,8 @@ class StepResult:
     nonfinite: bool
     label_tokens: float  # over the global batch
     lrs: dict[str, float]  # learning rate of each parameter group for this step (before the scheduler moved on)
+    shared: list[float] = field(default_factory=list)  # the caller's `shared` numbers summed over ranks
+    stop: bool = False  # some rank's `stop_requested()` said so (read as late as the step's one collective)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -36,40 +46,61 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def label_tokens(batch: dict) -> int:
-    """Positions whose next token is a label: where the loss (and the LM head) is computed."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    """Positions whose next token is a label: where the loss (and the LM head) is computed. Counted on the host
+    batch through numpy, so it never touches the device."""
+    return int((batch["labels"][:, 1:].numpy() != IGNORE).sum())
 
 
-def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, faults: Faults,
-               step: int) -> StepResult:
+def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, faults: Faults, step: int,
+               shared: Sequence[float] = (), read_grad_norm: bool = True,
+               stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
     """Forward/backward over the micro-batches of one step and the optimizer update; `step` is the new step's
-    number (for fault injection)."""
+    number (for fault injection). `shared`: host numbers to sum over ranks in the step's one collective, which also
+    carries `stop_requested()` (asked after the last forward, so a signal during the step is seen in this step)."""
     gas = len(batches)
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-    n_labels = dist.all_reduce(torch.tensor([sum(label_tokens(b) for b in batches)], dtype=torch.float64))
-    n_labels = max(float(n_labels.item()), 1.0)
-    scale = world * gas / n_labels
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    skipped = 0
-    for batch in batches:
+    n_local = sum(label_tokens(b) for b in batches)
+    n_global = dist.all_reduce(torch.tensor(float(n_local), dtype=torch.float64).to(device, non_blocking=True))
+    scale = (world * gas) / n_global.clamp(min=1.0)  # on the device: nothing is read back here
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_bad = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
         loss, _ = engine(to_device(batch, device))
         if faults.loss_is_nan(step):
             loss = loss * float("nan")
         faults.maybe_sleep(step)
-        bad = dist.all_reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]), "max").item()
-        if bad:
-            skipped += 1
-            if gas == 1:
-                break  # no backward, no step: the update is skipped on every rank alike
-            engine.step()  # keep DeepSpeed's accumulation boundary aligned; this micro-batch adds nothing
-            continue
-        engine.backward(loss * scale)
+        loss_sum += loss.detach().double()
+        n_bad += (~torch.isfinite(loss.detach())).double()
+        if i < gas - 1:
+            engine.backward(loss * scale.to(loss.dtype))
+            engine.step()
+    stop = 1.0 if stop_requested() else 0.0
+    total, bad, n_labels, stops, *shared_sums = dist.all_reduce_values([loss_sum, n_bad, n_local, stop, *shared])
+    if bad:
+        _skip_update(engine, loss, gas)
+    else:
+        engine.backward(loss * scale.to(loss.dtype))
         engine.step()
-        loss_sum += loss.detach().double().cpu()
-    total = dist.all_reduce(loss_sum.clone()).item()
-    norm = engine.get_global_grad_norm() if not skipped or gas > 1 else None
-    return StepResult(loss=total / n_labels if not skipped else float("nan"), grad_norm=_float(norm),
-                      nonfinite=bool(skipped), label_tokens=n_labels, lrs=lrs)
+    norm = _float(engine.get_global_grad_norm()) if read_grad_norm and not bad else None
+    n_labels = max(n_labels, 1.0)
+    return StepResult(loss=total / n_labels if not bad else float("nan"), grad_norm=norm, nonfinite=bool(bad),
+                      label_tokens=n_labels, lrs=lrs, shared=shared_sums, stop=stops > 0)
+
+
+def _skip_update(engine: Any, loss: torch.Tensor, gas: int) -> None:
+    """Every rank calls this alike when the step had a non-finite loss anywhere; the weights stay as they were."""
+    if gas == 1:
+        return  # no backward ran: no gradient to drop, no optimizer step
+    # The accumulation boundary must still pass (DeepSpeed counts micro-steps); make every rank's gradients
+    # non-finite so the overflow check of the ZeRO optimizer discards them all and skips the update.
+    engine.backward(loss * float("nan"))
+    if engine.zero_optimization_stage() == 0:
+        for p in engine.module.parameters():  # no overflow check at stage 0: the optimizer skips grad-less params
+            p.grad = None
+    engine.step()
+    if engine.zero_optimization_stage() > 0 and engine.was_step_applied():
+        raise RuntimeError("DeepSpeed applied an update with non-finite gradients; enable its overflow check "
+                           "(bf16.check_grad_overflow, gradient clipping)")
 
 
 def _float(x: Any) -> float | None:

@@ -158,19 +158,24 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = [next(it) for _ in range(t.grad_accum)]
                 window.wait += time.perf_counter() - t0
-                out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1)
-                self.step += 1
-                self.faults.maybe_die(self.rank, self.step)
+                logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
                 self._pending_tokens += window.add(batches)
                 self.flops.add(batches)
+                counts = _LogCounts.pack(self, window) if logging else None
+                # The stop request (and on logging steps the counters) ride on the step's one collective.
+                out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1,
+                                 shared=counts.values if counts else (), read_grad_norm=logging,
+                                 stop_requested=lambda: self.stop.requested)
+                self.step += 1
+                self.faults.maybe_die(self.rank, self.step)
                 self._count_nonfinite(out)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self._log(writer, out, window)
+                if counts is not None:
+                    self._log(writer, out, window, counts.unpack(out.shared))
                     window = _Window()
                 writer.advance(1, None if math.isnan(out.loss) else out.loss)
                 if t.val_every and self.step % t.val_every == 0:
                     self.validator.run(writer, self.step)
-                signalled = dist.all_reduce(torch.tensor([1.0 if self.stop.requested else 0.0]), "max").item()
+                signalled = out.stop
                 sliced = t.stop_at_step is not None and self.step >= t.stop_at_step
                 every = self.cfg.checkpoint.every_steps
                 if signalled or sliced or (every and self.step % every == 0) or self.step == t.max_steps:
@@ -203,14 +208,14 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / name).write_text(f"{self.step}\n")
 
-    def _log(self, writer: MetricsWriter, out: StepResult, w: _Window) -> None:
+    def _log(self, writer: MetricsWriter, out: StepResult, w: _Window, totals: dict) -> None:
+        """One metrics line from the counters reduced with the step (`_LogCounts`): no collective of its own."""
         elapsed = time.perf_counter() - w.start
-        totals = dist.all_reduce(torch.tensor([w.tokens, w.samples, self.flops.take()], dtype=torch.float64))
-        tokens, samples, flops = totals.tolist()
-        self._sync_tokens()
-        stats = self.loader.stats()
-        self._check_bad_fraction(stats)
-        skipped = _reduce_counts(stats["skipped"])
+        self.tokens_seen += int(totals["pending"])
+        self._pending_tokens = 0
+        self._check_bad_fraction(totals["ok"], totals["bad"], totals["reasons_by_source"])
+        skipped = totals["reasons"]
+        tokens, samples, flops = totals["tokens"], totals["samples"], totals["flops"]
         lrs = {f"lr/{name}": lr for name, lr in out.lrs.items()}
         values = {
             "loss": out.loss, "lr": next(iter(lrs.values())), "grad_norm": out.grad_norm,
@@ -227,21 +232,19 @@ class Trainer:
 
     def _sync_tokens(self) -> None:
         """Collective: add every rank's tokens since the last sync to tokens_seen."""
-        pending = dist.all_reduce(torch.tensor([self._pending_tokens], dtype=torch.float64))
-        self.tokens_seen += int(pending.item())
+        (pending,) = dist.all_reduce_values([self._pending_tokens])
+        self.tokens_seen += int(pending)
         self._pending_tokens = 0
 
-    def _check_bad_fraction(self, stats: dict) -> None:
+    def _check_bad_fraction(self, ok: list[float], bad: list[float], reasons: list[dict]) -> None:
         d = self.cfg.data
-        ok = dist.all_reduce(torch.tensor(stats["ok"], dtype=torch.float64))
-        bad = dist.all_reduce(torch.tensor([sum(s.values()) for s in stats["skipped"]], dtype=torch.float64))
         for i in range(len(ok)):
             seen = ok[i] + bad[i]
             if seen >= d.bad_min_samples and bad[i] / seen > d.max_bad_fraction:
                 raise DataSourceError(
                     f"data source {i} ({d.train[i].urls}): {int(bad[i])} of {int(seen)} samples skipped "
                     f"({bad[i] / seen:.1%} > data.max_bad_fraction={d.max_bad_fraction}); reasons: "
-                    f"{stats['skipped'][i]}. Run `pretrain shards verify` on it.")
+                    f"{reasons[i]}. Run `pretrain shards verify` on it.")
 
     def validate(self) -> float:
         """Validation loss over train.val_batches batches per rank (collective)."""
@@ -257,19 +260,36 @@ class _Window:
 
     def add(self, batches: list[dict]) -> int:
         """Count one step; returns its (non-padding) tokens on this rank."""
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)  # host batch: no device op
         self.steps += 1
         self.tokens += tokens
         self.samples += sum(b["n_samples"] for b in batches)
         return tokens
 
 
-def _reduce_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
-    """Skip counts summed over sources and ranks, over the fixed reason list so every rank reduces alike; every
-    reason is returned (zeros included) so TensorBoard shows a line per reason from the start."""
-    local = torch.zeros(len(REASONS), dtype=torch.float64)
-    for d in dicts:
-        for k, v in d.items():
-            local[REASONS.index(k) if k in REASONS else -1] += v
-    total = dist.all_reduce(local)
-    return {k: int(v) for k, v in zip(REASONS, total.tolist())}
+class _LogCounts:
+    """What a metrics line sums over ranks, flattened to numbers that ride on the step's one collective: window
+    tokens, samples and FLOPs, tokens since the last sync, per-source ok/skipped samples, and skips per reason over
+    the fixed reason list (every rank packs alike; every reason is reported, zeros included, so TensorBoard shows a
+    line per reason from the start)."""
+
+    def __init__(self, values: list[float], n_sources: int, reasons_by_source: list[dict]) -> None:
+        self.values, self.n_sources, self.reasons_by_source = values, n_sources, reasons_by_source
+
+    @classmethod
+    def pack(cls, trainer: Trainer, w: _Window) -> _LogCounts:
+        stats = trainer.loader.stats()
+        reasons = [0.0] * len(REASONS)
+        for d in stats["skipped"]:
+            for k, v in d.items():
+                reasons[REASONS.index(k) if k in REASONS else -1] += v
+        values = [w.tokens, w.samples, trainer.flops.take(), trainer._pending_tokens, *stats["ok"],
+                  *[sum(s.values()) for s in stats["skipped"]], *reasons]
+        return cls([float(v) for v in values], len(stats["ok"]), stats["skipped"])
+
+    def unpack(self, sums: list[float]) -> dict:
+        n = self.n_sources
+        tokens, samples, flops, pending = sums[:4]
+        ok, bad, reasons = sums[4:4 + n], sums[4 + n:4 + 2 * n], sums[4 + 2 * n:]
+        return {"tokens": tokens, "samples": samples, "flops": flops, "pending": pending, "ok": ok, "bad": bad,
+                "reasons": {k: int(v) for k, v in zip(REASONS, reasons)}, "reasons_by_source": self.reasons_by_source}

@@ -130,16 +130,35 @@ class Validator:
 
     @torch.no_grad()
     def loss(self) -> float:
+        """Mean token loss over one pass of `data.val` (at most train.val_batches batches per rank). ZeRO-3
+        lockstep: before each batch the ranks agree whether any of them still has one; a rank whose shards ran dry
+        runs its last batch again through the same modules and does not count it."""
         loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, self.rank,
                              self.world, train=False)
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for _, batch in zip(range(self.cfg.train.val_batches), loader):
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        it, spare = iter(loader), None
+        for _ in range(self.cfg.train.val_batches):
+            batch = next(it, None)
+            (holders,) = dist.all_reduce_values([batch is not None])  # one number per batch, host-side
+            if holders == 0:
+                break
+            if batch is None and spare is None:
+                spare = self._spare_batch()
+            batch = batch if batch is not None else spare
             loss, n = self.engine(to_device(batch, self.device))
-            total += torch.tensor([loss.item(), n.item()], dtype=torch.float64)
+            if batch is not spare:
+                total += torch.stack([loss.double(), n.double()])
+                spare = batch
         self.engine.train()
-        total = dist.all_reduce(total)
-        return total[0].item() / max(total[1].item(), 1.0)
+        loss_sum, count = dist.to_host(dist.all_reduce(total))
+        return loss_sum / max(count, 1.0)
+
+    def _spare_batch(self) -> dict:
+        """A batch for a rank that had no validation data at all: the first of the whole val set."""
+        loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, 0, 1,
+                             train=False)
+        return next(iter(loader))
 
     def captions(self) -> list[dict[str, Any]]:
         """[{generated, truth, image}] on rank 0 (empty elsewhere)."""
