@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,10 @@ class _StepTimer(TrainerCallback):
         self.last = time.perf_counter()
 
 
-def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int) -> dict[str, Any]:
-    """Train `steps` optimizer steps; returns what rank 0 writes to result.json."""
+def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int,
+               callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+    """Train `steps` optimizer steps; returns what rank 0 writes to result.json. `callbacks`: more of
+    transformers' TrainerCallback (a sync counter)."""
     from pretrain.data.pipeline import image_processor_for, vlm_config_for
     from pretrain.model.build import ZeroContext, build_model, load_tokenizer
     from pretrain.model.stages import apply_stage
@@ -128,6 +131,8 @@ def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int) -> dict[str, 
     if rank0:
         metrics.unlink(missing_ok=True)
     trainer.add_callback(_StepTimer(trainer, metrics if rank0 else None))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     output = trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"batch": batch, "steps": steps, "train_loss": output.training_loss, "gpu_mem_gib": peak,

@@ -129,7 +129,8 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Ten
         return t.clone()
     import torch.distributed as tdist
 
-    work = t.to(comm_device(t.device, group), copy=True)
+    where = comm_device(t.device, group)
+    work = t.clone() if where == t.device else t.to(where)
     tdist.all_reduce(work, op=getattr(tdist.ReduceOp, _OPS[op]), group=group)
     return work.to(t.device)
 
