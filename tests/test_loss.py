@@ -4,6 +4,7 @@ the chunk boundary, one head call whatever the label count, memory O(chunk x voc
 
 from __future__ import annotations
 
+import importlib.util
 import traceback
 from pathlib import Path
 
@@ -22,10 +23,21 @@ from pretrain.model.stages import apply_stage
 from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES
 from pretrain.model.vlm import VLMForTraining
 
-PRETRAIN = str(Path(__file__).resolve().parents[1] / "pretrain")
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = str(ROOT / "pretrain")
 # Ops that read a device value back to the host (or need to, for their output shape).
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
             "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave", "aten::item"}
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_loss = _tool("bench_loss")
 
 
 def _head(hidden: int, vocab: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -35,15 +47,6 @@ def _head(hidden: int, vocab: int, bias: bool, seed: int = 0) -> torch.nn.Linear
 
 def _plain(head, h, t) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-
-def _per_chunk_head_calls(head, h, t, chunk) -> torch.Tensor:
-    """The loss before the fused head: one head call (a ZeRO-3 gather) per chunk of label rows."""
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk):
-        total = total + F.cross_entropy(head(h[start : start + chunk]).float(), t[start : start + chunk],
-                                        reduction="sum")
-    return total
 
 
 def _grads(fn, head, h, t) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -75,52 +78,20 @@ def test_fused_loss_equals_plain_loss_and_calls_the_head_once(bias):
             assert want_grads[1].abs().sum() > 0  # the comparison is not between zeros
 
 
-class _Bytes(TorchDispatchMode):
-    """The largest tensor any op makes (a peak proxy on CPU, where there is no allocator statistic)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel() * o.element_size())
-        return out
-
-
-def _memory(fn, head, h, t) -> tuple[int, int]:
-    """(bytes saved for backward other than the head's own parameters, largest tensor made in forward+backward)."""
-    params = {id(p) for p in head.parameters()}
-    saved = []
-
-    def pack(x):
-        if id(x) not in params:
-            saved.append(x.numel() * x.element_size())
-        return x
-
-    h = h.detach().requires_grad_()
-    with _Bytes() as largest:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            loss = fn(head, h, t)
-        loss.backward()
-    return sum(saved), largest.largest
-
-
 def test_loss_memory_is_chunk_by_vocabulary_not_labels_by_vocabulary():
+    """The figures of tools/bench_loss.py at test size: the earlier per-chunk loop kept every chunk's fp32 logits."""
     vocab, hidden, chunk, rows = 50_000, 32, 128, 1024
     head = _head(hidden, vocab, bias=False)
     h, t = torch.randn(rows, hidden), torch.randint(0, vocab, (rows,))
-    old_saved, old_largest = _memory(lambda m, x, y: _per_chunk_head_calls(m, x, y, chunk), head, h, t)
-    saved, largest = _memory(lambda m, x, y: linear_cross_entropy(m, x, y, chunk), head, h, t)
+    old = bench_loss.loss_memory(bench_loss.per_chunk_head_calls, head, h, t, chunk)
+    new = bench_loss.loss_memory(bench_loss.fused, head, h, t, chunk)
     all_logits = rows * vocab * 4
-    assert old_saved >= all_logits  # the measurement sees what the old loop kept: every chunk's fp32 logits
+    assert old["saved"] >= all_logits  # the measurement sees what the old loop kept
     # The fused loss keeps its inputs and one fp32 log-sum-exp per row: nothing of vocabulary size.
-    assert saved <= rows * (hidden * 4 + 8 + 4) + 1024, saved
+    assert new["saved"] <= rows * (hidden * 4 + 8 + 4) + 1024, new
     # Nothing it makes, forward or backward, exceeds one chunk's fp32 logits or the head's own gradient.
-    assert largest <= max(chunk * vocab * 4, vocab * hidden * 4), largest
-    assert largest < all_logits / 4 and old_largest >= chunk * vocab * 4
+    assert new["largest"] <= max(chunk * vocab * 4, vocab * hidden * 4), new
+    assert new["largest"] < all_logits / 4 and old["largest"] >= chunk * vocab * 4
 
 
 # -- the training forward -----------------------------------------------------------------------------------------
