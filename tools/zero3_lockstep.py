@@ -7,7 +7,7 @@ Cases (each `--steps` optimizer steps):
           rank 1: text only, `--short` label tokens (below one chunk), so no image and no pair
   empty   rank 0 as in uneven; rank 1: text only with no label token at all
 
-    python tools/zero3_lockstep.py [--long 5500 --short 40 --chunk 4096 --steps 4]   (prints a table)
+    python tools/zero3_lockstep.py [--long 2000 --short 40 --chunk 1024 --steps 2]   (prints a table)
 
 It starts 2 ranks itself (torchrun) on tiny random models it writes, or runs as one of them (under torchrun, with
 `--llm/--vision` directories and `--out`): then every rank writes `OUT.rank<R>.json` with its label counts, images,
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pretrain.model.loss import LOSS_CHUNK
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,7 @@ def run_rank(args: argparse.Namespace) -> None:
             losses.append(float(loss.detach()))
         report["cases"][case] = {"labels": batch["n_labels"], "images": images, "pairs": len(batch["image_texts"]),
                                  "seconds": time.perf_counter() - start, "losses": losses}
+        print(f"rank {rank}: {case} done, {report['cases'][case]['seconds']:.1f} s", file=sys.stderr, flush=True)
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(report))
     dist.finish(0)
 
@@ -139,10 +142,10 @@ def launch(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm"), p.add_argument("--vision"), p.add_argument("--out")
-    p.add_argument("--long", type=int, default=5500, help="label tokens of a long caption")
+    p.add_argument("--long", type=int, default=2000, help="label tokens of a long caption")
     p.add_argument("--short", type=int, default=40, help="label tokens of a short text")
-    p.add_argument("--chunk", type=int, default=4096, help="label rows per loss chunk")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=LOSS_CHUNK, help="label rows per loss chunk")
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cases", default="even,uneven,empty")
     p.add_argument("--timeout", type=int, default=600, help="seconds before the launcher calls it a hang")
     p.add_argument("--collective-timeout-minutes", type=int, default=3)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_CHUNK = 4096  # label rows whose fp32 logits exist at once
+LOSS_CHUNK = 1024  # label rows whose fp32 logits exist at once (what pretrain.plan assumes)
 
 
 def _chunks(n: int, chunk: int) -> Iterator[slice]:
