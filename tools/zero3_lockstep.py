@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,14 +122,17 @@ def launch(args: argparse.Namespace) -> int:
                "--long", str(args.long), "--short", str(args.short), "--chunk", str(args.chunk),
                "--steps", str(args.steps), "--cases", args.cases]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        ranks = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout)
+            code = ranks.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            print(f"no result in {args.timeout} s: the ranks are out of lockstep (hung)")
+            os.killpg(ranks.pid, signal.SIGKILL)  # torchrun and both ranks: they would run on orphaned
+            ranks.wait()
+            print(f"no result in {args.timeout} s: the ranks hung (out of lockstep) or the machine is too slow")
             return 1
-        if done.returncode != 0:
-            print(f"the ranks failed (exit {done.returncode})")
-            return done.returncode
+        if code != 0:
+            print(f"the ranks failed (exit {code})")
+            return code
         reports = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
     print(f"{'case':8} {'labels r0/r1':>14} {'images r0/r1':>13} {'s/step':>7}")
     for case in args.cases.split(","):
