@@ -28,8 +28,10 @@ def test_batch_pairs_follow_pixel_order_in_padded_and_packed_rows():
     padded = collate([[a], [b], [c]], pad_id=0)
     packed = collate([[a, b], [c]], pad_id=0)
     for batch in (padded, packed):
+        # The collate's host list and the ids read back (a batch without it) agree.
+        read_back = batch_pairs({k: v for k, v in batch.items() if k != "image_texts"}, IMG)
         pairs = batch_pairs(batch, IMG)
-        assert pairs.texts == [[10, 11, 2], [13, 14, 15, 2]]
+        assert pairs.texts == read_back.texts == [[10, 11, 2], [13, 14, 15, 2]]
         assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10.0, 13.0]  # image i goes with pair i
         assert pairs.keys[0] == hash((10, 11, 2)) and pairs.keys[0] != pairs.keys[1]
 

@@ -3,6 +3,11 @@
 Packed rows carry no attention mask: transformers derives the block-diagonal causal mask from position ids that
 restart at 0 (sdpa/eager/flex) or the varlen boundaries (flash-attention 2), so attention never crosses samples.
 Every batch also carries `sample_lengths` so the boundaries can be checked or used by kernels that want them.
+
+Host-computed indices, so the training forward never reads device values back (a sync that drains the GPU queue):
+`label_index` holds the flat positions (row x width + column) whose next token is a label, `label_targets` those
+labels, `n_labels` their count as a Python int; `image_texts` the label tokens of each sample with an image, in the
+order of `pixel_values` (the alignment objectives' pairs).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
         # Padding continues the positions so the pad tail reads as one more (fully masked) segment.
         position_ids[r, at:] = torch.arange(width - at)
         sample_lengths.append([len(s) for s in row])
+    label_index, label_targets = label_positions(labels)
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -47,7 +53,20 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
         "sample_lengths": sample_lengths,
         "n_samples": sum(len(row) for row in rows),
         "packed": any(len(row) > 1 for row in rows),
+        "label_index": label_index,
+        "label_targets": label_targets,
+        "n_labels": int(label_index.numel()),
+        "image_texts": [[t for t in s.labels if t != IGNORE] for row in rows for s in row
+                        if s.pixel_values is not None],
     }
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions whose next token is a label, those labels) of a (rows, width) label tensor: the rows of the
+    flattened hidden states where the LM head and the loss run."""
+    keep = labels[:, 1:] != IGNORE
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, labels[rows, cols + 1]
 
 
 class Batcher:

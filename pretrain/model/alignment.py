@@ -41,6 +41,15 @@ class Pairs:
 
 
 def batch_pairs(batch: dict, image_token_id: int) -> Pairs:
+    """The samples with an image, in the order of `pixel_values`: the collate's host list (`image_texts`) when the
+    batch has it, else read back from the ids (a device sync), splitting each row into its samples."""
+    texts = batch.get("image_texts")
+    if texts is None:
+        texts = _texts_with_images(batch, image_token_id)
+    return Pairs(texts, [hash(tuple(t)) for t in texts])
+
+
+def _texts_with_images(batch: dict, image_token_id: int) -> list[list[int]]:
     """Split each row into its samples (`sample_lengths`, or one sample per row) and keep those with an image.
     collate() stacks `pixel_values` in the same row-major sample order, so pair i goes with image i."""
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
@@ -52,7 +61,7 @@ def batch_pairs(batch: dict, image_token_id: int) -> Pairs:
             if image_token_id in row_ids[at : at + n]:
                 texts.append([t for t in row_labels[at : at + n] if t != IGNORE])
             at += n
-    return Pairs(texts, [hash(tuple(t)) for t in texts])
+    return texts
 
 
 class AlignmentHeads(nn.Module):

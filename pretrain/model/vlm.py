@@ -1,9 +1,20 @@
 """The training forward: LlavaForConditionalGeneration in, summed next-token loss and label count out.
 
 Why not `model(**batch).loss`: (1) the loss must be averaged over the label tokens of the whole global batch, so we
-return a sum and let the trainer divide; (2) logits are computed only at label positions, in chunks, so a large
-vocabulary never materialises fp32 logits for every token; (3) a micro-batch without images still runs the vision
-tower on a dummy image (its output multiplied by zero), so under ZeRO-3 every rank runs the same collectives.
+return a sum and let the trainer divide; (2) logits are computed only at label positions, by a fused, chunked head +
+cross-entropy (pretrain.model.loss) whose memory is O(chunk x vocabulary) in forward and backward; (3) ZeRO-3
+lockstep, below; (4) no host syncs: label positions, label count and the alignment pairs come from the host batch
+(pretrain.data.batching.collate), so the forward never reads a device value back.
+
+ZeRO-3 lockstep, the rule for anything added here: under ZeRO-3 every module call gathers that module's parameters
+(and its backward gathers them again and reduce-scatters the gradients), collectives that every rank must issue in
+the same order. So on every rank the forward calls the same modules, the same number of times, in the same order,
+whatever the data: never a module call inside a loop whose length depends on the data (label count, image count,
+pair count), never a branch that skips a module for some batches. Concretely: the vision tower runs on a dummy image
+when a micro-batch has none (its output times zero), the LM head is called once per forward whatever the label count
+(none included: the chunk loop runs inside that call), and the alignment objectives run a dummy row where a
+micro-batch has no pair. Loops over data belong inside one module call, on tensors, or on the host.
+tests/test_lockstep.py trains 2 ZeRO-3 ranks on deliberately uneven data under a timeout to hold this.
 
 Alignment objectives (`objectives:` in the config; see pretrain.model.alignment). The trainer divides the summed loss
 of every micro-batch by the label-token count N of the whole global batch. A per-micro-batch mean loss L_a (the
@@ -13,8 +24,7 @@ count: after the trainer's division the step optimises
 i.e. the weight times the label-weighted average of the micro-batches' alignment losses (their plain average when
 micro-batches carry equal label counts), whatever the accumulation and data-parallel sizes. In eval mode (validation)
 the forward returns the plain token loss only, so validation loss and perplexity stay language-model numbers.
-The alignment path runs every step on every rank, with a dummy row where a micro-batch has no pair, for the same
-reason as the dummy image: ZeRO-3 ranks must gather the same parameters in the same order.
+The alignment path runs every step on every rank, with a dummy row where a micro-batch has no pair (lockstep).
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
+from pretrain.data.batching import label_positions
 from pretrain.data.text import IGNORE
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 from pretrain.model.attention import decode_rows
+from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 
 log = logging.getLogger(__name__)
-LOGIT_CHUNK = 4096  # label positions per lm-head chunk
 # The test switch that breaks the image path (features zeroed), so tests can prove they detect it; the same JSON
 # variable as the trainer's fault injection (pretrain.train.faults), empty in any real run.
 FAULTS_ENV = "PRETRAIN_TEST_FAULTS"
@@ -56,6 +67,7 @@ class VLMForTraining(nn.Module):
         faults = json.loads(os.environ.get(FAULTS_ENV, "") or "{}")
         self.zero_image_features = bool(faults.get("zero_image_features"))
         self._warned_no_pairs = False
+        self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
 
     # -- image and text paths ------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -90,11 +102,17 @@ class VLMForTraining(nn.Module):
         embeds = self.vlm.get_input_embeddings()(input_ids)
         if dummy:
             return embeds + 0.0 * features.sum()
+        self._check_image_tokens(features)
         mask = (input_ids == self.vlm.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        if mask.sum() != features.numel():
-            raise ValueError(f"{int(mask.sum()) // embeds.shape[-1]} image tokens for {features.shape[0]} image(s) "
-                             f"of {features.shape[1]} tokens: the data and the model disagree on image tokens")
         return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+    def _check_image_tokens(self, features: torch.Tensor) -> None:
+        """The tower + projector must make as many tokens per image as the data expands each image to
+        (`image_seq_length`; TextProcessor checks every sample against it). Shapes only: no device read."""
+        per_image = self.vlm.config.image_seq_length
+        if features.shape[1] != per_image:
+            raise ValueError(f"the vision tower and projector make {features.shape[1]} tokens per image but the "
+                             f"data has {per_image} image tokens per image: the data and the model disagree")
 
     def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,25 +130,27 @@ class VLMForTraining(nn.Module):
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (summed loss, number of label tokens) for this micro-batch: see the module docstring."""
+        """Returns (summed loss, number of label tokens) for this micro-batch: see the module docstring. The count is
+        a host (CPU) tensor taken from the batch: reading it costs no device sync."""
         pixel_values = batch.get("pixel_values")
         features = None if pixel_values is None else self.image_features(pixel_values.to(self.dtype))
-        hidden = self.hidden_states(batch, features)[:, :-1]
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE
-        token_sum, n = chunked_cross_entropy(self.vlm.lm_head, hidden[keep], targets[keep]), keep.sum()
+        hidden = self.hidden_states(batch, features)
+        index, targets, n = label_rows(batch)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        token_sum = linear_cross_entropy(self.vlm.lm_head, rows, targets, self.loss_chunk)
+        count = torch.tensor(n)
         if not self.training:
-            return token_sum, n
+            return token_sum, count
         o = self.objectives
         loss = o.caption_weight * token_sum
-        parts = {"caption": token_sum.detach() / n.clamp(min=1)}
+        parts = {"caption": token_sum.detach() / max(n, 1)}
         if self.alignment is not None:
             aligned = self.alignment_losses(batch, features)
             weights = {"contrastive": o.contrastive_weight, "itm": o.itm_weight}
             loss = loss + sum(weights[k] * v for k, v in aligned.items() if k in weights) * n
             parts.update({k: v.detach() for k, v in aligned.items()})
         self.last_losses = parts
-        return loss, n
+        return loss, count
 
     def alignment_losses(self, batch: dict, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Mean contrastive and ITM losses of this micro-batch's image-text pairs (and the logit scale)."""
@@ -226,14 +246,10 @@ class VLMForTraining(nn.Module):
         return ids.to(self._device()), mask.to(self._device())
 
 
-def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """Sum of cross-entropy over rows, fp32 logits for at most `chunk` rows at a time."""
-    if hidden.shape[0] == 0:
-        # Still touch the head so every rank runs the same ZeRO-3 gathers.
-        return head(hidden[:0]).float().sum()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[start : start + chunk]).float()
-        total = total + F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
-    return total
+def label_rows(batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(flat hidden-state rows whose next token is a label, their targets, their count): from the collate's host
+    computation when the batch has it, else derived from the labels here (a device sync: hand-made batches)."""
+    if "label_index" in batch:
+        return batch["label_index"], batch["label_targets"], int(batch["n_labels"])
+    index, targets = label_positions(batch["labels"])
+    return index, targets, int(index.numel())
