@@ -143,7 +143,11 @@ class DeepSpeedConfig(Section):
     max_live_parameters: int = Field(default=1_000_000_000, ge=1)
     # Extra raw DeepSpeed keys merged last (dotted keys allowed).
     overrides: dict[str, Any] = Field(default_factory=dict)
-    timeout_minutes: int = Field(default=30, ge=1)
+    # Collective timeout (a hung rank fails the run after this long). Fractions of a minute are allowed.
+    timeout_minutes: float = Field(default=30, gt=0)
+    # How long the other ranks wait for rank-0-only work (checkpoint commit and pruning, the universal-checkpoint
+    # conversion of a large model); they wait in the rendezvous store, not in a collective.
+    rank0_work_timeout_minutes: float = Field(default=720, gt=0)
 
 
 class ObjectivesConfig(Section):

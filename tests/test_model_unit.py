@@ -262,3 +262,22 @@ def test_image_and_pad_tokens_are_added_and_embeddings_grow_from_the_mean(tmp_pa
     check_grown_rows(model.lm_head.weight.detach(), bare_len)
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") >= bare_len
     assert model.config.pad_token_id == tok.pad_token_id >= bare_len
+
+
+def test_model_is_built_on_the_host_in_the_training_precision(tokenizer):
+    from pretrain.train.setup import host_dtype
+
+    # A decoder vocabulary smaller than the tokenizer's: the build grows the embeddings.
+    llm = {**DECODER_SHAPES["llama"], "vocab_size": 64}
+    base = {"model": {"llm": llm, "vision": dict(VISION_SHAPES["clip"]), "tokenizer": "unused"},
+            "data": {"train": [{"urls": "x.tar"}]}}
+    sizes = {}
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = build_config({**base, "train": {"precision": precision, "max_steps": 1, "micro_batch_size": 1}})
+        assert host_dtype(cfg) == want
+        model = build_model(cfg.model, tokenizer, dtype=host_dtype(cfg))
+        assert model.get_input_embeddings().num_embeddings >= len(tokenizer) > 64
+        # Every parameter, the grown embedding rows and the projector included, is in that dtype.
+        assert {p.dtype for p in model.parameters()} == {want}
+        sizes[precision] = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sizes["bf16"] * 2 == sizes["fp32"]

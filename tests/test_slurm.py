@@ -107,6 +107,14 @@ def test_dry_run_cpu_nodes_chain(tmp_path, capsys):
     assert _srun_line(text).split()[1:3] == ["--nodes=2", "--ntasks-per-node=3"]
 
 
+@pytest.mark.parametrize(("flag", "want"), [([], 6), (["--cpus-per-task", "2"], 2)])
+def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path, capsys, flag, want):
+    cfg = _config(tmp_path, str(tmp_path / "run"))
+    text = _dry_run(capsys, str(cfg), "--nodes", "2", "--gpus-per-node", "4", *flag, "data.num_workers=5")
+    assert [d for d in _directives(text) if d.startswith("--cpus")] == [f"--cpus-per-task={want}"]
+    assert f"--cpus-per-task={want}" in _srun_line(text).split()
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["train.max_stepz=3"], "max_stepz"),
     (["train.max_steps=many"], "train.max_steps"),
@@ -207,6 +215,38 @@ def test_gloo_all_reduce_across_two_nodes(slurm_cluster, tmp_path):
     out = _logs(run_dir)
     assert info["JobState"] == "COMPLETED", out
     assert "0: rank=0 host=n1 master=n1 sum=3" in out and "1: rank=1 host=n2 master=n1 sum=3" in out
+
+
+# A task's view under each GPU binding, CUDA_VISIBLE_DEVICES standing in for the GPUs this CPU cluster lacks: all
+# of the node's devices (torchrun, plain srun), or one per task (what --gpus-per-task=1 / --gpu-bind set up).
+BINDINGS = {"all": "export CUDA_VISIBLE_DEVICES=0,1,2,3; ",
+            "one": "export CUDA_VISIBLE_DEVICES=$((SLURM_LOCALID + 2)); "}
+GPU_PROBE = ("import os\n"
+             "from pretrain.train import dist\n"
+             "dist.environment_from_slurm_or_alone()\n"
+             "local = os.environ['LOCAL_RANK']\n"
+             "gpu = dist.bind_gpu()\n"
+             "print(f\"rank={os.environ['RANK']} local={local} visible={os.environ['CUDA_VISIBLE_DEVICES']} \"\n"
+             "      f\"cuda={gpu} LOCAL_RANK={os.environ['LOCAL_RANK']}\")\n")
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("binding", ["all", "one"])
+def test_each_task_picks_its_gpu_under_both_bindings(slurm_cluster, tmp_path, binding):
+    # Two tasks on one node, so the second has SLURM_LOCALID (LOCAL_RANK) 1.
+    command = _bash(BINDINGS[binding] + f"exec {shlex.quote(sys.executable)} -c {shlex.quote(GPU_PROBE)}")
+    spec = SlurmJobSpec(config_path="unused.yaml", output_dir=str(tmp_path / "gpus"), job_name="gpus", nodes=1,
+                        gpus_per_node=0, tasks_per_node=2, command=command, workdir=str(tmp_path))
+    script = write_script(spec, render_script(spec))
+    info = slurm_cluster.wait_job(slurm_cluster.sbatch(script), timeout=60)
+    out = _logs(tmp_path / "gpus")
+    assert info["JobState"] == "COMPLETED", out
+    want = {"all": ["0: rank=0 local=0 visible=0,1,2,3 cuda=0 LOCAL_RANK=0",
+                    "1: rank=1 local=1 visible=0,1,2,3 cuda=1 LOCAL_RANK=1"],
+            "one": ["0: rank=0 local=0 visible=2 cuda=0 LOCAL_RANK=0",
+                    "1: rank=1 local=1 visible=3 cuda=0 LOCAL_RANK=0"]}[binding]
+    for line in want:
+        assert line in out, out
 
 
 @pytest.mark.slurm

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU-only nodes")
     shape.add_argument("--tasks-per-node", type=int, help="default: the GPUs per node (one task per GPU); "
                        "required with --gpus-per-node 0")
-    shape.add_argument("--cpus-per-task", type=int, help="CPUs per task (data-loader workers + threads)")
+    shape.add_argument("--cpus-per-task", type=int, help="CPUs per task; default: data.num_workers + 1 (the "
+                       "loader workers and the training process itself)")
     shape.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
     site = p.add_argument_group("site")
     site.add_argument("--partition")
@@ -67,6 +68,12 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
     return env
 
 
+def cpus_per_task(flag: int | None, num_workers: int) -> int:
+    """--cpus-per-task, else one CPU per loader worker plus one for the training process: without it Slurm gives
+    a task one CPU, and every worker of the task shares that core."""
+    return flag if flag is not None else num_workers + 1
+
+
 def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     """Load and validate the config (a bad config fails here, not on the cluster) and describe the job."""
     cfg = load_config(args.config, args.overrides)
@@ -77,7 +84,8 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     return SlurmJobSpec(
         config_path=args.config, overrides=list(args.overrides), output_dir=cfg.run.output_dir,
         job_name=job_name(args.job_name or cfg.run.name), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+        tasks_per_node=tasks, cpus_per_task=cpus_per_task(args.cpus_per_task, cfg.data.num_workers),
+        time=args.time, partition=args.partition,
         account=args.account, qos=args.qos, signal_secs=args.signal_secs,
         requeue=not (args.no_requeue or args.chain > 1), max_restarts=args.max_restarts, exit_wait=args.exit_wait,
         setup=args.setup, modules=list(args.module), env=_env_pairs(args.env), sbatch_options=list(args.sbatch_option),

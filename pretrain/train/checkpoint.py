@@ -1,10 +1,11 @@
 """Sharded checkpoints that count only once complete.
 
 Layout: `checkpoints/<tag>/` holds DeepSpeed's files (saved with save_latest=False), one `trainer_rank<r>.pt` per
-rank (loader position and RNG states), and `COMMITTED`, written by rank 0 last, after every rank has written and a
-barrier: it lists every file with its size. `checkpoints/latest` (the tag as text, DeepSpeed's own format, so its
-tools read it too) is replaced atomically only after that. A save killed half-way leaves a tag without COMMITTED;
-`latest` still names the previous one, and `resume: auto` passes over the incomplete one with a warning.
+rank (loader position and RNG states), and `COMMITTED`, written by rank 0 last, after every rank has written and
+reported its files: it lists every file with its size as the rank that wrote it reported it. `checkpoints/latest`
+(the tag as text, DeepSpeed's own format, so its tools read it too) is replaced atomically only after that. A save
+killed half-way leaves a tag without COMMITTED; `latest` still names the previous one, and `resume: auto` passes
+over the incomplete one with a warning.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
+def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> Path:
     path = ckpt_dir / f"trainer_rank{rank:05d}.pt"
     tmp = path.with_suffix(".pt.tmp")
     with open(tmp, "wb") as f:
@@ -78,6 +79,7 @@ def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    return path
 
 
 def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
@@ -87,16 +89,26 @@ def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def commit(root: Path, tag: str, meta: dict[str, Any]) -> None:
-    """Rank 0, after a barrier that follows every rank's writes: the marker, then `latest`."""
+def commit(root: Path, tag: str, meta: dict[str, Any], reports: list[dict[str, int]] | None = None) -> None:
+    """Rank 0, once every rank has written: the marker, then `latest`.
+
+    `reports[r]` is what rank r says it wrote ({name: size}, pretrain.train.shared_fs.WrittenFiles); the marker
+    lists those, so a file another node wrote counts even where rank 0's directory cache does not show it yet.
+    Rank 0's own listing adds the files it wrote outside the reports (the export metadata, DeepSpeed's scripts)."""
     ckpt_dir = root / tag
     files = {str(p.relative_to(ckpt_dir)): p.stat().st_size
              for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != COMMIT_MARKER}
+    written_by = {}
+    for rank, report in enumerate(reports or []):
+        files.update(report)
+        written_by[str(rank)] = sorted(report)
     for p in sorted(ckpt_dir.rglob("*")):
         if p.is_dir():
             _fsync_dir(p)
-    _atomic_write(ckpt_dir / COMMIT_MARKER, json.dumps({**meta, "tag": tag, "time": time.time(), "files": files},
-                                                       indent=1))
+    marker = {**meta, "tag": tag, "time": time.time(), "files": dict(sorted(files.items()))}
+    if written_by:
+        marker["written_by"] = written_by
+    _atomic_write(ckpt_dir / COMMIT_MARKER, json.dumps(marker, indent=1))
     _atomic_write(root / LATEST, tag)
 
 

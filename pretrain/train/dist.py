@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +56,7 @@ def environment_from_slurm_or_alone() -> None:
     env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init(timeout_minutes: int) -> tuple[int, int, int]:
+def init(timeout_minutes: float) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, local_rank)."""
     environment_from_slurm_or_alone()
     # torch 2.13 warns on every ZeRO-3 collective DeepSpeed 0.19 issues; one line per step buries the log.
@@ -66,16 +66,17 @@ def init(timeout_minutes: int) -> tuple[int, int, int]:
     if not torch.cuda.is_available():
         # DeepSpeed builds a shared-memory comm op (~45 s compile) on CPU at init; training never uses it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    else:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(bind_gpu())
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank
 
 
 def device() -> torch.device:
     """This rank's compute device (the accelerator LOCAL_RANK names, else the CPU)."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_gpu())
     return torch.device("cpu")
 
 
@@ -202,3 +203,79 @@ def finish(code: int, *, synchronize: bool = True) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---- rank-0-only work, and the GPU a task uses ---------------------------------------------
+# Rank-0-only work (a checkpoint commit, a universal-checkpoint conversion) may outlast the collective timeout
+# (deepspeed.timeout_minutes); the other ranks wait for it in the rendezvous store instead (rank0_work).
+_rank0_calls = 0
+
+
+def rank0_work(work: Callable[[], Any], rank: int, timeout_minutes: float) -> Any:
+    """Run `work` on rank 0 while the others wait for its end without a collective; every rank returns its result
+    or raises its error (as a RuntimeError naming it). All ranks must call it in the same order.
+
+    The others wait on a key in the process group's rendezvous store with `timeout_minutes` (sized for the work),
+    so a long commit or conversion does not trip the collective timeout, nor the NCCL watchdog."""
+    import pickle
+
+    import torch.distributed as dist
+
+    global _rank0_calls
+    _rank0_calls += 1
+    if not active() or dist.get_world_size() == 1:
+        return work() if rank == 0 else None
+    store = dist.distributed_c10d._get_default_store()
+    key = f"pretrain/rank0_work/{_rank0_calls}"
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # handed to the others, then raised here as it was
+            store.set(key, pickle.dumps((None, f"{type(err).__name__}: {err}")))
+            raise
+        store.set(key, pickle.dumps((result, None)))
+        return result
+    store.wait([key], datetime.timedelta(minutes=timeout_minutes))
+    result, error = pickle.loads(store.get(key))
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed: {error}")
+    return result
+
+
+def gpu_ordinal(local_rank: int, visible: int) -> int:
+    """The CUDA device a task uses, whichever way the launcher bound GPUs: with one device visible (Slurm's
+    --gpus-per-task=1 or --gpu-bind, a site's per-task CUDA_VISIBLE_DEVICES) it is device 0 whatever LOCAL_RANK
+    says; with the node's GPUs all visible (torchrun, plain srun) it is LOCAL_RANK."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but {visible} GPU(s) visible to this task: launch one task "
+                           "per GPU, with all of the node's GPUs visible or exactly one per task")
+    return local_rank
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can use: torch's count, or on a host without CUDA the CUDA_VISIBLE_DEVICES list
+    a launcher set (so a CPU node shows the choice a GPU node would make)."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return len([i for i in ids.split(",") if i.strip()]) if ids else 0
+
+
+def local_gpu() -> int:
+    """This task's CUDA ordinal (gpu_ordinal of LOCAL_RANK and the visible devices)."""
+    return gpu_ordinal(int(os.environ.get("LOCAL_RANK", 0)), visible_gpus())
+
+
+def bind_gpu() -> int:
+    """Choose this task's CUDA ordinal (local_gpu) and make LOCAL_RANK name it: DeepSpeed takes LOCAL_RANK as the
+    device ordinal (its NCCL group's device_id, zero.Init, the engine), so under one-GPU-per-task binding a task
+    with LOCAL_RANK 3 would ask for a device that does not exist. Returns the ordinal."""
+    local_rank, visible = os.environ.get("LOCAL_RANK", "0"), visible_gpus()
+    gpu = local_gpu()
+    if str(gpu) != local_rank:
+        os.environ.setdefault("NODE_LOCAL_RANK", local_rank)  # the task's place on its node, kept for the logs
+        os.environ["LOCAL_RANK"] = str(gpu)
+    log.info("LOCAL_RANK %s, %d GPU(s) visible to this task: cuda:%d", local_rank, visible, gpu)
+    return gpu

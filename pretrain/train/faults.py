@@ -1,5 +1,5 @@
 """Fault injection for the tests of the failure paths (a NaN loss, a rank that dies, a save killed half-way, a full
-disk, a slow step).
+disk, a slow step, a slow commit, a rank whose run directory is not the others').
 
 Read from the PRETRAIN_TEST_FAULTS environment variable (JSON); empty in any real run. Kept in one place so the
 trainer's own code stays free of test branches.
@@ -25,6 +25,8 @@ class Faults:
         self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write
         self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to each step (signal tests) ...
         self.step_sleep_from = int(spec.get("step_sleep_from", 1))  # ... from this step on
+        self.commit_sleep = float(spec.get("commit_sleep", 0.0))  # seconds rank 0 adds to each checkpoint commit
+        self.run_dir = spec.get("run_dir")  # {"rank": r, "path": p}: rank r sees run.output_dir at p (node-local)
 
     @staticmethod
     def _hit(spec: dict | None, rank: int, step: int) -> bool:
@@ -48,3 +50,13 @@ class Faults:
     def maybe_disk_full(self, rank: int, step: int, path: str) -> None:
         if self._hit(self.enospc_in_save, rank, step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def maybe_slow_commit(self) -> None:
+        if self.commit_sleep:
+            time.sleep(self.commit_sleep)
+
+    def run_dir_for(self, rank: int, output_dir: str) -> str:
+        """run.output_dir as this rank sees it: another directory for the rank a `run_dir` fault names."""
+        if self.run_dir and self.run_dir["rank"] == rank:
+            return self.run_dir["path"]
+        return output_dir

@@ -45,6 +45,13 @@ def make_optimizer(groups: list[dict], cfg: Config, offloaded: bool) -> torch.op
                              fused=torch.cuda.is_available())
 
 
+def host_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the model is built in on the host: the training precision. DeepSpeed keeps the fp32 master
+    weights itself (its bf16 optimizer, ZeRO's fp32 partitions), so an fp32 build would only be cast down at
+    engine start, after every rank had held a whole fp32 copy: ~2x the host memory at start-up under ZeRO 0-2."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
 def build_engine(cfg: Config, ds_config: dict) -> Built:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -53,7 +60,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     zero = ZeroContext(ds_config)
     # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None
-    model = build_model(cfg.model, tokenizer, zero, seed=cfg.run.seed)
+    model = build_model(cfg.model, tokenizer, zero, dtype=host_dtype(cfg), seed=cfg.run.seed)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
     trainable = apply_stage(model, cfg.train.stage)

@@ -20,7 +20,7 @@ from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.stream import DataSourceError
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import dist, universal
+from pretrain.train import dist, shared_fs, universal
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
@@ -39,27 +39,28 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.run_dir = Path(cfg.run.output_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         # First, so a signal during the (long) set-up is not fatal: the loop then runs one step and checkpoints.
         self.stop = StopRequest()
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         cfg.check_world_size(self.world)
+        self.faults = Faults()
+        self.run_dir = Path(self.faults.run_dir_for(self.rank, cfg.run.output_dir))
+        self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
-        if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+        # Shared file systems: one run directory for all ranks, and rank 0's choice of checkpoint for all.
+        shared_fs.check_one_run_dir(self.run_dir, self.rank)
         self.device = dist.device()
-        self.faults = Faults()
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
-        self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
+        self.resume_from, self.resume_meta = shared_fs.agree_on_resume(cfg.checkpoint.resume, self.ckpt_root,
+                                                                       self.rank)
         self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
                                                                               cfg.deepspeed.zero_stage)
         if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
-            universal.convert(self.resume_from, self.rank)
+            universal.convert(self.resume_from, self.rank, cfg.deepspeed.rank0_work_timeout_minutes)
         self.ds_config = build_ds_config(cfg, self.world, load_universal=self.universal)
         if self.rank == 0:  # what DeepSpeed really ran with, after merging a user's file: for the user to check
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
@@ -67,6 +68,7 @@ class Trainer:
         self.engine, self.tokenizer, self.processor = built.engine, built.tokenizer, built.processor
         self.image_processor = built.image_processor
         self.trainable = built.trainable
+        self.written = shared_fs.WrittenFiles(self.engine)  # what this rank writes into a checkpoint
         self.step = 0
         self.tokens_seen = 0  # over all ranks, updated at each log and save
         self._pending_tokens = 0  # this rank's tokens not yet counted into tokens_seen
@@ -108,24 +110,31 @@ class Trainer:
         return mine["loader"]
 
     def save(self) -> Path:
-        """Every rank writes its shards and trainer state; rank 0 commits after a barrier. A failed write (a full
-        disk) raises CheckpointWriteError naming the checkpoint; earlier ones and `latest` stay as they were."""
+        """Every rank writes its shards and trainer state and reports the files; rank 0 commits what was reported
+        while the others wait for it outside any collective (a commit may outlast deepspeed.timeout_minutes on a
+        slow file system). A failed write (a full disk) raises CheckpointWriteError naming the checkpoint; earlier
+        ones and `latest` stay as they were."""
         tag = ckpt.tag_for(self.step)
+        path = self.ckpt_root / tag
         self._sync_tokens()
         try:
             self._write_checkpoint(tag)
+            report = self.written.report(path)
         except (OSError, RuntimeError) as err:
             raise ckpt.write_failure(self.ckpt_root, tag, err) from err
-        dist.barrier()  # every rank has written its shards and state
-        if self.rank == 0:
+        reports = dist.all_gather_object(report)  # also: every rank has written its shards and state
+
+        def commit() -> None:
+            self.faults.maybe_slow_commit()
             try:
                 ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
-                                                  "zero_stage": self.cfg.deepspeed.zero_stage})
+                                                  "zero_stage": self.cfg.deepspeed.zero_stage}, reports)
             except OSError as err:
                 raise ckpt.write_failure(self.ckpt_root, tag, err) from err
             ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        dist.barrier()
-        return self.ckpt_root / tag
+
+        dist.rank0_work(commit, self.rank, self.cfg.deepspeed.rank0_work_timeout_minutes)
+        return path
 
     def _write_checkpoint(self, tag: str) -> None:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
@@ -135,8 +144,8 @@ class Trainer:
         self.faults.maybe_kill_in_save(self.rank, self.step)
         path = self.ckpt_root / tag
         self.faults.maybe_disk_full(self.rank, self.step, str(path))
-        ckpt.write_rank_state(path, self.rank,
-                              {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step})
+        self.written.add(ckpt.write_rank_state(path, self.rank, {"loader": self.loader.state_dict(),
+                                                                  "rng": ckpt.rng_state(), "step": self.step}))
         if self.rank == 0:
             save_config(self.cfg, path / "config.yaml")  # the resolved config this checkpoint was trained with
             # What an export needs besides the weights: the Llava config, tokenizer and image processor.

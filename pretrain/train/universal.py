@@ -6,8 +6,9 @@ parameter and state (`zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt` + the model-sta
 the LR scheduler), which any number of ranks re-partitions on load with `"checkpoint": {"load_universal": true}`.
 
 The conversion runs once, on rank 0, into `<checkpoint>/universal` (written under a temporary name and renamed when
-complete, so a conversion killed half-way is redone, never half-used); the other ranks wait at a barrier. The
-checkpoint's own files and its commit marker are left as they are.
+complete, so a conversion killed half-way is redone, never half-used); the other ranks wait for it in the
+rendezvous store (dist.rank0_work), not in a collective that would time out, and take its word that it is
+complete. The checkpoint's own files and its commit marker are left as they are.
 
 Optimizer state survives exactly (the same fp32 numbers, re-partitioned); losses after the resume still differ from
 a run that kept its ranks: the data stream starts a new epoch (see merge_loader_states) and sums are reduced in
@@ -55,20 +56,23 @@ def universal_dir(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir) / UNIVERSAL
 
 
-def convert(ckpt_dir: Path, rank: int) -> Path:
+def convert(ckpt_dir: Path, rank: int, timeout_minutes: float) -> Path:
     """Rank 0 converts (unless a complete conversion is there); every rank returns the universal directory once it
-    is complete. Collective: all ranks must call it."""
+    is complete. All ranks must call it; the others wait up to `timeout_minutes` (dist.rank0_work: no collective
+    times out during a long conversion)."""
     out = universal_dir(ckpt_dir)
-    error = ""
-    if rank == 0 and not (out / _DONE).is_file():
+
+    def work() -> str:
         try:
-            _convert(Path(ckpt_dir), out)
+            if not (out / _DONE).is_file():
+                _convert(Path(ckpt_dir), out)
         except OSError as err:
-            error = str(err)
-    dist.barrier()
-    if error or not (out / _DONE).is_file():
-        raise ResumeError(f"could not convert {ckpt_dir} to DeepSpeed's universal format: "
-                          f"{error or 'rank 0 failed; see its output'}")
+            return str(err)
+        return "" if (out / _DONE).is_file() else f"{out / _DONE} missing after the conversion"
+
+    error = dist.rank0_work(work, rank, timeout_minutes)
+    if error:
+        raise ResumeError(f"could not convert {ckpt_dir} to DeepSpeed's universal format: {error}")
     return out
 
 
