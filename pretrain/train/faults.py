@@ -1,5 +1,5 @@
-"""Fault injection for the tests of the failure paths (a NaN loss, a rank that dies, a save killed half-way, a full
-disk, a slow step).
+"""Fault injection for the tests of the failure paths (a NaN loss, a rank that dies, a save killed half-way, a file
+torn by a kill inside DeepSpeed's save, a full disk, a slow step).
 
 Read from the PRETRAIN_TEST_FAULTS environment variable (JSON); empty in any real run. Kept in one place so the
 trainer's own code stays free of test branches.
@@ -8,10 +8,14 @@ trainer's own code stays free of test branches.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
 import time
+
+import psutil
+import torch
 
 ENV = "PRETRAIN_TEST_FAULTS"
 
@@ -25,6 +29,9 @@ class Faults:
         self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write
         self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to each step (signal tests) ...
         self.step_sleep_from = int(spec.get("step_sleep_from", 1))  # ... from this step on
+        # {"rank": r, "step": s, "file": part of a name}: SIGKILL half-way through writing that DeepSpeed file
+        if spec.get("torn_save"):
+            _tear_deepspeed_save(spec["torn_save"])
 
     @staticmethod
     def _hit(spec: dict | None, rank: int, step: int) -> bool:
@@ -48,3 +55,32 @@ class Faults:
     def maybe_disk_full(self, rank: int, step: int, path: str) -> None:
         if self._hit(self.enospc_in_save, rank, step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _tear_deepspeed_save(spec: dict) -> None:
+    """Wrap DeepSpeed's checkpoint writer so that, on one rank and step, the file whose name contains spec["file"]
+    gets the first half of its bytes on disk (flushed), then every rank of the node is SIGKILLed at once, as a
+    node losing power: a real torn shard that no surviving rank cleans up."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if int(os.environ.get("RANK", "0")) != spec["rank"]:
+        return
+    save = TorchCheckpointEngine.save
+    where = f"step_{spec['step']:08d}"
+
+    def torn(engine, state_dict, path: str):
+        if where not in str(path) or spec["file"] not in os.path.basename(str(path)):
+            return save(engine, state_dict, path)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        data = buffer.getvalue()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        for sibling in psutil.Process(os.getppid()).children():  # the launcher's ranks, this one last
+            if sibling.pid != os.getpid():
+                sibling.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    TorchCheckpointEngine.save = torn
