@@ -14,7 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, metrics
+
+from pretrain.train import checkpoint as ckpt
 
 
 def start_launch(config: Path, nproc: int = 2, overrides: list[str] = (), env: dict | None = None) -> subprocess.Popen:
@@ -83,14 +85,31 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
             p.send_signal(sig)
 
 
+def assert_resumed(text: str, run_dir, step: int, before: list[dict]) -> None:
+    """The second launch resumed at `step` (its log says so) and did not redo the steps before it: their
+    metrics.jsonl rows, timings included, are still the ones the first launch wrote."""
+    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(step)} at step {step}" in text, text[-3000:]
+    rows = metrics(run_dir)
+    assert [r for r in rows if r["step"] <= step] == [r for r in before if r["step"] <= step]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def may_mount() -> bool:
+    """Root with CAP_SYS_ADMIN (bit 21 of the effective capabilities): mounting a tmpfs is permitted here."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    caps = next((line.split()[1] for line in status if line.startswith("CapEff:")), "0")
+    return os.geteuid() == 0 and bool(int(caps, 16) >> 21 & 1)
+
+
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[bool]:
-    """A tmpfs of `size` at `path` (real ENOSPC); yields False when mounting is not permitted here."""
+def small_tmpfs(path: Path, size: str) -> Iterator[tuple[bool, str]]:
+    """A tmpfs of `size` at `path` (real ENOSPC). Yields (mounted, mount's own error output when it refused)."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                         text=True)
+    mounted = out.returncode == 0
     try:
-        yield mounted
+        yield mounted, (out.stdout + out.stderr).strip()
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+from _trainer_fixtures import assert_resumed
 from conftest import launch, losses, metrics, write_config
 
 from pretrain.train import checkpoint as ckpt
@@ -50,15 +51,6 @@ def test_run_directory_has_the_contract_files(reference):
     assert ckpt.is_committed(root / "step_00000006") and ckpt.is_committed(root / "step_00000003")
     assert {p.name for p in (root / "step_00000006").glob("trainer_rank*.pt")} == {"trainer_rank00000.pt",
                                                                                    "trainer_rank00001.pt"}
-
-
-def assert_resumed(text: str, run_dir, step: int, before: list[dict]) -> None:
-    """The second launch resumed at `step` (its log says so) and did not redo the steps before it: their
-    metrics.jsonl rows, timings included, are still the ones the first launch wrote."""
-    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(step)} at step {step}" in text, text[-3000:]
-    rows = metrics(run_dir)
-    assert [r for r in rows if r["step"] <= step] == [r for r in before if r["step"] <= step]
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
