@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import ROOT, metrics
 
 from pretrain.train import checkpoint as ckpt
@@ -116,8 +117,8 @@ def small_tmpfs(path: Path, size: str) -> Iterator[tuple[bool, str]]:
 
 
 PROBE = r"""
-import json, sys, torch
-from deepspeed.utils import safe_get_full_optimizer_state
+import json, os, sys, torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from pretrain.config import load_config
 from pretrain.train import dist
 from pretrain.train.trainer import Trainer
@@ -125,26 +126,32 @@ from pretrain.train.trainer import Trainer
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]))
 zero = t.resume_from / "universal" / "zero"
 diff, norm, n = 0.0, 0.0, 0
+loaded = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
 for name, p in t.engine.module.named_parameters():
     if not p.requires_grad:
         continue
+    loaded["fp32"][name] = safe_get_full_fp32_param(p).cpu().clone()
     for key in ("exp_avg", "exp_avg_sq"):
         got = safe_get_full_optimizer_state(p, key).cpu()
+        loaded[key][name] = got.clone()
         want = torch.load(zero / name / f"{key}.pt", weights_only=False)
         want = (want["param"] if isinstance(want, dict) else want).view_as(got)  # ZeRO-1/2 files wrap the tensor
         diff = max(diff, (got - want).abs().max().item())
         norm += want.double().square().sum().item()
         n += 1
+torch.save(loaded, os.environ["PROBE_DUMP"])
 print("PROBE " + json.dumps({"step": t.step, "universal": t.universal, "max_diff": diff, "norm": norm,
                              "tensors": n}), flush=True)
 dist.finish(t.fit())
 """
 
 
-def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) -> tuple[dict, str]:
+def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) -> tuple[dict, str, dict]:
     """A lone `Trainer` process (world size 1): resume, compare its optimizer state with the universal files, then
-    train on. Returns the probe's report and the output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    train on. Returns the probe's report, the output, and the full fp32 weights and Adam moments it had loaded
+    ({"fp32" | "exp_avg" | "exp_avg_sq": {name: tensor}})."""
+    dump = config.parent / "probe_loaded.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PROBE_DUMP": str(dump)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-c", PROBE, str(config), *overrides], capture_output=True, text=True,
@@ -152,4 +159,4 @@ def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) 
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):]), text
+    return json.loads(line[len("PROBE "):]), text, torch.load(dump, weights_only=False)

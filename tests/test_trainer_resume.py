@@ -8,6 +8,8 @@ import shutil
 import warnings
 
 import pytest
+import torch
+from _consolidate_fixtures import STATES, consolidate
 from _trainer_fixtures import may_mount, probe_resume, small_tmpfs
 from conftest import launch, losses, metrics, write_config
 from test_train import _reference_run
@@ -31,28 +33,61 @@ def _cut_back_to(reference, run, step: int) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
+    """The loss of the first step after a resume on 1 rank, computed without DeepSpeed: a plain model holding
+    `weights`, on the micro-batches the resumed loader hands out first (the fresh epoch of a changed world)."""
+    from pretrain.config import load_config
+    from pretrain.data.pipeline import build_processing
+    from pretrain.model.build import build_model
+    from pretrain.model.vlm import VLMForTraining
+    from pretrain.train.setup import make_loader
+    from pretrain.train.universal import merge_loader_states
+
+    cfg = load_config(cfg_path)
+    processing = build_processing(cfg)
+    module = VLMForTraining(build_model(cfg.model, processing.tokenizer), cfg.objectives, seed=cfg.run.seed)
+    missing = set(weights) - set(dict(module.named_parameters()))
+    assert not missing, missing
+    module.load_state_dict(weights, strict=False)  # frozen parameters keep the values they were built with
+    loader = make_loader(cfg, cfg.data.train, processing.processor, processing.tokenizer.pad_token_id, 0, 1,
+                         train=True, state=merge_loader_states(ckpt_dir, 2))
+    it = iter(loader)
+    with torch.no_grad():
+        sums = [module.eval()(next(it)) for _ in range(cfg.train.grad_accum)]
+    return float(sum(t for t, _ in sums) / sum(n for _, n in sums))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, tmp_path_factory, assets, shapes, stage):
     """A 2-rank checkpoint (step 3 of 6) resumed by one process with `checkpoint.resume: auto` (grad_accum 2 keeps
     the global batch). The trainer sees the world-size change, converts the checkpoint to DeepSpeed's universal
-    format and loads it: the Adam moments it holds equal the 2-rank ones exactly (every parameter). The losses that
-    follow are close to the 2-rank run's, not equal: the data stream starts a new epoch (the loader's rule for a
-    changed world: no sample of that epoch twice or never), so the batches differ, and sums reduce in another
-    order."""
+    format and loads it. What it loaded equals DeepSpeed's own consolidation of the ORIGINAL 2-rank shards
+    (zero_to_fp32 for the weights, the same merge over the optimizer-state files for the Adam moments), exactly,
+    for every trainable parameter. The data stream starts a new epoch (the loader's rule for a changed world: no
+    sample of that epoch twice or never), so the losses differ from the 2-rank run's; the first one equals, to
+    float rounding, the loss a plain model with the consolidated weights gets on the batches the loader hands out."""
     reference = _reference_run(tmp_path_factory, assets, shapes, stage)
     run = tmp_path / "run"
     _cut_back_to(reference, run, 3)
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"deepspeed.zero_stage": stage, "train.grad_accum": 2})
-    report, out = probe_resume(cfg)
+    report, out, loaded = probe_resume(cfg)
     assert report["universal"] and report["step"] == 3
-    assert report["tensors"] > 0 and report["max_diff"] == 0.0 and report["norm"] > 0  # optimizer state kept
+    assert report["tensors"] > 0 and report["max_diff"] == 0.0 and report["norm"] > 0  # = the universal files
+    original = consolidate(reference / "checkpoints" / ckpt.tag_for(3))
+    for key in STATES:
+        assert set(loaded[key]) == set(original[key]) and loaded[key], key
+        for name, want in original[key].items():
+            assert torch.equal(loaded[key][name], want.view_as(loaded[key][name])), (key, name)
+    assert any(v.abs().sum() > 0 for v in original["exp_avg"].values())  # moments that were really trained
     assert "to DeepSpeed's universal format" in out
     assert "world size or workers changed" in out  # the loader restarts at a fresh epoch
     got, want = losses(run), losses(reference)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    for s in (4, 5, 6):
+    assert [got[s] for s in (1, 2, 3)] == [want[s] for s in (1, 2, 3)]
+    first = _first_loss_from(original["fp32"], cfg, reference / "checkpoints" / ckpt.tag_for(3))
+    assert got[4] == pytest.approx(first, rel=1e-5)
+    for s in (5, 6):
         assert got[s] == pytest.approx(want[s], rel=0.05), (s, got[s], want[s])
-    assert want[1] - got[4] > 0.3  # trained weights were loaded: far below the loss of the fresh model
     root = run / "checkpoints"
     assert (root / ckpt.tag_for(3) / "universal" / "zero").is_dir()
     assert ckpt.read_meta(root / ckpt.tag_for(6))["world_size"] == 1 and (run / "DONE").is_file()
