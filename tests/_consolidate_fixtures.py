@@ -43,6 +43,6 @@ def consolidate(ckpt_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
                                                                  optims[0].get(PARAM_ALIGNMENT_PADDINGS))
         else:
             merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, True)
-        params = set(model_states[0].param_shapes[0]) if stage <= 2 else set().union(*model_states[0].param_shapes)
+        params = set().union(*model_states[0].param_shapes)  # one name -> shape mapping per param group
         out[key] = {k: v for k, v in z.to_torch_tensor(merged).items() if k in params}
     return out
