@@ -14,7 +14,6 @@ import os
 import signal
 import time
 
-import psutil
 import torch
 
 ENV = "PRETRAIN_TEST_FAULTS"
@@ -61,6 +60,7 @@ def _tear_deepspeed_save(spec: dict) -> None:
     """Wrap DeepSpeed's checkpoint writer so that, on one rank and step, the file whose name contains spec["file"]
     gets the first half of its bytes on disk (flushed), then every rank of the node is SIGKILLed at once, as a
     node losing power: a real torn shard that no surviving rank cleans up."""
+    import psutil  # DeepSpeed's own dependency
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if int(os.environ.get("RANK", "0")) != spec["rank"]:
