@@ -14,7 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, metrics
+
+from pretrain.train import checkpoint as ckpt
 
 
 def start_launch(config: Path, nproc: int = 2, overrides: list[str] = (), env: dict | None = None) -> subprocess.Popen:
@@ -83,22 +86,39 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
             p.send_signal(sig)
 
 
+def assert_resumed(text: str, run_dir, step: int, before: list[dict]) -> None:
+    """The second launch resumed at `step` (its log says so) and did not redo the steps before it: their
+    metrics.jsonl rows, timings included, are still the ones the first launch wrote."""
+    assert f"resumed from {run_dir / 'checkpoints' / ckpt.tag_for(step)} at step {step}" in text, text[-3000:]
+    rows = metrics(run_dir)
+    assert [r for r in rows if r["step"] <= step] == [r for r in before if r["step"] <= step]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def may_mount() -> bool:
+    """Root with CAP_SYS_ADMIN (bit 21 of the effective capabilities): mounting a tmpfs is permitted here."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    caps = next((line.split()[1] for line in status if line.startswith("CapEff:")), "0")
+    return os.geteuid() == 0 and bool(int(caps, 16) >> 21 & 1)
+
+
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[bool]:
-    """A tmpfs of `size` at `path` (real ENOSPC); yields False when mounting is not permitted here."""
+def small_tmpfs(path: Path, size: str) -> Iterator[tuple[bool, str]]:
+    """A tmpfs of `size` at `path` (real ENOSPC). Yields (mounted, mount's own error output when it refused)."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                         text=True)
+    mounted = out.returncode == 0
     try:
-        yield mounted
+        yield mounted, (out.stdout + out.stderr).strip()
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 PROBE = r"""
-import json, sys, torch
-from deepspeed.utils import safe_get_full_optimizer_state
+import json, os, sys, torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from pretrain.config import load_config
 from pretrain.train import dist
 from pretrain.train.trainer import Trainer
@@ -106,26 +126,32 @@ from pretrain.train.trainer import Trainer
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]))
 zero = t.resume_from / "universal" / "zero"
 diff, norm, n = 0.0, 0.0, 0
+loaded = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
 for name, p in t.engine.module.named_parameters():
     if not p.requires_grad:
         continue
+    loaded["fp32"][name] = safe_get_full_fp32_param(p).cpu().clone()
     for key in ("exp_avg", "exp_avg_sq"):
         got = safe_get_full_optimizer_state(p, key).cpu()
+        loaded[key][name] = got.clone()
         want = torch.load(zero / name / f"{key}.pt", weights_only=False)
         want = (want["param"] if isinstance(want, dict) else want).view_as(got)  # ZeRO-1/2 files wrap the tensor
         diff = max(diff, (got - want).abs().max().item())
         norm += want.double().square().sum().item()
         n += 1
+torch.save(loaded, os.environ["PROBE_DUMP"])
 print("PROBE " + json.dumps({"step": t.step, "universal": t.universal, "max_diff": diff, "norm": norm,
                              "tensors": n}), flush=True)
 dist.finish(t.fit())
 """
 
 
-def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) -> tuple[dict, str]:
+def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) -> tuple[dict, str, dict]:
     """A lone `Trainer` process (world size 1): resume, compare its optimizer state with the universal files, then
-    train on. Returns the probe's report and the output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    train on. Returns the probe's report, the output, and the full fp32 weights and Adam moments it had loaded
+    ({"fp32" | "exp_avg" | "exp_avg_sq": {name: tensor}})."""
+    dump = config.parent / "probe_loaded.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PROBE_DUMP": str(dump)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-c", PROBE, str(config), *overrides], capture_output=True, text=True,
@@ -133,4 +159,4 @@ def probe_resume(config: Path, overrides: list[str] = (), timeout: float = 300) 
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):]), text
+    return json.loads(line[len("PROBE "):]), text, torch.load(dump, weights_only=False)

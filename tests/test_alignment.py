@@ -3,6 +3,7 @@ normalisation contract with the trainer, the image-path test switch, and config 
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -108,6 +109,42 @@ def test_forward_adds_weighted_alignment_losses_scaled_by_label_count(parts):
     # Validation (eval mode) reports the language-model loss alone, whatever the objectives.
     module.eval()
     assert module(batch)[0].item() == pytest.approx(plain.eval()(batch)[0].item(), rel=1e-6)
+
+
+def _two_pairs(batch: dict) -> dict:
+    """The first two samples of `batch` whose captions differ, as a micro-batch of their own."""
+    labels = [tuple(t for t in row.tolist() if t != -100) for row in batch["labels"]]
+    j = next(j for j in range(1, len(labels)) if labels[j] != labels[0])
+    pick = [0, j]
+    sub = {k: batch[k][pick] for k in ("input_ids", "labels", "position_ids", "attention_mask", "pixel_values")}
+    return {**sub, "sample_lengths": [batch["sample_lengths"][i] for i in pick], "n_samples": 2, "packed": False}
+
+
+def test_itm_loss_equals_an_independent_computation(parts):
+    """With two pairs of different captions the hard negatives are forced (each image's only other text, each
+    text's only other image), so the ITM loss has one value: cross-entropy of the match head on the final hidden
+    state of `[bos] <image tokens> caption`, here computed through transformers' own LlavaModel forward (its image
+    token merge, not ours) for the 6 rows: 2 matched (label 1), 4 swapped (label 0)."""
+    from pretrain.model.vlm import VLMForTraining
+
+    vlm, batch = parts
+    two = _two_pairs(batch)
+    module = VLMForTraining(vlm, ObjectivesConfig(caption_weight=1.0, contrastive_weight=0.5, itm_weight=0.5)).train()
+    module(two)
+    got = module.last_losses["itm"].item()
+    cfg = vlm.config
+    texts = [[t for t in row.tolist() if t != -100] for row in two["labels"]]
+    rows = [(0, 0), (1, 1), (0, 1), (1, 0), (1, 0), (0, 1)]  # positives, each image's negative, each text's
+    with torch.no_grad():
+        finals = []
+        for image, text in rows:
+            ids = [cfg.text_config.bos_token_id] + [cfg.image_token_id] * cfg.image_seq_length + texts[text]
+            out = vlm.model(input_ids=torch.tensor([ids]), pixel_values=two["pixel_values"][image : image + 1])
+            finals.append(out.last_hidden_state[0, -1])
+        logits = module.alignment.itm_head(torch.stack(finals)).float()
+        want = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 1, 0, 0, 0, 0])).item()
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert abs(want - math.log(2)) > 1e-4  # the head is not at chance: the value is informative
 
 
 def test_align_stage_projector_learns_from_contrastive_alone(parts):

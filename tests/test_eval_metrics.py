@@ -33,6 +33,27 @@ def test_cider_d_rewards_consensus_and_penalises_length():
     assert exact == pytest.approx(10.0) and swapped < exact / 2 and padded < exact
 
 
+def test_cider_d_clips_repeated_ngrams_and_penalises_unequal_lengths():
+    """Values derived by hand from the CIDEr-D definition (Vedantam et al. 2015; pycocoevalcap's CiderD): per n,
+    tf-idf vectors g = count x (log N - log df); sim_n = sum min(g_hyp, g_ref) g_ref / (|g_hyp| |g_ref|) x
+    exp(-(len_hyp - len_ref)^2 / (2 x 6^2)); score = 10 x mean over n = 1..4, averaged over references.
+    N = 2 images, every n-gram in one image only, so each weighs log 2 per count and log 2 cancels out.
+    Image A: hyp "red red red" (unigram count 3, clipped to the reference's 1), refs "red" and "red circle";
+    its bigram "red red" and trigram are in neither reference: 0. Image B: "blue" against "blue"."""
+    vs_red = (1 / 3) * math.exp(-(2**2) / 72)  # |g_hyp| = 3, |g_ref| = 1, overlap min(3, 1) x 1; length 3 vs 1
+    vs_red_circle = (1 / (3 * math.sqrt(2))) * math.exp(-(1**2) / 72)  # |g_ref| = sqrt 2; length 3 vs 2
+    image_a = 10 * (vs_red + vs_red_circle) / 2 / 4
+    image_b = 10 * 1.0 / 4  # the unigram matches exactly; no bigrams or longer on either side
+    corpus, per_image = M.cider_d(["red red red", "blue"], [["red", "red circle"], ["blue"]])
+    assert per_image == pytest.approx([image_a, image_b], rel=1e-9)
+    assert corpus == pytest.approx((image_a + image_b) / 2, rel=1e-9)
+    # The case exercises both mechanisms: unclipped, A's unigram overlap would count 3 times; without the length
+    # penalty its exp() factors would be 1.
+    unclipped = 10 * (1.0 * math.exp(-4 / 72) + (1 / math.sqrt(2)) * math.exp(-1 / 72)) / 2 / 4
+    no_penalty = 10 * (1 / 3 + 1 / (3 * math.sqrt(2))) / 2 / 4
+    assert abs(per_image[0] - unclipped) > 0.5 and abs(per_image[0] - no_penalty) > 0.01
+
+
 def test_bleu4_is_sacrebleu_corpus_bleu():
     assert M.bleu4(["one red circle on the left."], [["one red circle on the left."]]) == pytest.approx(100.0)
     assert M.bleu4(["completely unrelated words here"], [["one red circle on the left."]]) == pytest.approx(0.0)

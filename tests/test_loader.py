@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from itertools import islice
@@ -33,18 +34,45 @@ def _ids(batch) -> list[tuple]:
     return [tuple(row.tolist()) for row in batch["input_ids"]]
 
 
+def _fingerprint(input_ids, pixel_values) -> str:
+    """A sample's identity as the model sees it: its tokens and its pixels."""
+    h = hashlib.sha256(bytes(str([t for t in input_ids if t != 0]), "ascii"))
+    h.update(pixel_values.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _keys_by_fingerprint(processor, urls) -> dict[str, str]:
+    """Every sample of the shards, read with tarfile (not the loader), by its processed fingerprint."""
+    out = {}
+    for url in expand_urls(urls):
+        with tarfile.open(url) as tf:
+            samples: dict[str, dict[str, bytes]] = {}
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(f"{url}:{key}", {})[ext] = tf.extractfile(m).read()
+        for key, parts in samples.items():
+            s = processor(parts)
+            out[_fingerprint(s.input_ids, s.pixel_values)] = key
+    return out
+
+
 def test_ranks_and_workers_cover_an_epoch_once(processor, shapes):
+    """2 ranks x 2 workers, one epoch each: the sample keys they read are disjoint and together the whole set."""
     urls = shapes["train"]["urls"]  # 8 shards x 64 samples
-    seen = []
+    by_print = _keys_by_fingerprint(processor, urls)
+    assert len(by_print) == 512  # fingerprints tell every sample apart, so keys can be recovered from batches
+    seen: dict[int, list[str]] = {}
     for rank in range(2):
         loader = _loader(processor, urls, rank=rank, world_size=2, num_workers=2, shuffle=False, rows_per_batch=8)
         batches = list(islice(loader, 512 // 8 // 2))  # one epoch of this rank
-        for b in batches:
-            seen += _ids(b)
+        seen[rank] = [by_print[_fingerprint(ids.tolist(), px)] for b in batches
+                      for ids, px in zip(b["input_ids"], b["pixel_values"], strict=True)]
         assert all(s.streams[0]["epoch"] == 0 or s.streams[0]["shard_pos"] == 0 for s in loader.slot_states.values())
-    assert len(seen) == 512
-    # every synthetic sample is distinct (seeded images, but captions repeat): compare sample keys through states
-    assert sum(sum(s.ok) for s in loader.slot_states.values()) == 256
+        assert sum(sum(s.ok) for s in loader.slot_states.values()) == 256
+    assert len(seen[0]) == len(seen[1]) == 256
+    assert len(set(seen[0])) == 256 and len(set(seen[1])) == 256  # no worker repeats another's samples
+    assert not set(seen[0]) & set(seen[1])  # no rank reads another's
+    assert set(seen[0]) | set(seen[1]) == set(by_print.values())  # and none is left out
 
 
 def test_shuffle_is_seeded(processor, shapes):

@@ -145,6 +145,23 @@ def _full_run(tmp_path, assets, shapes, urls, nproc, grad_accum, steps):
     return metrics(tmp_path / "run"), tmp_path / "run" / "checkpoints"
 
 
+def _images_per_rank(config) -> list[int]:
+    """Images in each rank's first micro-batch, from the run's own config through the trainer's loader."""
+    from pretrain.config import load_config
+    from pretrain.data.pipeline import build_processing
+    from pretrain.train.setup import make_loader
+
+    cfg = load_config(config)
+    processing = build_processing(cfg)
+    counts = []
+    for rank in range(2):
+        loader = make_loader(cfg, cfg.data.train, processing.processor, processing.tokenizer.pad_token_id, rank, 2,
+                             train=True)
+        px = next(iter(loader))["pixel_values"]
+        counts.append(0 if px is None else px.shape[0])
+    return counts
+
+
 def test_full_stage_text_only_rank_and_loss_over_the_global_batch(tmp_path, assets, shapes):
     """Llama + SigLIP, stage full. One rank's micro-batch has no image (no ZeRO-3 hang: the run finishes), and the
     ranks' label counts differ ~10x: the step's loss and gradient norm equal those of one rank taking both
@@ -153,6 +170,7 @@ def test_full_stage_text_only_rank_and_loss_over_the_global_batch(tmp_path, asse
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     two, ckpts = _full_run(tmp_path / "two", assets, shapes, urls, nproc=2, grad_accum=1, steps=2)
+    assert sorted(_images_per_rank(tmp_path / "two" / "c.yaml")) == [0, 4]  # the case occurred: a rank saw no image
     one, _ = _full_run(tmp_path / "one", assets, shapes, urls, nproc=1, grad_accum=2, steps=1)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)

@@ -190,15 +190,20 @@ def _resolvable(spec: str | dict) -> bool:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_recipes_plan(name, capsys, monkeypatch):
+def test_shipped_recipes_plan(name, capsys, monkeypatch, assets):
+    """Every shipped recipe plans. The demo recipe names local model directories that `pretrain demo` writes: it is
+    planned with the test's tiny models in their place, and with a missing directory it is a config error."""
     monkeypatch.chdir(ROOT)  # recipes name local directories relative to the repository root
     model = load_config(ROOT / name).model
-    rc = main(["plan", name, "--gpus", "8"])
+    local = [k for k in ("llm", "vision") if not _resolvable(getattr(model, k)) or name == "configs/demo.yaml"]
+    assert local == (["llm", "vision"] if name == "configs/demo.yaml" else []), local
+    fill = [f"model.{k}={assets['llama' if k == 'llm' else 'clip']}" for k in local]
+    rc = main(["plan", name, *fill, "--gpus", "8"])
     out, err = capsys.readouterr()
-    if _resolvable(model.llm) and _resolvable(model.vision):
-        assert rc == 0 and "scaling at ZeRO-" in out, err
-    else:  # e.g. the demo recipe before `pretrain demo` has written its local model directories
-        assert rc == 2 and "is not a directory" in err
+    assert rc == 0 and "scaling at ZeRO-" in out, err
+    if local:
+        rc = main(["plan", name, f"model.llm={ROOT / 'no-such-model-dir'}", "--gpus", "8"])
+        assert rc == 2 and "is not a directory" in capsys.readouterr().err
 
 
 def test_shipped_recipes_include_the_lead_recipes():

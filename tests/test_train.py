@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
+from _trainer_fixtures import assert_resumed
 from conftest import launch, losses, metrics, write_config
 
 from pretrain.train import checkpoint as ckpt
@@ -60,8 +62,11 @@ def test_exact_resume(tmp_path, tmp_path_factory, assets, shapes, stage):
     first = launch(cfg, overrides=["train.stop_at_step=3"])
     assert first.returncode == 0, first.stdout + first.stderr
     assert not (tmp_path / "run" / "DONE").exists()
+    before = metrics(tmp_path / "run")
+    assert [r["step"] for r in before] == [1, 2, 3]
     second = launch(cfg)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert_resumed(second.stdout + second.stderr, tmp_path / "run", 3, before)
     got, want = losses(tmp_path / "run"), losses(reference)
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
     assert [got[s] for s in (1, 2, 3)] == [want[s] for s in (1, 2, 3)]
@@ -85,27 +90,49 @@ def test_nonfinite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path, ass
     assert ckpt.find_resume(root) == root / "step_00000003" and not (run2 / "run" / "DONE").exists()
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, assets, shapes, reference):
-    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 2})
-    fault = {"kill_in_save": {"rank": 0, "step": 4}}
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=180)
-    assert out.returncode != 0
-    root = tmp_path / "run" / "checkpoints"
-    assert (root / "latest").read_text().strip() == "step_00000002"
-    assert (root / "step_00000004").is_dir() and not ckpt.is_committed(root / "step_00000004")
+def test_torn_and_size_mismatched_checkpoints_are_passed_over(tmp_path, assets, shapes, reference):
+    """Rank 0 is SIGKILLed half-way through writing its ZeRO optimizer shard of step 4 (a real torn file, no
+    COMMITTED); then one shard of the committed step 3 is cut short (its size no longer matches COMMITTED). Resume
+    passes over both, with a warning each, to step 2, and the run ends as the uninterrupted one does."""
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1})
+    fault = {"torn_save": {"rank": 0, "step": 4, "file": "optim_states"}}
+    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=240)
+    assert out.returncode not in (0, EXIT_PREEMPTED), out.stdout[-3000:] + out.stderr[-3000:]
+    run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    torn = next((root / "step_00000004").glob("zero_pp_rank_0_*optim_states.pt"))
+    whole = next((root / "step_00000003").glob("zero_pp_rank_0_*optim_states.pt"))
+    assert 0 < torn.stat().st_size < whole.stat().st_size  # half a file on disk
+    assert not ckpt.is_committed(root / "step_00000004") and ckpt.is_committed(root / "step_00000003")
+    with open(whole, "r+b") as f:  # the committed step 3 loses the tail of a shard
+        f.truncate(whole.stat().st_size // 2)
+    assert (root / "step_00000003" / ckpt.COMMIT_MARKER).is_file() and not ckpt.is_committed(root / "step_00000003")
+    before = metrics(run)
     again = launch(cfg)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "passing over step_00000004" in again.stdout + again.stderr
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-5000:]
+    assert "passing over step_00000004" in text and "passing over step_00000003" in text
+    assert "`latest` names step_00000003 but the newest intact checkpoint is step_00000002" in text
+    assert_resumed(text, run, 2, before)
     assert (root / "latest").read_text().strip() == "step_00000006"
-    assert losses(tmp_path / "run")[6] == losses(reference)[6]
-    steps = [m["step"] for m in metrics(tmp_path / "run")]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the steps redone after the crash are logged once
+    assert losses(run)[6] == losses(reference)[6]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]  # the steps redone after the crash are logged once
 
 
 def test_a_dead_rank_ends_the_run_without_hanging(tmp_path, assets, shapes):
+    """Rank 1 exits with code 13 after step 2: the run fails, and what it reports names that rank and that code."""
     cfg = write_config(tmp_path / "c.yaml", assets, shapes)
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"die": {"rank": 1, "step": 2}})}, timeout=120)
-    assert out.returncode != 0
+    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"die": {"rank": 1, "step": 2}})}, timeout=180)
+    text = out.stdout + out.stderr
+    assert out.returncode not in (0, 2, EXIT_PREEMPTED), text[-3000:]
+    assert logged_ranks_failure(text) == (1, 13), text[-3000:]
+
+
+def logged_ranks_failure(text: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the root cause torchrun reports: the first rank that failed (the others' failures,
+    a broken connection to the dead rank, are listed apart)."""
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path, assets, shapes):

@@ -11,7 +11,16 @@ import signal
 import time
 
 import pytest
-from _trainer_fixtures import finish, logged_step, output, signal_all, start_launch, training_processes, wait_for
+from _trainer_fixtures import (
+    assert_resumed,
+    finish,
+    logged_step,
+    output,
+    signal_all,
+    start_launch,
+    training_processes,
+    wait_for,
+)
 from conftest import launch, losses, metrics, write_config
 
 from pretrain.train import checkpoint as ckpt
@@ -21,6 +30,7 @@ from pretrain.train.signals import REPEAT_WINDOW_S
 pytestmark = pytest.mark.slow
 
 LONG = {"train.max_steps": 200, "checkpoint.every_steps": 0}
+BF16 = {"data.num_workers": 2, "train.precision": "bf16"}
 
 
 def _config(folder, assets, shapes, **overrides):
@@ -41,8 +51,9 @@ def _preempted_step(run_dir) -> int:
 def test_sigusr1_to_every_process_checkpoints_exits_75_and_resumes_exactly(tmp_path, assets, shapes):
     """As Slurm does (`scancel --signal=USR1`, `--signal`): the signal reaches every rank and every DataLoader worker
     (data.num_workers=2). The step in flight finishes, a checkpoint is committed, `pretrain launch` exits 75; the
-    resumed run's losses equal an uninterrupted run's, bit for bit."""
-    cfg = _config(tmp_path / "a", assets, shapes, **{"data.num_workers": 2})
+    resumed run's losses equal an uninterrupted run's, bit for bit, in bf16 (the default precision: DeepSpeed's
+    fp32 master weights and the bf16 model both come back from the checkpoint)."""
+    cfg = _config(tmp_path / "a", assets, shapes, **BF16)
     run = cfg.parent / "run"
     proc = start_launch(cfg)
     wait_for(lambda: logged_step(run) >= 2, 300, "step 2 in metrics.jsonl", proc, cfg)
@@ -53,9 +64,11 @@ def test_sigusr1_to_every_process_checkpoints_exits_75_and_resumes_exactly(tmp_p
     k = _preempted_step(run)
     assert k >= 2 and "finishing this step" in output(cfg)
 
+    before = metrics(run)
     again = launch(cfg, overrides=[f"train.stop_at_step={k + 2}"])
     assert again.returncode == 0, again.stdout + again.stderr
-    ref_cfg = _config(tmp_path / "b", assets, shapes, **{"data.num_workers": 2})
+    assert_resumed(again.stdout + again.stderr, run, k, before)
+    ref_cfg = _config(tmp_path / "b", assets, shapes, **BF16)
     ref = launch(ref_cfg, overrides=[f"train.stop_at_step={k + 2}"])
     assert ref.returncode == 0, ref.stdout + ref.stderr
     got, want = losses(run), losses(ref_cfg.parent / "run")
