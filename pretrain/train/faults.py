@@ -25,7 +25,6 @@ class Faults:
         spec = json.loads(os.environ.get(ENV, "") or "{}")
         self.nan_steps = set(spec.get("nan_steps", []))
         self.die = spec.get("die")  # {"rank": r, "step": s}
-        self.kill_in_save = spec.get("kill_in_save")  # {"rank": r, "step": s}: SIGKILL after the shards, pre-commit
         self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write
         self.step_sleep = float(spec.get("step_sleep", 0.0))  # seconds added to each step (signal tests) ...
         self.step_sleep_from = int(spec.get("step_sleep_from", 1))  # ... from this step on
@@ -49,10 +48,6 @@ class Faults:
     def maybe_die(self, rank: int, step: int) -> None:
         if self._hit(self.die, rank, step):
             os._exit(13)
-
-    def maybe_kill_in_save(self, rank: int, step: int) -> None:
-        if self._hit(self.kill_in_save, rank, step):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_disk_full(self, rank: int, step: int, path: str) -> None:
         if self._hit(self.enospc_in_save, rank, step):

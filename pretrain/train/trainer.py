@@ -141,7 +141,6 @@ class Trainer:
                   "nonfinite_total": self.nonfinite_total,
                   "versions": {p: version(p) for p in ("torch", "deepspeed", "transformers")}}
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
-        self.faults.maybe_kill_in_save(self.rank, self.step)
         path = self.ckpt_root / tag
         self.faults.maybe_disk_full(self.rank, self.step, str(path))
         self.written.add(ckpt.write_rank_state(path, self.rank, {"loader": self.loader.state_dict(),
