@@ -19,8 +19,9 @@ tests/test_model_unit.py checks packed against unpacked per-sample losses for ev
 
 `auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
-fails at load time); otherwise flex_attention on CUDA (a dense (B, 1, L, L) mask would rule out SDPA's flash kernel
-for packed rows) and sdpa on CPU. The reason for the choice is logged.
+fails at load time); otherwise sdpa. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for
+packed rows rules out its flash kernel; flex_attention's block mask does not, but transformers compiles flex per
+shape, so it pays off only where row widths are fixed: it is an explicit choice, not `auto`'s.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str
             return "flash_attention_2", why
     else:
         why = "flash-attn has no fp32 kernels"
-    if flex_attention_available():
-        return "flex_attention", f"{why}; flex_attention keeps packed rows off a dense mask"
+    # Not flex_attention: transformers compiles it per shape (dynamic=False), and packed batches vary in width, so
+    # it would recompile until dynamo gives up and runs the slow eager path. sdpa then builds a dense mask for
+    # packed rows (set flex_attention explicitly where row widths are fixed).
     return "sdpa", why
 
 
