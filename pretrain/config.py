@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,7 +81,8 @@ class DataConfig(Section):
     val: list[DataSource] = Field(default_factory=list)
     max_length: int = Field(default=2048, ge=16)
     packing: bool = False
-    num_workers: int = Field(default=2, ge=0)
+    # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.setup).
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 2
     shuffle_buffer: int = Field(default=1000, ge=1)
     # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.
     epoch_size: int | None = Field(default=None, ge=1)

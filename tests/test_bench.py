@@ -17,6 +17,8 @@ from pretrain.bench.train import summarize
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.data.pipeline import build_processing
+from pretrain.model.flops import flops_per_sample, peak_flops
+from pretrain.plan.shapes import model_shape
 
 SIZES = "72x48,48x64"
 
@@ -39,8 +41,16 @@ def test_bench_data_tiny(capsys, config, tmp_path):
                  "12", "--image-sizes", SIZES, "--seconds", "0.3", "--warmup", "0.1", "--rounds", "1", "--workers",
                  "0", "--work-dir", str(tmp_path / "work"), "--json", "--record", str(results)])
     assert code == 0
-    result = _last_json(capsys)["data"]
+    out = _last_json(capsys)
+    result = out["data"]
     assert set(result) == {"ours", "ours-fast", "common"}
+    # What one rank's workers deliver against what the model eats on the target GPU at 50% MFU.
+    gpu = out["gpu"]
+    assert gpu["gpu"] == "h100" and gpu["delivered_samples_per_s"] == result["ours"]["samples_per_s"]
+    shape = model_shape(load_config(config).model)
+    flops = flops_per_sample(shape, round(result["ours"]["tokens_per_sample"]), images=1, stage="full").total
+    assert gpu["consumed_samples_per_s"] == pytest.approx(0.5 * peak_flops("h100") / flops)
+    assert gpu["delivered_vs_consumed"] == pytest.approx(gpu["delivered_samples_per_s"] / gpu["consumed_samples_per_s"])
     assert all(r["samples"] > 0 and r["samples_per_cpu_s"] > 0 for r in result.values())
     for name in ("ours", "ours-fast"):  # each path's per-core rate against the baseline's, as the table says
         r = result[name]
@@ -49,6 +59,7 @@ def test_bench_data_tiny(capsys, config, tmp_path):
     text = results.read_text()
     assert text.index("## Data loading: `pretrain bench data`") < text.index("### bench data: config.yaml")
     assert "webdataset + HF processor + tokenizer" in text and "- commit: " in text and "--seconds 0.3" in text
+    assert "GPU demand (h100, 50% MFU" in text
 
 
 def test_bench_train_tiny_with_peer(capsys, config, tmp_path):

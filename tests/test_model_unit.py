@@ -4,18 +4,28 @@ every attention implementation that runs on CPU, activation checkpointing, proje
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import pytest
 import torch
 from _model_fixtures import check_grown_rows, write_bare_decoder
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ConfigError, ModelConfig, build_config
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
 from pretrain.data.text import TextProcessor
-from pretrain.model.attention import AttentionChoice, decode_rows, one_row_for_packing, resolve_attention
+from pretrain.model.attention import (
+    AttentionChoice,
+    attention_inputs,
+    decode_rows,
+    flash_attn_works,
+    one_row_for_packing,
+    resolve_attention,
+)
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.checkpointing import checkpointed_layers, enable_activation_checkpointing
 from pretrain.model.projector import load_projector
@@ -98,6 +108,42 @@ def test_attention_choice():
         resolve_attention("flash_attention_2", half_precision=False, cuda=True)
 
 
+FLASH_STAND_INS = {
+    # A wheel built for another torch: the package is found, its compiled extension fails to load.
+    "broken_import": 'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n',
+    # Loads, but was built for other GPU architectures.
+    "broken_kernel": "def flash_attn_func(q, k, v, causal=False):\n"
+                     "    raise RuntimeError('CUDA error: no kernel image is available for execution on the device')\n",
+    "working": "__version__ = '2.8.3'\ndef flash_attn_func(q, k, v, causal=False):\n    return q.clone()\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FLASH_STAND_INS))
+def test_auto_takes_flash_attention_only_when_its_kernel_runs(tmp_path, monkeypatch, caplog, kind):
+    """A flash_attn package on sys.path that fails at import or at its first call falls back, with the reason
+    logged; an explicit flash_attention_2 is refused with the same reason. The tiny call runs on the CPU here."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text(FLASH_STAND_INS[kind])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    flash_attn_works.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="pretrain.model.attention"):
+            got = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu")
+        if kind == "working":
+            assert got == AttentionChoice("flash_attention_2", "flash_attention_2")
+            assert "flash-attn 2.8.3 runs" in caplog.text
+            return
+        assert got == AttentionChoice("sdpa", "sdpa")
+        reason = "does not import" if kind == "broken_import" else "its kernel fails"
+        assert reason in caplog.text and "auto -> sdpa" in caplog.text
+        with pytest.raises(ConfigError, match=reason):
+            resolve_attention("flash_attention_2", half_precision=True, cuda=True, probe_device="cpu")
+    finally:
+        flash_attn_works.cache_clear()
+        sys.modules.pop("flash_attn", None)
+
+
 def _packing_batches(samples: list[ProcessedSample], pad_id: int, packed_path: bool) -> tuple[dict, list[dict]]:
     """Two packed rows ([s0 s1], [s2 + pad]) and the same samples unpacked, every batch of shape (2, W).
     `packed_path`: the unpacked batches go through the no-mask path too (the pad tail is its own segment, and causal
@@ -114,7 +160,7 @@ def _packing_batches(samples: list[ProcessedSample], pad_id: int, packed_path: b
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
-    """Packed rows (no attention mask, restarting position ids) must score every sample as if it were alone."""
+    """Packed rows (masks from the host-known sample_lengths) must score every sample as if it were alone."""
     model = build_model(_mcfg(attn_implementation=impl), tokenizer).eval()
     assert model.config.text_config._attn_implementation == impl
     wrapper = VLMForTraining(model)
@@ -126,11 +172,10 @@ def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
     for g, w in zip(got, want):
         assert w.sum() > 0
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    if impl == "sdpa":
-        # The check can fail: positions that do not restart make the later samples attend to the earlier ones.
-        leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand(2, -1)}
-        crossed = _per_sample_losses(wrapper, leaky, packed["sample_lengths"])
-        assert not torch.allclose(crossed[1], got[1], atol=1e-3)
+    # The check can fail: boundaries that merge a row's samples make the later sample attend to the earlier one.
+    leaky = {**packed, "sample_lengths": [[sum(row)] for row in packed["sample_lengths"]]}
+    crossed = _per_sample_losses(wrapper, leaky, packed["sample_lengths"])
+    assert not torch.allclose(crossed[1], got[1], atol=1e-3)
 
 
 def test_packed_rows_laid_end_to_end_stay_apart(tokenizer):
@@ -150,6 +195,71 @@ def test_packed_rows_laid_end_to_end_stay_apart(tokenizer):
             own = decode_rows(decoder, wrapper.embed(batch["input_ids"], batch["pixel_values"]),
                               batch["attention_mask"], batch["position_ids"], packed=False)
             torch.testing.assert_close(flat[row, at : at + len(s)], own[0, : len(s)], rtol=1e-5, atol=1e-5)
+
+
+def test_flash_varlen_kwargs_cut_the_rows_laid_end_to_end_at_every_sample(tokenizer):
+    """flash_attention_2 cannot run here: check the varlen kwargs themselves. transformers flattens (B, L) to B*L
+    and runs causal attention within [cu[i], cu[i+1]): every such span must be exactly one sample or a pad tail."""
+    model = build_model(_mcfg(), tokenizer)
+    samples = _samples(model, tokenizer)
+    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
+    embeds = torch.zeros(*packed["input_ids"].shape, 8)
+    got = attention_inputs("flash_attention_2", packed["sample_lengths"], embeds, packed["position_ids"])
+    assert got["attention_mask"] is None and got["position_ids"] is packed["position_ids"]
+    cu = got["cu_seq_lens_q"]
+    assert cu.dtype == torch.int32 and got["cu_seq_lens_k"] is cu
+    flat = packed["input_ids"].reshape(-1)
+    spans = [flat[a:b].tolist() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    pad = len(samples[0]) + len(samples[1]) - len(samples[2])
+    assert spans == [samples[0].input_ids, samples[1].input_ids, samples[2].input_ids, [tokenizer.pad_token_id] * pad]
+    assert got["max_length_q"] == got["max_length_k"] == max(len(s) for s in samples)
+    assert isinstance(got["max_length_q"], int)  # a Python int: no .item() in every layer
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "repeat_interleave", "item", "is_nonzero"}
+
+
+class _SyncCount(TorchDispatchMode):
+    """Ops that read a device value back to the host (or have data-dependent output shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_decoder_masks_from_sample_lengths_read_nothing_back(tokenizer, impl):
+    """With host-known boundaries a packed decoder forward reads nothing back, one full sample per row gets no
+    all-ones mask; the same packed batch through transformers' position-id path has syncs."""
+    model = build_model(_mcfg(attn_implementation=impl), tokenizer).eval()
+    wrapper = VLMForTraining(model)
+    samples = _samples(model, tokenizer)
+    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
+    full = collate([[samples[0]], [samples[0]]], tokenizer.pad_token_id, pad_to_multiple=1)
+    decoder = model.model.language_model
+    assert attention_inputs(impl, full["sample_lengths"], torch.zeros(2, len(samples[0]), 8), None) == \
+        {"attention_mask": None, "position_ids": None}
+    counts = {}
+    with torch.no_grad():
+        cases = (("packed", packed, packed["sample_lengths"]), ("full", full, full["sample_lengths"]),
+                 ("positions", packed, None))
+        for name, batch, lengths in cases:
+            embeds = wrapper.embed(batch["input_ids"], None)
+            with _SyncCount() as mode:
+                decode_rows(decoder, embeds, batch["attention_mask"], batch["position_ids"], packed=True,
+                            sample_lengths=lengths)
+            counts[name] = mode.seen
+    assert counts["packed"] == []
+    # Without a mask the decoder makes its own position ids and transformers checks them for restarts: one read per
+    # forward (not per layer), the price of keeping sdpa's is_causal kernels for rows without padding.
+    assert counts["full"] == ["_local_scalar_dense"]
+    assert counts["positions"], "transformers' own packed-row detection reads the position ids back"
 
 
 # -- activation checkpointing -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ loader workers and the main process), which does not depend on how busy the rest
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -137,3 +138,30 @@ def table(result: dict[str, dict[str, float]], workers: int) -> tuple[list[str],
              f"{r['per_core_vs_common']:.2f}x", f"{r['per_worker_vs_common']:.2f}x", r["tokens_per_sample"]]
             for name, r in result.items()]
     return header, rows
+
+
+TARGET_MFU = 0.5
+
+
+def gpu_demand(cfg: Config, tokens_per_sample: float, gpu: str, delivered_per_s: float,
+               workers: int) -> dict[str, float | str]:
+    """Samples/s the recipe's model consumes on one `gpu` at TARGET_MFU (pretrain.model.flops: one image per
+    sample of the measured mean length, the recipe's stage), next to what one rank's loader workers delivered."""
+    from pretrain.model.flops import flops_per_sample, peak_flops
+    from pretrain.plan.shapes import model_shape
+
+    flops = flops_per_sample(model_shape(cfg.model), round(tokens_per_sample), images=1,
+                             stage=cfg.train.stage).total
+    consumed = TARGET_MFU * peak_flops(gpu) / flops
+    per_worker = delivered_per_s / max(workers, 1)
+    return {"gpu": gpu, "mfu": TARGET_MFU, "flops_per_sample": flops, "consumed_samples_per_s": consumed,
+            "delivered_samples_per_s": delivered_per_s, "delivered_vs_consumed": delivered_per_s / consumed,
+            "workers_needed": math.ceil(consumed / per_worker) if per_worker > 0 else float("inf")}
+
+
+def demand_note(d: dict) -> str:
+    verdict = "keeps up" if d["delivered_vs_consumed"] >= 1 else "starves the GPU"
+    return (f"GPU demand ({d['gpu']}, {d['mfu']:.0%} MFU, FLOPs model): the model consumes "
+            f"{d['consumed_samples_per_s']:.1f} samples/s; this rank's loader delivered "
+            f"{d['delivered_samples_per_s']:.1f} ({d['delivered_vs_consumed']:.2f}x: {verdict}); about "
+            f"{d['workers_needed']} workers of this speed per GPU would keep up.")

@@ -23,6 +23,7 @@ from pretrain.config import Config
 from pretrain.data.stream import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
 from pretrain.train import dist
+from pretrain.train.setup import loader_workers
 
 
 def llava_ds_config(cfg: Config) -> dict[str, Any]:
@@ -56,7 +57,8 @@ def training_arguments(cfg: Config, out_dir: Path, batch: int, steps: int) -> Tr
         adam_beta2=t.betas[1], warmup_steps=t.warmup_steps, lr_scheduler_type=t.schedule, max_grad_norm=t.grad_clip,
         bf16=t.precision == "bf16", deepspeed=llava_ds_config(cfg),
         gradient_checkpointing=cfg.model.activation_checkpointing != "none",
-        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=cfg.data.num_workers,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=loader_workers(cfg.data.num_workers),
         dataloader_pin_memory=cuda, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, seed=cfg.run.seed, use_cpu=not cuda)
 

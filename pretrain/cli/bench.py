@@ -40,6 +40,8 @@ def _add_data(bench: Any) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per path and round")
     p.add_argument("--workers", type=int, default=1, help="loader worker processes per path (0: in-process)")
+    p.add_argument("--gpu", default="h100", help="the target GPU whose consumption at 50%% MFU the loader is held "
+                   "against (a key of pretrain.model.flops.PEAK_FLOPS, e.g. h100, h200, a100)")
     p.set_defaults(handler=cmd_data)
 
 
@@ -126,7 +128,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         processing = build_processing(cfg)
     except (ConfigError, OSError, ValueError) as err:
         return _error(str(err))
-    from pretrain.bench.data import bench_data, table
+    from pretrain.bench.data import bench_data, demand_note, gpu_demand, table
 
     size = processing.image_processor.crop_size or processing.image_processor.size
     print(f"bench data: {len(urls)} shard(s), {type(processing.image_processor).__name__} {dict(size)}, "
@@ -135,8 +137,13 @@ def cmd_data(args: argparse.Namespace) -> int:
           flush=True)
     result = bench_data(cfg, processing, urls, args.workers, args.seconds, args.rounds, args.warmup)
     header, rows = table(result, args.workers)
+    ours = result["ours-fast" if cfg.data.fast_image_decode else "ours"]
+    try:
+        demand = gpu_demand(cfg, ours["tokens_per_sample"], args.gpu, ours["samples_per_s"], args.workers)
+    except (ConfigError, ValueError) as err:
+        return _error(str(err))
     return _finish(args, f"bench data: {Path(args.config).name}, {args.workers} worker(s)", header, rows,
-                   {"data": result})
+                   {"data": result, "gpu": demand}, demand_note(demand))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,31 +1,42 @@
-"""Which attention implementation the decoder and the vision tower run.
+"""Which attention implementation the decoder and the vision tower run, and the masks it gets.
 
 `model.attn_implementation` names the decoder's: that is where masks matter (padding, and packed rows whose samples
-must not see each other). transformers derives the packed-row mask from position ids that restart at 0 when no
-attention mask is given, for sdpa, eager and flex_attention (masking_utils.find_packed_sequence_indices), and
-flash_attention_2 takes the same restarts as varlen boundaries; tests/test_model_unit.py checks packed against
-unpacked losses for every implementation that runs on CPU.
+must not see each other). The vision tower never has a mask (every image is a full square of patches): sdpa is as
+fast as it gets there (on CUDA it dispatches to the flash kernel itself). It follows the decoder for `eager`
+(debugging) and `flash_attention_2`, and stays on sdpa for `flex_attention`, which would compile a kernel per distinct
+image count (text-only samples make that count vary) for no gain.
 
-The vision tower never has a mask (every image is a full square of patches): sdpa is as fast as it gets there (on
-CUDA it dispatches to the flash kernel itself). It follows the decoder for `eager` (debugging) and
-`flash_attention_2`, and stays on sdpa for `flex_attention`, which would compile a kernel per distinct image count
-(text-only samples make that count vary) for no gain.
+Masks come from the host: every batch carries `sample_lengths`, so the sample boundaries are known before anything
+reaches the device, and `attention_inputs` turns them into what each implementation takes without reading a device
+value back (transformers would otherwise re-derive the boundaries from the position ids, with host syncs, and for
+flash_attention_2 in every layer):
+- flash_attention_2: `cu_seq_lens_q/k` + `max_length_q/k` over all rows laid end to end (its no-sync varlen path);
+- flex_attention: a BlockMask from per-token document ids (no dense mask is ever built);
+- sdpa / eager: a 4-D mask built on the device from the same ids (transformers takes a 4-D mask as it is);
+- rows that are one full sample each (no padding, no packing): no mask at all, plain causal attention.
+A padded row's tail is one more segment (its labels are ignored), so padded and packed batches take the same path;
+tests/test_model_unit.py checks packed against unpacked per-sample losses for every implementation that runs on CPU.
 
-`auto`: flash_attention_2 when CUDA is there, the flash-attn package imports and training runs in bf16 (FA2 has no
-fp32 kernels); sdpa otherwise.
-
-flash_attention_2 and packing: transformers finds the varlen boundaries from position ids only in a one-row batch;
-`decode_rows` lays a multi-row packed batch end to end for it (one_row_for_packing).
+`auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
+CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
+fails at load time); otherwise sdpa. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for
+packed rows rules out its flash kernel; flex_attention's block mask does not, but transformers compiles flex per
+shape, so it pays off only where row widths are fixed: it is an explicit choice, not `auto`'s.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
+import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from pretrain.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
@@ -40,24 +51,45 @@ class AttentionChoice:
         return {"": self.decoder, "text_config": self.decoder, "vision_config": self.vision}
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+@functools.cache
+def flash_attn_works(device: str = "cuda") -> tuple[bool, str]:
+    """Whether flash-attn imports and runs one tiny causal call on `device`; (False, why) otherwise."""
+    try:
+        flash_attn = importlib.import_module("flash_attn")
+    except Exception as err:  # ImportError, or an OSError/RuntimeError from a mismatched compiled extension
+        return False, f"flash-attn does not import ({type(err).__name__}: {err})"
+    try:
+        q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)  # (batch, tokens, heads, head dim)
+        out = flash_attn.flash_attn_func(q, q, q, causal=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if tuple(out.shape) != tuple(q.shape):
+            return False, f"flash-attn returned shape {tuple(out.shape)} for {tuple(q.shape)}"
+    except Exception as err:
+        return False, f"flash-attn imports but its kernel fails ({type(err).__name__}: {err})"
+    return True, f"flash-attn {getattr(flash_attn, '__version__', '?')} runs"
 
 
 def flex_attention_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError:
+        return False
+    return True
 
 
-def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None = None) -> AttentionChoice:
-    """Turn `model.attn_implementation` into what the decoder and the tower run; ConfigError when it cannot run."""
+def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None = None,
+                      probe_device: str = "cuda") -> AttentionChoice:
+    """Turn `model.attn_implementation` into what the decoder and the tower run; ConfigError when it cannot run.
+    `probe_device`: where flash-attn's tiny call runs (tests run it on the CPU with stand-in modules)."""
     if requested not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={requested!r} (valid: {', '.join(IMPLEMENTATIONS)})")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
-        fast = cuda and half_precision and flash_attn_installed()
-        requested = "flash_attention_2" if fast else "sdpa"
+        requested, why = _auto(cuda, half_precision, probe_device)
+        log.info("model.attn_implementation=auto -> %s: %s", requested, why)
     if requested == "flash_attention_2":
-        _check_flash(cuda, half_precision)
+        _check_flash(cuda, half_precision, probe_device)
         return AttentionChoice("flash_attention_2", "flash_attention_2")
     if requested == "flex_attention":
         if not flex_attention_available():
@@ -66,31 +98,125 @@ def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None
     return AttentionChoice(requested, requested)
 
 
-def _check_flash(cuda: bool, half_precision: bool) -> None:
+def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str]:
+    if not cuda:
+        return "sdpa", "no CUDA device"
+    if half_precision:
+        works, why = flash_attn_works(probe_device)
+        if works:
+            return "flash_attention_2", why
+    else:
+        why = "flash-attn has no fp32 kernels"
+    # Not flex_attention: transformers compiles it per shape (dynamic=False), and packed batches vary in width, so
+    # it would recompile until dynamo gives up and runs the slow eager path. sdpa then builds a dense mask for
+    # packed rows (set flex_attention explicitly where row widths are fixed).
+    return "sdpa", why
+
+
+def _check_flash(cuda: bool, half_precision: bool, probe_device: str) -> None:
     if not cuda:
         raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa (or auto)")
     if not half_precision:
         raise ConfigError("model.attn_implementation=flash_attention_2 has no fp32 kernels: set train.precision=bf16 "
                           "or use sdpa")
-    if not flash_attn_installed():
-        raise ConfigError("model.attn_implementation=flash_attention_2: the flash-attn package is not installed "
-                          "(pip install -e '.[gpu]'); use sdpa (or auto)")
+    works, why = flash_attn_works(probe_device)
+    if not works:
+        raise ConfigError(f"model.attn_implementation=flash_attention_2: {why} (pip install -e '.[gpu]' for this "
+                          "torch and CUDA); use sdpa (or auto)")
+
+
+# -- masks from host-known sample boundaries ----------------------------------------------------------------------
+def row_segments(sample_lengths: list[list[int]], width: int) -> list[list[int]]:
+    """Each row's segments: its samples, then its pad tail (when there is one) as one more segment."""
+    rows = []
+    for lengths in sample_lengths:
+        used = sum(lengths)
+        if used > width or min(lengths, default=1) < 1:
+            raise ValueError(f"sample_lengths {lengths} do not fit a row of {width} tokens")
+        rows.append(list(lengths) + ([width - used] if used < width else []))
+    return rows
+
+
+def flash_varlen_kwargs(segments: list[list[int]], device: torch.device) -> dict:
+    """transformers' flash_attention_2 varlen kwargs for all rows laid end to end (it flattens (B, L) to B*L):
+    with them it neither unpads from a mask nor derives boundaries from position ids (a sync per layer)."""
+    flat = [n for row in segments for n in row]
+    cu = torch.tensor([0, *itertools.accumulate(flat)], dtype=torch.int32).to(device, non_blocking=True)
+    longest = max(flat)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+
+def document_ids(segments: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(rows, width) id of the segment every token belongs to, built on the host and copied without a sync."""
+    ids = [[i for i, n in enumerate(row) for _ in range(n)] for row in segments]
+    return torch.tensor(ids, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def flex_block_mask(segments: list[list[int]], device: torch.device):
+    """A BlockMask for causal attention within each segment: flex_attention skips the blocks that cross samples."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = document_ids(segments, device)
+    width = docs.shape[1]
+
+    def same_document_causal(b, h, q, kv):
+        return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, docs.shape[0], None, width, width, device=device)
+
+
+def dense_document_mask(segments: list[list[int]], device: torch.device, dtype: torch.dtype,
+                        boolean: bool) -> torch.Tensor:
+    """(rows, 1, width, width) causal mask within segments: bool for sdpa (True attends), additive for eager."""
+    docs = document_ids(segments, device)
+    pos = torch.arange(docs.shape[1], device=device)
+    keep = (docs[:, None, :, None] == docs[:, None, None, :]) & (pos[:, None] >= pos[None, :])
+    if boolean:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def attention_inputs(impl: str, sample_lengths: list[list[int]], embeds: torch.Tensor,
+                     position_ids: torch.Tensor | None) -> dict:
+    """The decoder's mask arguments for rows of host-known samples (see the module docstring)."""
+    rows, width = embeds.shape[:2]
+    if len(sample_lengths) != rows:
+        raise ValueError(f"sample_lengths has {len(sample_lengths)} rows for a batch of {rows}")
+    segments = row_segments(sample_lengths, width)
+    if all(len(row) == 1 for row in segments):
+        # One full sample per row: plain causal attention. No all-ones mask and no position ids, whose checks in
+        # transformers read device values back; the default positions are the same 0..width-1.
+        return {"attention_mask": None, "position_ids": None}
+    device = embeds.device
+    if impl == "flash_attention_2":
+        return {"attention_mask": None, "position_ids": position_ids, **flash_varlen_kwargs(segments, device)}
+    if impl == "flex_attention":
+        return {"attention_mask": flex_block_mask(segments, device), "position_ids": position_ids}
+    mask = dense_document_mask(segments, device, embeds.dtype, boolean=impl != "eager")
+    return {"attention_mask": mask, "position_ids": position_ids}
 
 
 def one_row_for_packing(impl: str, packed: bool, rows: int) -> bool:
-    """transformers' flash_attention_2 reads sample boundaries from restarting position ids only in a batch of one
-    row (modeling_flash_attention_utils._is_packed_sequence); with more rows it would attend across the samples of a
-    row. Such batches go through the decoder as one long row: every row starts at position 0, so rows stay apart
-    as well. sdpa, eager and flex_attention build a per-row mask and need none of this."""
+    """Without sample_lengths, transformers' flash_attention_2 reads sample boundaries from restarting position ids
+    only in a batch of one row (modeling_flash_attention_utils._is_packed_sequence); with more rows it would attend
+    across the samples of a row. Such batches go through the decoder as one long row: every row starts at position
+    0, so rows stay apart as well."""
     return packed and impl == "flash_attention_2" and rows > 1
 
 
 def decode_rows(decoder: torch.nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, packed: bool, one_row: bool | None = None) -> torch.Tensor:
-    """The decoder's last hidden states for a padded or packed micro-batch. Packed rows carry no attention mask:
-    the per-sample causal mask comes from the restarting position ids (see the module docstring)."""
+                position_ids: torch.Tensor | None, packed: bool, one_row: bool | None = None,
+                sample_lengths: list[list[int]] | None = None) -> torch.Tensor:
+    """The decoder's last hidden states for a padded or packed micro-batch. With `sample_lengths` (every collated
+    batch has them) the masks come from the host (attention_inputs); without, packed rows carry no attention mask
+    and transformers derives the per-sample causal mask from the restarting position ids."""
+    impl = decoder.config._attn_implementation
+    if sample_lengths is not None:
+        inputs = attention_inputs(impl, sample_lengths, embeds, position_ids)
+        return decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state
     if one_row is None:
-        one_row = one_row_for_packing(decoder.config._attn_implementation, packed, embeds.shape[0])
+        one_row = one_row_for_packing(impl, packed, embeds.shape[0])
     if one_row:
         b, t = embeds.shape[:2]
         out = decoder(inputs_embeds=embeds.reshape(1, b * t, -1), attention_mask=None,

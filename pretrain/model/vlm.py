@@ -123,10 +123,10 @@ class VLMForTraining(nn.Module):
 
     def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features)
-        # Packed rows: no mask, so transformers builds the per-sample causal mask from restarting positions
-        # (flash_attention_2: the varlen boundaries, with the rows laid end to end; see pretrain.model.attention).
+        # The masks come from the host-known sample boundaries (see pretrain.model.attention).
         return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
-                           batch.get("position_ids"), packed=batch.get("packed", False))
+                           batch.get("position_ids"), packed=batch.get("packed", False),
+                           sample_lengths=batch.get("sample_lengths"))
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,9 @@ from pretrain.train.ds_config import optimizer_offloaded
 from pretrain.train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
+# The validation loader decodes in one worker process, not in the training process while the accelerator idles.
+# One worker reads the same samples in the same order as none (its shard slots are the rank's).
+VAL_WORKERS = 1
 
 
 @dataclass
@@ -80,11 +85,29 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     return Built(engine, tokenizer, processor, image_processor, trainable)
 
 
+def cpus_for_rank(env: Mapping[str, str] | None = None) -> int:
+    """The CPUs this rank may use: its affinity set, capped by Slurm's --cpus-per-task (one task per rank), shared
+    by the local ranks when torchrun started them all with the same affinity."""
+    env = os.environ if env is None else env
+    cpus = len(os.sched_getaffinity(0))
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cpus = min(cpus, int(env["SLURM_CPUS_PER_TASK"]))
+    if env.get("TORCHELASTIC_RUN_ID"):
+        cpus //= max(int(env.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(cpus, 1)
+
+
+def loader_workers(setting: int | str, env: Mapping[str, str] | None = None) -> int:
+    """`data.num_workers`: a number, or `auto` = the rank's CPUs minus the main process (which runs the step)."""
+    return cpus_for_rank(env) - 1 if setting == "auto" else int(setting)
+
+
 def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcessor, pad_id: int, rank: int,
                 world: int, *, train: bool, state: dict | None = None) -> ResumableLoader:
     spec = LoaderSpec(
         sources=[expand_urls(s.urls) for s in sources], weights=[s.weight for s in sources], rank=rank,
-        world_size=world, num_workers=cfg.data.num_workers if train else 0, seed=cfg.run.seed, shuffle=train,
+        world_size=world, num_workers=loader_workers(cfg.data.num_workers) if train else VAL_WORKERS,
+        seed=cfg.run.seed, shuffle=train,
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
         max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id,
         epoch_size=cfg.data.epoch_size if train else None, single_pass=not train)
