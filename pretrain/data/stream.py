@@ -61,6 +61,7 @@ class RawSample:
     url: str
     index: int
     parts: dict[str, bytes]
+    epoch: int = 0  # the source epoch it was read in (set by SourceStream)
 
 
 class TarShardError(Exception):
@@ -189,12 +190,18 @@ class ShardReader:
 
     def iterate(self, url: str, start: int = 0) -> Iterator[RawSample]:
         """Samples from `start` on. Raises TarShardError at the end if the shard was truncated or unreadable."""
+        return self.iterate_range(url, start)
+
+    def iterate_range(self, url: str, start: int, stop: int | None = None, step: int = 1) -> Iterator[RawSample]:
+        """Samples `range(start, stop, step)` (stop None: to the shard's end). A local shard seeks to each one; a
+        stream passes over the others without keeping their bytes. Raises TarShardError at the end as `iterate`."""
         if not url.startswith(_REMOTE):
             if not Path(url).is_file():
                 raise TarShardError(f"{url}: no such shard")
             index = self._local_index(url)
+            end = len(index) if stop is None else min(stop, len(index))
             with open(url, "rb") as f:
-                for i in range(start, len(index)):
+                for i in range(start, end, step):
                     key, parts = index[i]
                     data = {}
                     for ext, m in parts:
@@ -204,7 +211,12 @@ class ShardReader:
             if self._errors.get(url):
                 raise TarShardError(f"{url}: {self._errors[url]}")
             return
-        yield from self._iterate_stream(url, start)
+        with contextlib.closing(self._iterate_stream(url, start)) as samples:
+            for raw in samples:
+                if stop is not None and raw.index >= stop:
+                    return
+                if (raw.index - start) % step == 0:
+                    yield raw
 
     def _iterate_stream(self, url: str, start: int) -> Iterator[RawSample]:
         stream = None
@@ -232,6 +244,11 @@ class StreamState:
     sample_pos: int = 0  # next sample index within that shard
     taken: int = 0  # samples this slot took in this epoch (counted against `epoch_samples`)
     lost: dict[str, int] = field(default_factory=dict)
+    # After a resume on other slots: this slot's part of the interrupted epoch(s), read before `epoch` starts.
+    # Each piece is [epoch, url, start, stop, step] (stop None: to the shard's end); sample_pos is the next index
+    # to read within piece `rest_pos`.
+    rest: list[list] = field(default_factory=list)
+    rest_pos: int = 0
 
 
 class SourceStream:
@@ -259,8 +276,25 @@ class SourceStream:
             return order[self.slot :: self.n_slots], False
         return order, True  # sample-level split
 
+    def _rest(self) -> Iterator[RawSample]:
+        st = self.state
+        while st.rest_pos < len(st.rest):
+            epoch, url, start, stop, step = st.rest[st.rest_pos]
+            first = start + max(0, -(-(st.sample_pos - start) // step)) * step
+            try:
+                with contextlib.closing(self.reader.iterate_range(url, first, stop, step)) as samples:
+                    for raw in samples:
+                        st.sample_pos = raw.index + 1
+                        raw.epoch = epoch
+                        yield raw
+            except TarShardError:
+                st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
+            st.rest_pos, st.sample_pos = st.rest_pos + 1, 0
+        st.rest, st.rest_pos = [], 0
+
     def _samples(self) -> Iterator[RawSample]:
         st = self.state
+        yield from self._rest()
         while True:
             shards, by_sample = self.shards_for(st.epoch)
             yielded = False
@@ -275,6 +309,7 @@ class SourceStream:
                                 continue
                             yielded = True
                             st.taken += 1
+                            raw.epoch = st.epoch
                             yield raw
                             if self._epoch_full():
                                 break
@@ -325,3 +360,6 @@ class ShuffleBuffer:
 
     def refs(self) -> list[tuple[int, str, int]]:
         return [(src, raw.url, raw.index) for src, raw in self.items]
+
+    def epochs(self) -> list[int]:
+        return [raw.epoch for _, raw in self.items]
