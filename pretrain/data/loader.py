@@ -222,9 +222,11 @@ class ResumableLoader:
         self.slot_states: dict[int, SlotState] = {}
         self.consumed = 0
         if state:
-            self._load(state)
+            self.load_state_dict(state)
 
-    def _load(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: in place, or (another layout) the rest of the epoch split anew, which
+        needs the merged state of every old rank."""
         if not resumes_in_place(state, self.spec):
             if STATE_FORMAT not in state:  # written before the epoch order was global: no remainder to split
                 self.slot_states = self._restart_states(state)
