@@ -126,7 +126,8 @@ class SlotPipeline:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            item = self.buffer.push_pop(self._next_raw())
+            # A resume on fewer slots hands each more buffered samples than the buffer holds: drain those first.
+            item = self.buffer.push_pop(None if self.buffer.overfull() else self._next_raw())
             if item is None:
                 continue
             src, raw = item

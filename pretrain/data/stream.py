@@ -358,6 +358,9 @@ class ShuffleBuffer:
         self.items[i], self.items[-1] = self.items[-1], self.items[i]
         return self.items.pop()
 
+    def overfull(self) -> bool:
+        return len(self.items) > self.size
+
     def refs(self) -> list[tuple[int, str, int]]:
         return [(src, raw.url, raw.index) for src, raw in self.items]
 

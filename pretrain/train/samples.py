@@ -19,10 +19,14 @@ def samples_path(run_dir: Path, rank: int) -> Path:
 
 
 class SampleRecorder:
-    def __init__(self, run_dir: Path, rank: int, start_step: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, world: int, start_step: int) -> None:
         path = samples_path(run_dir, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         drop_steps_after(path, start_step)
+        if rank == 0:  # ranks of an earlier, larger world that do not write any more: their lost steps go too
+            for old in path.parent.glob("rank*.jsonl"):
+                if old.stem[4:].isdigit() and int(old.stem[4:]) >= world:
+                    drop_steps_after(old, start_step)
         self.file = open(path, "a", buffering=1)
 
     def record(self, step: int, batches: list[dict]) -> None:

@@ -158,7 +158,9 @@ class Trainer:
         """Train to train.max_steps (or stop_at_step); returns EXIT_OK, or EXIT_PREEMPTED after a signal."""
         t = self.cfg.train
         writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar)
-        recorder = SampleRecorder(self.run_dir, self.rank, self.step) if self.cfg.data.record_samples else None
+        recorder = None
+        if self.cfg.data.record_samples:
+            recorder = SampleRecorder(self.run_dir, self.rank, self.world, self.step)
         it = iter(self.loader)
         window = _Window()
         code = dist.EXIT_OK
