@@ -6,12 +6,13 @@ slot's state *after* that batch, so the main process can save exactly the positi
 however far the DataLoader prefetched. torch's DataLoader takes batches from workers round-robin, so on resume the
 worker order is rotated to continue with the slot that was next.
 
-Resuming needs the same world size and worker count. With another world size the saved slots cannot be mapped one to
-one: the loader then starts every source, in every new slot, at the beginning of the epoch after the furthest epoch
-any old slot had reached (`1 + max(epoch)` over all old slots and sources). That epoch is split over the new slots
-as usual, so none of its samples is seen twice or never; the rest of the interrupted epochs is dropped, and the
-loader says so. This needs the states of *all* old ranks (slots drift apart by whole epochs when shards hold
-different sample counts): pass `merge_states([state of rank 0, state of rank 1, ...])`.
+A resume on the same layout (`layout()`: world size, workers, seed, sources, batching) continues every slot in
+place. On another layout the rest of the epoch, computed from the states of *all* old ranks (pass
+`merge_states([state of rank 0, state of rank 1, ...])`), is split exactly over the new slots: pretrain.data.elastic.
+A state written before that (no `format`) keeps the old rule on a layout change: every new slot starts the epoch
+after the furthest one any old slot reached, and the rest of the interrupted epoch is dropped, with a warning.
+
+Every batch carries `sample_keys` (source, shard, key and source epoch of each sample) for data.record_samples.
 
 Epochs: a source's epoch is one pass over its shards. A source read as a stream (`pipe:`, http) may instead be given
 an epoch size (`LoaderSpec.epoch_size`, the config's `data.epoch_size`): each slot's epoch of it then ends after its
