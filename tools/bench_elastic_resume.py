@@ -1,11 +1,11 @@
-"""Resume start-up time of the loader: the same layout vs another world size, at 0% and 90% of a large epoch.
+"""Resume start-up time of the loader: the same layout vs another world size, at 0%, 1% and 90% of a large epoch.
 
 Writes a synthetic epoch (default 100 shards x 1000 samples, one 16x16 PNG + caption each), builds the loader state
 a 4-rank run would save at a given fraction of the epoch (every slot that far into its share, a full shuffle buffer
 of references), then times, for rank 0 of the new layout: building the loader from that state (for another layout
 this is where the rest of the epoch is computed and split) and the first batch (restoring the buffer, decoding).
 
-    python tools/bench_elastic_resume.py --out /tmp/elastic-bench [--shards 100 --per-shard 1000]
+    python tools/bench_elastic_resume.py --out /tmp/elastic-bench [--shards 100 --per-shard 1000 --no-manifest]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def write_epoch(out: Path, shards: int, per_shard: int) -> list[str]:
     from pretrain.data.shard_writer import ShardWriter
 
     if (out / "DONE").is_file():
-        return sorted(str(p) for p in out.glob("shard-*.tar"))
+        return [str(p) for p in sorted(out.glob("shard-*.tar"))]
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
@@ -32,7 +32,18 @@ def write_epoch(out: Path, shards: int, per_shard: int) -> list[str]:
         for i in range(shards * per_shard):
             w.write({"__key__": f"s{i:08d}", "png": png, "json": json.dumps({"caption": f"item {i}"})})
     (out / "DONE").write_text("ok\n")
-    return sorted(str(p) for p in out.glob("shard-*.tar"))
+    return [str(p) for p in sorted(out.glob("shard-*.tar"))]
+
+
+def set_manifest(urls: list[str], per_shard: int, present: bool) -> None:
+    """The shard directory's manifest.json (sample counts a resume reads instead of tar headers), or none."""
+    from pretrain.data.shard_writer import write_manifest
+
+    out = Path(urls[0]).parent
+    (out / "manifest.json").unlink(missing_ok=True)
+    if present:
+        write_manifest(out, [{"url": Path(u).name, "samples": per_shard, "bytes": Path(u).stat().st_size}
+                             for u in urls])
 
 
 def processor(root: Path):
@@ -86,14 +97,16 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--buffer", type=int, default=1000)
+    ap.add_argument("--no-manifest", action="store_true", help="count samples from tar headers instead")
     args = ap.parse_args()
     t0 = time.perf_counter()
     urls = write_epoch(args.out / "shards", args.shards, args.per_shard)
+    set_manifest(urls, args.per_shard, not args.no_manifest)
     print(f"epoch: {len(urls)} shards x {args.per_shard} samples ({time.perf_counter() - t0:.1f} s to write)")
     proc = processor(args.out)
     print("| position | resumed on | load state (s) | first batch (s) | total (s) |")
     print("| --- | --- | --- | --- | --- |")
-    for fraction in (0.0, 0.9):
+    for fraction in (0.0, 0.01, 0.9):
         state = saved_state(urls, args.per_shard, 4, fraction, args.buffer)
         for world, what in ((4, "4 ranks (same)"), (3, "3 ranks (changed)"), (1, "1 rank (changed)")):
             load, first = time_resume(proc, urls, state, world, args.buffer)

@@ -9,10 +9,10 @@ The rest, per source, from every old slot (the states of *all* old ranks, merged
 - its unread part of its current epoch and its whole shares of later epochs up to the furthest epoch any old slot
   reached (slots drift apart when shards hold different sample counts): pieces `[epoch, url, start, stop, step]`;
 - the samples in its buffer and batcher, which go back into the new slots' shuffle buffers.
-Pieces of local shards (counts from tar headers, no sample is read) are concatenated and cut into equal contiguous
-blocks, one per new slot. Stream pieces (`pipe:`, http: counts unknown) go whole to the new slots in turn, or, when
-there are fewer of them than slots, every new slot reads each and takes every n-th sample. After its rest every new
-slot continues at the next epoch in the new global split.
+Pieces of local shards (counts from the shard directory's manifest, else from tar headers; no sample is read)
+are concatenated and cut into equal contiguous blocks, one per new slot. Stream pieces (`pipe:`, http: counts
+unknown) go whole to the new slots in turn, or, when there are fewer of them than slots, every new slot reads each
+and takes every n-th sample. After its rest every new slot continues at the next epoch in the new global split.
 
 Not split: a stream source with `data.epoch_size` (its epoch is a count per slot, not a set of positions); it starts
 its next epoch, and the loader says so.
@@ -113,7 +113,8 @@ def _unread(stream: SourceStream, pos: dict, last_epoch: int) -> list[Piece]:
 
 def _split_pieces(pieces: list[Piece], n_new: int, reader: ShardReader) -> list[list[Piece]]:
     """Local pieces cut into n_new equal contiguous blocks; stream pieces dealt out (or strided when few)."""
-    local = [(e, url, range(a, reader.count(url) if b is None else min(b, reader.count(url)), k))
+    # A count above the real one (a shard cut after its manifest) only shifts block edges: reads stop at its end.
+    local = [(e, url, range(a, reader.listed_count(url) if b is None else min(b, reader.listed_count(url)), k))
              for e, url, a, b, k in pieces if not is_remote(url)]
     streams = [p for p in pieces if is_remote(p[1])]
     total = sum(len(r) for _, _, r in local)

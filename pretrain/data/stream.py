@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import random
 import re
 import tarfile
@@ -133,6 +134,7 @@ class ShardReader:
     def __init__(self) -> None:
         self._index: dict[str, list[tuple[str, list[tuple[str, _Member]]]]] = {}
         self._errors: dict[str, str | None] = {}
+        self._manifests: dict[Path, dict[str, tuple[int, int]]] = {}
 
     def _local_index(self, url: str) -> list[tuple[str, list[tuple[str, _Member]]]]:
         if url not in self._index:
@@ -145,7 +147,8 @@ class ShardReader:
             except (tarfile.TarError, OSError, EOFError) as err:
                 error = str(err)
             error = error or _truncation(url, [m for _, m in members])
-            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= _size(url))))
+            size = _size(url) if members else 0  # once per shard, not per member
+            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= size)))
             if error and index:
                 index = index[:-1]  # the last sample before the cut may be missing parts
             self._index[url] = index
@@ -154,6 +157,25 @@ class ShardReader:
 
     def count(self, url: str) -> int | None:
         return None if url.startswith(_REMOTE) else len(self._local_index(url))
+
+    def listed_count(self, url: str) -> int | None:
+        """A local shard's sample count without reading it: from its directory's manifest.json when that lists the
+        shard with its current size in bytes, else from its tar headers (`count`)."""
+        if url.startswith(_REMOTE):
+            return None
+        if url in self._index:
+            return len(self._index[url])
+        path = Path(url)
+        if path.parent not in self._manifests:
+            try:
+                listed = json.loads((path.parent / "manifest.json").read_text())["shards"]
+                self._manifests[path.parent] = {s["url"]: (int(s["samples"]), int(s["bytes"])) for s in listed}
+            except (OSError, ValueError, KeyError, TypeError):
+                self._manifests[path.parent] = {}
+        samples, size = self._manifests[path.parent].get(path.name, (None, None))
+        if samples is not None and path.is_file() and _size(url) == size:
+            return samples
+        return self.count(url)
 
     def read_at(self, url: str, index: int) -> RawSample:
         if url.startswith(_REMOTE):
