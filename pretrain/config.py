@@ -92,6 +92,8 @@ class DataConfig(Section):
     # Images larger than this many pixels are skipped as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     fast_image_decode: bool = False
+    # Each rank appends the keys of the samples of every step to RUN_DIR/samples/rank<R>.jsonl (an audit trail).
+    record_samples: bool = False
 
 
 class TrainConfig(Section):

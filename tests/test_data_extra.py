@@ -1,5 +1,6 @@
-"""Issue 3's remaining loader promises: `pipe:` shards read like files and resumed exactly without replaying samples,
-sources mixed by weight with an epoch size for streams, and the world-size-change rule of pretrain.data.loader."""
+"""Loader promises: `pipe:` shards read like files and resumed exactly without replaying samples,
+sources mixed by weight with an epoch size for streams, and the world-size-change rule of checkpoints written before
+elastic resume (pretrain.data.elastic)."""
 
 from __future__ import annotations
 
@@ -150,16 +151,27 @@ def _take_epoch(loader: ResumableLoader, n: int) -> list[tuple]:
     raise AssertionError("loader ended")
 
 
-def test_world_size_change_sees_the_next_epoch_once(processor, uneven):
-    """2 ranks -> 3 ranks. The old slots drifted apart (one is epochs ahead: shards hold 30 or 2 samples); the
-    merged state restarts every new slot at 1 + the furthest old epoch, and the new slots together deliver that
-    epoch's samples exactly once."""
+def _as_written_before_elastic_resume(state: dict) -> dict:
+    """A loader state as checkpoints held it before the epoch order was global: no format, layout or epochs."""
+    old = {k: state[k] for k in ("world_size", "num_workers", "consumed", "slots")}
+    for slot in old["slots"].values():
+        for key in ("buffer_epochs", "pending_epochs"):
+            slot.pop(key)
+        for stream in slot["streams"]:
+            stream.pop("rest"), stream.pop("rest_pos")
+    return old
+
+
+def test_world_size_change_sees_the_next_epoch_once(processor, uneven, caplog):
+    """A checkpoint written before elastic resume, 2 ranks -> 3 ranks: the old rule, with a warning. The old slots
+    drifted apart (one is epochs ahead: shards hold 30 or 2 samples); the merged state restarts every new slot at
+    1 + the furthest old epoch, and the new slots together deliver that epoch's samples exactly once."""
     old = dict(world_size=2, num_workers=0, shuffle=False, rows_per_batch=1)
     states = []
     for rank in range(2):
         loader = ResumableLoader(_spec([uneven], rank=rank, **old), processor)
         list(islice(loader, 20))
-        states.append(json.loads(json.dumps(loader.state_dict())))
+        states.append(_as_written_before_elastic_resume(json.loads(json.dumps(loader.state_dict()))))
     epochs = [s["streams"][0]["epoch"] for st in states for s in st["slots"].values()]
     assert max(epochs) >= 2 and min(epochs) == 0  # drifted: rank 0's state alone would restart at epoch 1
     merged = merge_states(states)
@@ -175,6 +187,7 @@ def test_world_size_change_sees_the_next_epoch_once(processor, uneven):
         seen += _take_epoch(loader, share) if share else []
     every = [tuple(processor(raw.parts).input_ids) for u in uneven for raw in ShardReader().iterate(u)]
     assert Counter(seen) == Counter(every)
+    assert "predates elastic resume" in caplog.text
 
 
 def test_merged_state_resumes_each_rank_exactly(processor, shapes):

@@ -35,7 +35,7 @@ def _cut_back_to(reference, run, step: int) -> None:
 
 def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     """The loss of the first step after a resume on 1 rank, computed without DeepSpeed: a plain model holding
-    `weights`, on the micro-batches the resumed loader hands out first (the fresh epoch of a changed world)."""
+    `weights`, on the micro-batches the resumed loader hands out first (the rest of the epoch, split anew)."""
     from pretrain.config import load_config
     from pretrain.data.pipeline import build_processing
     from pretrain.model.build import build_model
@@ -63,9 +63,9 @@ def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, tmp_pa
     the global batch). The trainer sees the world-size change, converts the checkpoint to DeepSpeed's universal
     format and loads it. What it loaded equals DeepSpeed's own consolidation of the ORIGINAL 2-rank shards
     (zero_to_fp32 for the weights, the same merge over the optimizer-state files for the Adam moments), exactly,
-    for every trainable parameter. The data stream starts a new epoch (the loader's rule for a changed world: no
-    sample of that epoch twice or never), so the losses differ from the 2-rank run's; the first one equals, to
-    float rounding, the loss a plain model with the consolidated weights gets on the batches the loader hands out."""
+    for every trainable parameter. The loader splits the rest of the epoch over the new slot (elastic resume), so
+    the batches, and so the losses, differ from the 2-rank run's; the first one equals, to float rounding, the loss
+    a plain model with the consolidated weights gets on the batches the resumed loader hands out."""
     reference = _reference_run(tmp_path_factory, assets, shapes, stage)
     run = tmp_path / "run"
     _cut_back_to(reference, run, 3)
@@ -80,7 +80,7 @@ def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, tmp_pa
             assert torch.equal(loaded[key][name], want.view_as(loaded[key][name])), (key, name)
     assert any(v.abs().sum() > 0 for v in original["exp_avg"].values())  # moments that were really trained
     assert "to DeepSpeed's universal format" in out
-    assert "world size or workers changed" in out  # the loader restarts at a fresh epoch
+    assert "world size or workers changed" in out  # the loader splits the rest of the epoch anew
     got, want = losses(run), losses(reference)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert [got[s] for s in (1, 2, 3)] == [want[s] for s in (1, 2, 3)]

@@ -6,12 +6,13 @@ slot's state *after* that batch, so the main process can save exactly the positi
 however far the DataLoader prefetched. torch's DataLoader takes batches from workers round-robin, so on resume the
 worker order is rotated to continue with the slot that was next.
 
-Resuming needs the same world size and worker count. With another world size the saved slots cannot be mapped one to
-one: the loader then starts every source, in every new slot, at the beginning of the epoch after the furthest epoch
-any old slot had reached (`1 + max(epoch)` over all old slots and sources). That epoch is split over the new slots
-as usual, so none of its samples is seen twice or never; the rest of the interrupted epochs is dropped, and the
-loader says so. This needs the states of *all* old ranks (slots drift apart by whole epochs when shards hold
-different sample counts): pass `merge_states([state of rank 0, state of rank 1, ...])`.
+A resume on the same layout (`layout()`: world size, workers, seed, sources, batching) continues every slot in
+place. On another layout the rest of the epoch, computed from the states of *all* old ranks (pass
+`merge_states([state of rank 0, state of rank 1, ...])`), is split exactly over the new slots: pretrain.data.elastic.
+A state written before that (no `format`) keeps the old rule on a layout change: every new slot starts the epoch
+after the furthest one any old slot reached, and the rest of the interrupted epoch is dropped, with a warning.
+
+Every batch carries `sample_keys` (source, shard, key and source epoch of each sample) for data.record_samples.
 
 Epochs: a source's epoch is one pass over its shards. A source read as a stream (`pipe:`, http) may instead be given
 an epoch size (`LoaderSpec.epoch_size`, the config's `data.epoch_size`): each slot's epoch of it then ends after its
@@ -21,6 +22,7 @@ share, ceil(epoch_size / slots), of samples, and the next epoch starts over with
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import signal
 from collections.abc import Iterator
@@ -29,7 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pretrain.data import elastic
 from pretrain.data.batching import Batcher, collate
+from pretrain.data.elastic import source_fingerprint
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, is_remote, seeded_rng
@@ -60,8 +64,10 @@ class SlotState:
     streams: list[dict] = field(default_factory=list)
     mix_rng: tuple | None = None
     buffer_rng: tuple | None = None
-    buffer: list[tuple[int, str, int]] = field(default_factory=list)
-    pending: list[tuple[int, str, int]] = field(default_factory=list)
+    buffer: list[tuple[int, str, int]] = field(default_factory=list)  # (source, url, index) of buffered samples
+    pending: list[tuple[int, str, int]] = field(default_factory=list)  # the same, of samples the batcher holds
+    buffer_epochs: list[int] = field(default_factory=list)  # the source epoch each of them was read in
+    pending_epochs: list[int] = field(default_factory=list)
     ok: list[int] = field(default_factory=list)
     skipped: list[dict[str, int]] = field(default_factory=list)
     truncated: int = 0
@@ -93,10 +99,15 @@ class SlotPipeline:
 
     def _restore(self, st: SlotState) -> None:
         # At a batch boundary the batcher holds at most the carried-over sample: re-pushing rebuilds it exactly.
-        raws = self.reader.read_refs([(url, index) for _, url, index in [*st.pending, *st.buffer]])
-        for (src, url, index), raw in zip(st.pending, raws):
+        refs = [*st.pending, *st.buffer]
+        raws = self.reader.read_refs([(url, index) for _, url, index in refs])
+        # States written before epochs were recorded have none: the stream's current one is the best guess.
+        epochs = [*st.pending_epochs, *st.buffer_epochs] or [self.streams[src].state.epoch for src, _, _ in refs]
+        for raw, epoch in zip(raws, epochs):
+            raw.epoch = epoch
+        for (src, _, _), raw in zip(st.pending, raws):
             sample = self.processor(raw.parts)
-            self.batcher.push(((src, url, index), sample), len(sample))
+            self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample))
         for (src, _, _), raw in zip(st.buffer, raws[len(st.pending):]):
             self.buffer.items.append((src, raw))
 
@@ -104,7 +115,8 @@ class SlotPipeline:
         return SlotState(
             streams=[copy.deepcopy(s.state.__dict__) for s in self.streams],
             mix_rng=self.mix_rng.getstate(), buffer_rng=self.buffer.rng.getstate(),
-            buffer=self.buffer.refs(), pending=[ref for ref, _ in self.batcher.pending()],
+            buffer=self.buffer.refs(), pending=[ref[:3] for ref, _, _ in self.batcher.pending()],
+            buffer_epochs=self.buffer.epochs(), pending_epochs=[ref[3] for ref, _, _ in self.batcher.pending()],
             ok=list(self.ok), skipped=[dict(d) for d in self.skipped], truncated=self.truncated,
             batches=self.batches)
 
@@ -122,10 +134,14 @@ class SlotPipeline:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            raw = self._next_raw()
-            if raw is None:
-                break
-            rows = self._add(self.buffer.push_pop(raw))
+            # A resume on fewer slots hands each more buffered samples than the buffer holds: drain those first.
+            if self.buffer.overfull():
+                rows = self._add(self.buffer.push_pop(None))
+            else:
+                raw = self._next_raw()
+                if raw is None:
+                    break
+                rows = self._add(self.buffer.push_pop(raw))
             if rows is not None:
                 yield self._batch(rows)
         while self.buffer.items:  # single pass over: what the shuffle buffer and the batcher still hold
@@ -149,14 +165,36 @@ class SlotPipeline:
             return None
         self.ok[src] += 1
         self.truncated += int(sample.truncated)
-        return self.batcher.push(((src, raw.url, raw.index), sample), len(sample))
+        return self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample))
 
     def _batch(self, rows: list[list]) -> dict:
         self.batches += 1
-        batch = collate([[s for _, s in row] for row in rows], self.spec.pad_id)
+        batch = collate([[s for _, _, s in row] for row in rows], self.spec.pad_id)
+        batch["sample_keys"] = [{"source": ref[0], "shard": ref[1], "key": key, "epoch": ref[3]}
+                                for row in rows for ref, key, _ in row]
         batch["_slot"] = self.slot
         batch["_state"] = self.state()
         return batch
+
+
+STATE_FORMAT = "format"  # absent in states written before elastic resume
+
+
+def layout(spec: LoaderSpec) -> dict:
+    """What a saved position depends on: with all of it equal a resume continues each slot in place; otherwise
+    the rest of the epoch is recomputed from every old slot (pretrain.data.elastic)."""
+    return {"world_size": spec.world_size, "num_workers": spec.num_workers, "seed": spec.seed,
+            "shuffle": spec.shuffle, "epoch_size": spec.epoch_size,
+            "sources": [source_fingerprint(urls) for urls in spec.sources],
+            "batching": [spec.rows_per_batch, spec.max_length, spec.packing]}
+
+
+def resumes_in_place(state: dict, spec: LoaderSpec) -> bool:
+    """Whether each slot of `state` continues as it was (else every old rank's state is needed: merge_states)."""
+    if STATE_FORMAT not in state:
+        return (state.get("world_size"), state.get("num_workers")) == (spec.world_size, spec.num_workers)
+    now = json.loads(json.dumps(layout(spec)))  # as a checkpoint round trip would give it
+    return all(state.get(k) == v for k, v in now.items())
 
 
 def _epoch_share(spec: LoaderSpec, urls: list[str], n_slots: int) -> int | None:
@@ -212,12 +250,20 @@ class ResumableLoader:
         self.slot_states: dict[int, SlotState] = {}
         self.consumed = 0
         if state:
-            self._load(state)
+            self.load_state_dict(state)
 
-    def _load(self, state: dict) -> None:
-        same = state.get("world_size") == self.spec.world_size and state.get("num_workers") == self.spec.num_workers
-        if not same:
-            self.slot_states = self._restart_states(state)
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: in place, or (another layout) the rest of the epoch split anew, which
+        needs the merged state of every old rank."""
+        if not resumes_in_place(state, self.spec):
+            if STATE_FORMAT not in state:  # written before the epoch order was global: no remainder to split
+                self.slot_states = self._restart_states(state)
+                return
+            log.warning("data: world size or workers changed (%s x %s -> %s x %s) or the sources or batching did: "
+                        "the rest of the interrupted epoch is split over the new slots", state.get("world_size"),
+                        state.get("num_workers"), self.spec.world_size, self.spec.num_workers)
+            split = elastic.split_rest(state, self.spec, ShardReader())
+            self.slot_states = {t: SlotState(**d) for t, d in split.items()}
             return
         self.consumed = state["consumed"]
         w = max(self.spec.num_workers, 1)
@@ -227,16 +273,17 @@ class ResumableLoader:
     def _restart_states(self, state: dict) -> dict[int, SlotState]:
         epochs = [s["streams"][i]["epoch"] for s in state["slots"].values() for i in range(len(s["streams"]))]
         epoch = max(epochs, default=0) + 1
-        log.warning("data: world size or workers changed (%s x %s -> %s x %s): each slot starts epoch %d; the rest "
-                    "of the interrupted epoch is not seen", state.get("world_size"), state.get("num_workers"),
-                    self.spec.world_size, self.spec.num_workers, epoch)
+        log.warning("data: world size or workers changed (%s x %s -> %s x %s) and the loader state predates "
+                    "elastic resume: each slot starts epoch %d; the rest of the interrupted epoch is not seen",
+                    state.get("world_size"), state.get("num_workers"), self.spec.world_size, self.spec.num_workers,
+                    epoch)
         w = max(self.spec.num_workers, 1)
         n = len(self.spec.sources)
         return {self.spec.rank * w + i: SlotState(streams=[{"epoch": epoch} for _ in range(n)]) for i in range(w)}
 
     def state_dict(self) -> dict:
         return {
-            "world_size": self.spec.world_size, "num_workers": self.spec.num_workers, "consumed": self.consumed,
+            STATE_FORMAT: 2, **layout(self.spec), "consumed": self.consumed,
             "slots": {str(k): copy.deepcopy(v.__dict__) for k, v in self.slot_states.items()},
         }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import random
 import re
 import tarfile
@@ -61,6 +62,7 @@ class RawSample:
     url: str
     index: int
     parts: dict[str, bytes]
+    epoch: int = 0  # the source epoch it was read in (set by SourceStream)
 
 
 class TarShardError(Exception):
@@ -132,6 +134,7 @@ class ShardReader:
     def __init__(self) -> None:
         self._index: dict[str, list[tuple[str, list[tuple[str, _Member]]]]] = {}
         self._errors: dict[str, str | None] = {}
+        self._manifests: dict[Path, dict[str, tuple[int, int]]] = {}
 
     def _local_index(self, url: str) -> list[tuple[str, list[tuple[str, _Member]]]]:
         if url not in self._index:
@@ -144,7 +147,8 @@ class ShardReader:
             except (tarfile.TarError, OSError, EOFError) as err:
                 error = str(err)
             error = error or _truncation(url, [m for _, m in members])
-            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= _size(url))))
+            size = _size(url) if members else 0  # once per shard, not per member
+            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= size)))
             if error and index:
                 index = index[:-1]  # the last sample before the cut may be missing parts
             self._index[url] = index
@@ -153,6 +157,25 @@ class ShardReader:
 
     def count(self, url: str) -> int | None:
         return None if url.startswith(_REMOTE) else len(self._local_index(url))
+
+    def listed_count(self, url: str) -> int | None:
+        """A local shard's sample count without reading it: from its directory's manifest.json when that lists the
+        shard with its current size in bytes, else from its tar headers (`count`)."""
+        if url.startswith(_REMOTE):
+            return None
+        if url in self._index:
+            return len(self._index[url])
+        path = Path(url)
+        if path.parent not in self._manifests:
+            try:
+                listed = json.loads((path.parent / "manifest.json").read_text())["shards"]
+                self._manifests[path.parent] = {s["url"]: (int(s["samples"]), int(s["bytes"])) for s in listed}
+            except (OSError, ValueError, KeyError, TypeError):
+                self._manifests[path.parent] = {}
+        samples, size = self._manifests[path.parent].get(path.name, (None, None))
+        if samples is not None and path.is_file() and _size(url) == size:
+            return samples
+        return self.count(url)
 
     def read_at(self, url: str, index: int) -> RawSample:
         if url.startswith(_REMOTE):
@@ -189,12 +212,18 @@ class ShardReader:
 
     def iterate(self, url: str, start: int = 0) -> Iterator[RawSample]:
         """Samples from `start` on. Raises TarShardError at the end if the shard was truncated or unreadable."""
+        return self.iterate_range(url, start)
+
+    def iterate_range(self, url: str, start: int, stop: int | None = None, step: int = 1) -> Iterator[RawSample]:
+        """Samples `range(start, stop, step)` (stop None: to the shard's end). A local shard seeks to each one; a
+        stream passes over the others without keeping their bytes. Raises TarShardError at the end as `iterate`."""
         if not url.startswith(_REMOTE):
             if not Path(url).is_file():
                 raise TarShardError(f"{url}: no such shard")
             index = self._local_index(url)
+            end = len(index) if stop is None else min(stop, len(index))
             with open(url, "rb") as f:
-                for i in range(start, len(index)):
+                for i in range(start, end, step):
                     key, parts = index[i]
                     data = {}
                     for ext, m in parts:
@@ -204,7 +233,12 @@ class ShardReader:
             if self._errors.get(url):
                 raise TarShardError(f"{url}: {self._errors[url]}")
             return
-        yield from self._iterate_stream(url, start)
+        with contextlib.closing(self._iterate_stream(url, start)) as samples:
+            for raw in samples:
+                if stop is not None and raw.index >= stop:
+                    return
+                if (raw.index - start) % step == 0:
+                    yield raw
 
     def _iterate_stream(self, url: str, start: int) -> Iterator[RawSample]:
         stream = None
@@ -232,6 +266,11 @@ class StreamState:
     sample_pos: int = 0  # next sample index within that shard
     taken: int = 0  # samples this slot took in this epoch (counted against `epoch_samples`)
     lost: dict[str, int] = field(default_factory=dict)
+    # After a resume on other slots: this slot's part of the interrupted epoch(s), read before `epoch` starts.
+    # Each piece is [epoch, url, start, stop, step] (stop None: to the shard's end); sample_pos is the next index
+    # to read within piece `rest_pos`.
+    rest: list[list] = field(default_factory=list)
+    rest_pos: int = 0
 
 
 class SourceStream:
@@ -259,8 +298,25 @@ class SourceStream:
             return order[self.slot :: self.n_slots], False
         return order, True  # sample-level split
 
+    def _rest(self) -> Iterator[RawSample]:
+        st = self.state
+        while st.rest_pos < len(st.rest):
+            epoch, url, start, stop, step = st.rest[st.rest_pos]
+            first = start + max(0, -(-(st.sample_pos - start) // step)) * step
+            try:
+                with contextlib.closing(self.reader.iterate_range(url, first, stop, step)) as samples:
+                    for raw in samples:
+                        st.sample_pos = raw.index + 1
+                        raw.epoch = epoch
+                        yield raw
+            except TarShardError:
+                st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
+            st.rest_pos, st.sample_pos = st.rest_pos + 1, 0
+        st.rest, st.rest_pos = [], 0
+
     def _samples(self) -> Iterator[RawSample]:
         st = self.state
+        yield from self._rest()
         while True:
             shards, by_sample = self.shards_for(st.epoch)
             yielded = False
@@ -275,6 +331,7 @@ class SourceStream:
                                 continue
                             yielded = True
                             st.taken += 1
+                            raw.epoch = st.epoch
                             yield raw
                             if self._epoch_full():
                                 break
@@ -323,5 +380,11 @@ class ShuffleBuffer:
         self.items[i], self.items[-1] = self.items[-1], self.items[i]
         return self.items.pop()
 
+    def overfull(self) -> bool:
+        return len(self.items) > self.size
+
     def refs(self) -> list[tuple[int, str, int]]:
         return [(src, raw.url, raw.index) for src, raw in self.items]
+
+    def epochs(self) -> list[int]:
+        return [raw.epoch for _, raw in self.items]

@@ -18,12 +18,14 @@ import torch
 
 from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
+from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist, shared_fs, universal
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
+from pretrain.train.samples import SampleRecorder
 from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
 from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
@@ -76,7 +78,13 @@ class Trainer:
         self.nonfinite_total = 0
         loader_state = self._resume()
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
-                                  self.world, train=True, state=loader_state)
+                                  self.world, train=True)
+        if loader_state is not None:
+            same_ranks = loader_state.get("world_size") == self.world  # else it is every old rank's already
+            if same_ranks and not resumes_in_place(loader_state, self.loader.spec):
+                # Other workers, sources or batching: the rest of the epoch is split anew, from every old slot.
+                loader_state = universal.merge_loader_states(self.resume_from, self.world)
+            self.loader.load_state_dict(loader_state)
         self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
         self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
                                    self.device, self.run_dir)
@@ -95,8 +103,8 @@ class Trainer:
         self.nonfinite_total = client.get("nonfinite_total", 0)
         old_world = client.get("world_size", self.resume_meta.get("world_size"))
         if old_world != self.world:
-            # Another world size: no rank's loader position or RNG maps one to one; the loader restarts at a fresh
-            # epoch after the furthest old slot, which it finds from every old rank's state.
+            # Another world size: no rank's loader position or RNG maps one to one; the loader splits the rest of
+            # the epoch over the new slots, from every old rank's state.
             if self.rank == 0:
                 log.warning("resumed from %s at step %d on %d rank(s); it was written by %d%s", path, self.step,
                             self.world, old_world, " (through DeepSpeed's universal checkpoint)" * self.universal)
@@ -158,6 +166,9 @@ class Trainer:
         """Train to train.max_steps (or stop_at_step); returns EXIT_OK, or EXIT_PREEMPTED after a signal."""
         t = self.cfg.train
         writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar)
+        recorder = None
+        if self.cfg.data.record_samples:
+            recorder = SampleRecorder(self.run_dir, self.rank, self.world, self.step)
         it = iter(self.loader)
         window = _Window()
         code = dist.EXIT_OK
@@ -175,6 +186,8 @@ class Trainer:
                                  shared=counts.values if counts else (), read_grad_norm=logging,
                                  stop_requested=lambda: self.stop.requested)
                 self.step += 1
+                if recorder is not None:
+                    recorder.record(self.step, batches)
                 self.faults.maybe_die(self.rank, self.step)
                 self._count_nonfinite(out)
                 if counts is not None:
@@ -198,6 +211,8 @@ class Trainer:
                 self._mark("DONE")
         finally:
             writer.close()
+            if recorder is not None:
+                recorder.close()
         return code
 
     def _count_nonfinite(self, out: StepResult) -> None:

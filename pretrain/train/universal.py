@@ -11,8 +11,8 @@ rendezvous store (dist.rank0_work), not in a collective that would time out, and
 complete. The checkpoint's own files and its commit marker are left as they are.
 
 Optimizer state survives exactly (the same fp32 numbers, re-partitioned); losses after the resume still differ from
-a run that kept its ranks: the data stream starts a new epoch (see merge_loader_states) and sums are reduced in
-another order.
+a run that kept its ranks: the rest of the epoch is split over the new ranks (pretrain.data.elastic), so batches hold
+other samples, and sums are reduced in another order.
 """
 
 from __future__ import annotations
@@ -101,9 +101,8 @@ def _convert(src: Path, out: Path) -> None:
 
 
 def merge_loader_states(ckpt_dir: Path, old_world: int) -> dict[str, Any]:
-    """Every old rank's loader state merged into one (pretrain.data.loader.merge_states). The loader restarts a
-    changed world at the epoch after the furthest old slot; it must see all old slots to find it (rank 0's alone may
-    lag another rank by an epoch, and then samples of that epoch would be seen twice)."""
+    """Every old rank's loader state merged into one (pretrain.data.loader.merge_states): the rest of the epoch on
+    another layout is what *all* old slots had not consumed (pretrain.data.elastic)."""
     states = []
     for r in range(old_world):
         state = ckpt.read_rank_state(ckpt_dir, r)

@@ -1,0 +1,167 @@
+"""Resuming an epoch on other slots: what the old slots had not yet consumed, split exactly over the new ones.
+
+An epoch's order is global: a source's shards in a permutation seeded by (seed, source, epoch), slot s of S taking
+every S-th shard (or every S-th sample when there are fewer shards than slots; see pretrain.data.stream). A saved
+slot position (epoch, shard_pos, sample_pos) therefore names exactly what that slot has read; what it read but did
+not train on sits in its shuffle buffer and its batcher (`buffer`, `pending`) as references.
+
+The rest, per source, from every old slot (the states of *all* old ranks, merged):
+- its unread part of its current epoch and its whole shares of later epochs up to the furthest epoch any old slot
+  reached (slots drift apart when shards hold different sample counts): pieces `[epoch, url, start, stop, step]`;
+- the samples in its buffer and batcher, which go back into the new slots' shuffle buffers.
+Pieces of local shards (counts from the shard directory's manifest, else from tar headers; no sample is read)
+are concatenated and cut into equal contiguous blocks, one per new slot. Stream pieces (`pipe:`, http: counts
+unknown) go whole to the new slots in turn, or, when there are fewer of them than slots, every new slot reads each
+and takes every n-th sample. After its rest every new slot continues at the next epoch in the new global split.
+
+Not split: a stream source with `data.epoch_size` (its epoch is a count per slot, not a set of positions); it starts
+its next epoch, and the loader says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pretrain.data.stream import ShardReader, SourceStream, is_remote
+
+if TYPE_CHECKING:
+    from pretrain.data.loader import LoaderSpec
+
+log = logging.getLogger(__name__)
+
+Piece = list  # [epoch, url, start, stop | None, step]
+
+
+def source_fingerprint(urls: list[str]) -> str:
+    """Names a source by its shard list: a resume matches sources by it, so added or removed sources are seen."""
+    return hashlib.sha256(json.dumps(list(urls)).encode()).hexdigest()[:16]
+
+
+def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, dict[str, Any]]:
+    """The slot states (SlotState fields) of this rank's new slots, from the merged state of every old rank."""
+    n_old = state["world_size"] * max(state["num_workers"], 1)
+    slots = [state["slots"].get(str(s)) for s in range(n_old)]
+    if any(s is None for s in slots):
+        raise ValueError(f"resuming on other slots needs the loader state of every old rank ({n_old} slots, "
+                         f"{len(state['slots'])} given): merge them with merge_states")
+    w = max(spec.num_workers, 1)
+    n_new = spec.world_size * w
+    mine = range(spec.rank * w, spec.rank * w + w)
+    new = {t: {"streams": [], "buffer": [], "buffer_epochs": []} for t in mine}
+    old_index = {fp: j for j, fp in enumerate(state["sources"])}
+    for i, urls in enumerate(spec.sources):
+        j = old_index.get(source_fingerprint(urls))
+        if j is None:
+            log.warning("data: source %d (%d shards) is new in this run: it starts at its first epoch", i, len(urls))
+            parts: dict[int, dict] = {t: {"epoch": 0} for t in mine}
+        else:
+            parts = _split_source(state, slots, j, urls, n_new, mine, reader)
+        for t in mine:
+            new[t]["streams"].append(parts[t])
+    _split_refs(state, slots, spec, n_new, new)
+    if spec.rank == 0:  # the old counts live on in one slot, so the bad-fraction check keeps its history
+        new[0].update(_old_counts(state, slots, spec))
+    return new
+
+
+def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new: int, mine: range,
+                  reader: ShardReader) -> dict[int, dict]:
+    positions = [s["streams"][j] for s in slots]
+    # The epoch every new slot goes on with: the first that no old slot has started.
+    following = max(p["epoch"] + int(_started(p)) for p in positions)
+    if state.get("epoch_size") is not None and any(is_remote(u) for u in urls):
+        log.warning("data: source %d is a stream with data.epoch_size: the rest of its epoch is not split; it "
+                    "starts epoch %d", j, following)
+        return {t: {"epoch": following} for t in mine}
+    n_old = len(slots)
+    pieces: list[Piece] = []
+    for s, pos in enumerate(positions):
+        stream = SourceStream(urls, s, n_old, state["seed"], j, state["shuffle"], reader)
+        rest = [list(p) for p in pos.get("rest", [])[pos.get("rest_pos", 0):]]
+        if rest:  # still in the rest of an earlier resume: its current piece goes on from sample_pos
+            e, url, start, stop, step = rest[0]
+            rest[0][2] = start + max(0, -(-(pos["sample_pos"] - start) // step)) * step
+            pos = {**pos, "shard_pos": 0, "sample_pos": 0}
+        pieces += rest + _unread(stream, pos, following - 1)
+    blocks = _split_pieces(pieces, n_new, reader)
+    return {t: {"epoch": following, "rest": blocks[t]} for t in mine}
+
+
+def _started(pos: dict) -> bool:
+    return bool(pos["shard_pos"] or pos["sample_pos"] or pos.get("taken")) and not pos.get("rest")
+
+
+def _unread(stream: SourceStream, pos: dict, last_epoch: int) -> list[Piece]:
+    """What an old slot had not read of its epochs from its current one to `last_epoch`."""
+    pieces = []
+    n, s = stream.n_slots, stream.slot
+    for epoch in range(pos["epoch"], last_epoch + 1):
+        shards, by_sample = stream.shards_for(epoch)
+        here = epoch == pos["epoch"]
+        for p in range(pos["shard_pos"] if here else 0, len(shards)):
+            begin = pos["sample_pos"] if here and p == pos["shard_pos"] else 0
+            if by_sample:  # this slot takes the samples i with (offset + i) % n == s
+                offset = sum(stream.reader.count(u) or 0 for u in shards[:p])
+                pieces.append([epoch, shards[p], begin + (s - offset - begin) % n, None, n])
+            else:
+                pieces.append([epoch, shards[p], begin, None, 1])
+    return pieces
+
+
+def _split_pieces(pieces: list[Piece], n_new: int, reader: ShardReader) -> list[list[Piece]]:
+    """Local pieces cut into n_new equal contiguous blocks; stream pieces dealt out (or strided when few)."""
+    # A count above the real one (a shard cut after its manifest) only shifts block edges: reads stop at its end.
+    local = [(e, url, range(a, reader.listed_count(url) if b is None else min(b, reader.listed_count(url)), k))
+             for e, url, a, b, k in pieces if not is_remote(url)]
+    streams = [p for p in pieces if is_remote(p[1])]
+    total = sum(len(r) for _, _, r in local)
+    out: list[list[Piece]] = [[] for _ in range(n_new)]
+    at = 0
+    for e, url, r in local:
+        for t in range(n_new):
+            lo, hi = t * total // n_new - at, (t + 1) * total // n_new - at
+            part = r[max(lo, 0):max(min(hi, len(r)), 0)]
+            if len(part):
+                out[t].append([e, url, part.start, part.stop, part.step])
+        at += len(r)
+    for t in range(n_new):
+        if len(streams) >= n_new:
+            out[t] += [list(p) for p in streams[t::n_new]]
+        else:
+            out[t] += [[e, url, a + t * k, b, k * n_new] for e, url, a, b, k in streams]
+    return out
+
+
+def _split_refs(state: dict, slots: list[dict], spec: LoaderSpec, n_new: int, new: dict[int, dict]) -> None:
+    """Samples read but not trained on (old buffers and batchers) dealt out to the new slots' shuffle buffers."""
+    to_new = {j: spec_i for spec_i, urls in enumerate(spec.sources)
+              for j, fp in enumerate(state["sources"]) if fp == source_fingerprint(urls)}
+    refs = [(ref, epoch) for s in slots
+            for ref, epoch in zip([*s["pending"], *s["buffer"]], [*s["pending_epochs"], *s["buffer_epochs"]])
+            if ref[0] in to_new]
+    for k, ((src, url, index), epoch) in enumerate(refs):
+        t = k % n_new
+        if t in new:
+            new[t]["buffer"].append([to_new[src], url, index])
+            new[t]["buffer_epochs"].append(epoch)
+
+
+def _old_counts(state: dict, slots: list[dict], spec: LoaderSpec) -> dict[str, Any]:
+    n = len(spec.sources)
+    index = {fp: j for j, fp in enumerate(state["sources"])}
+    old = [index.get(source_fingerprint(urls)) for urls in spec.sources]
+    ok = [sum(s["ok"][j] for s in slots if s["ok"]) if j is not None else 0 for j in old]
+    skipped: list[dict[str, int]] = [{} for _ in range(n)]
+    for s in slots:
+        for i, j in enumerate(old):
+            if j is None:
+                continue
+            counts = {**(s["skipped"][j] if s["skipped"] else {})}
+            for k, v in s["streams"][j].get("lost", {}).items():
+                counts[k] = counts.get(k, 0) + v
+            for k, v in counts.items():
+                skipped[i][k] = skipped[i].get(k, 0) + v
+    return {"ok": ok, "skipped": skipped, "truncated": sum(s["truncated"] for s in slots)}
