@@ -269,25 +269,34 @@ def _keys(batches) -> Counter:
                    for ids, p in zip(b["input_ids"], b["pixel_values"]))
 
 
-def test_fewer_ranks_restart_after_the_furthest_old_slot_and_see_that_epoch_once(processor, shapes, tmp_path):
+def _sample_ids(batches) -> Counter:
+    return Counter((k["shard"], k["key"], k["epoch"]) for b in batches for k in b["sample_keys"])
+
+
+def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(processor, shapes, tmp_path):
     """2 ranks -> 1: rank 1 had passed into epoch 1 while rank 0 was early in epoch 0. The checkpoint's trainer
-    states of both ranks are merged, so the new rank starts epoch 2 (not 1, which rank 1 had partly seen) and sees
-    every sample of it exactly once."""
+    states of both ranks are merged, and the new rank reads exactly what neither old rank had: the rest of epoch 0
+    and of epoch 1, each sample once across the two parts, then epoch 2."""
     ckpt_dir = tmp_path / "step_00000009"
     ckpt_dir.mkdir()
     consumed = {0: 5, 1: 40}  # batches of 8; an epoch of one rank is 256 samples = 32 batches
+    seen = Counter()
     for rank, n in consumed.items():
         old = _loader(processor, shapes, rank=rank, world_size=2)
-        list(islice(old, n))
+        seen += _sample_ids(islice(old, n))
         ckpt.write_rank_state(ckpt_dir, rank, {"loader": json.loads(json.dumps(old.state_dict()))})
-    assert max(s["streams"][0]["epoch"] for s in ckpt.read_rank_state(ckpt_dir, 1)["loader"]["slots"].values()) == 1
+    assert {e for _, _, e in seen} == {0, 1}  # the case: the old ranks stood in different epochs
+    everything = {(s, k) for s, k, _ in _sample_ids(islice(_loader(processor, shapes, shuffle=False), 512 // 8))}
+    assert len(everything) == 512
     merged = merge_loader_states(ckpt_dir, old_world=2)
     new = _loader(processor, shapes, state=merged, rank=0, world_size=1)
-    assert {s.streams[0]["epoch"] for s in new.slot_states.values()} == {2}
-    epoch = list(islice(new, 512 // 8))
-    full = list(islice(_loader(processor, shapes, rank=0, world_size=1, shuffle=False), 512 // 8))
-    assert _keys(epoch) == _keys(full)  # the whole epoch, each sample once
-    assert all(s.streams[0]["epoch"] == 2 for s in new.slot_states.values())
+    rest = 2 * 512 - sum(seen.values())
+    assert rest % 8 == 0
+    got = _sample_ids(islice(new, rest // 8 + 1))
+    for epoch in (0, 1):
+        both = Counter({(s, k): n for (s, k, e), n in (seen + got).items() if e == epoch})
+        assert set(both) == everything and set(both.values()) == {1}, epoch  # every sample of it once
+    assert [e for _, _, e in got].count(2) == 8  # the batch after the rest opens epoch 2
     with pytest.raises(ResumeError, match="rank 2"):
         merge_loader_states(ckpt_dir, old_world=3)
 
