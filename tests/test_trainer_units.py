@@ -264,11 +264,6 @@ def _loader(processor, shapes, state=None, **kw):
     return ResumableLoader(spec, processor, state)
 
 
-def _keys(batches) -> Counter:
-    return Counter((tuple(ids.tolist()), p.numpy().tobytes()) for b in batches
-                   for ids, p in zip(b["input_ids"], b["pixel_values"]))
-
-
 def _sample_ids(batches) -> Counter:
     return Counter((k["shard"], k["key"], k["epoch"]) for b in batches for k in b["sample_keys"])
 
