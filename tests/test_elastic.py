@@ -94,3 +94,12 @@ def test_changed_batching_and_an_added_source_keep_the_epoch(processor, sources,
     assert "the rest of the interrupted epoch is split" in caplog.text and "source 2" in caplog.text
     assert _epoch(head + tail, 0, 0) + _epoch(head + tail, 0, 1) == _all(sources)
     assert max(_epoch(tail, 0, 2).values()) == 1 and len(_epoch(tail, 0, 2)) > 0
+
+
+def test_a_slot_that_never_handed_out_a_batch_counts_as_unstarted(processor, sources):
+    """A checkpoint after one batch of 2 ranks x 2 workers holds only the slots that delivered; resumed on 1 x 0,
+    the others' whole shares are part of the rest."""
+    head, state = _run(processor, sources, 2, 2, 1)
+    assert len(state["slots"]) < 4
+    tail, _ = _run(processor, sources, 1, 0, 240, state)
+    assert _epoch(head + tail, 0) == _all(sources)

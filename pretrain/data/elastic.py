@@ -43,10 +43,9 @@ def source_fingerprint(urls: list[str]) -> str:
 def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, dict[str, Any]]:
     """The slot states (SlotState fields) of this rank's new slots, from the merged state of every old rank."""
     n_old = state["world_size"] * max(state["num_workers"], 1)
-    slots = [state["slots"].get(str(s)) for s in range(n_old)]
-    if any(s is None for s in slots):
-        raise ValueError(f"resuming on other slots needs the loader state of every old rank ({n_old} slots, "
-                         f"{len(state['slots'])} given): merge them with merge_states")
+    # A slot missing from the merged state never handed out a batch (a checkpoint before every worker had): it
+    # is at the start of everything. (A missing rank's state is an error where states are merged.)
+    slots = [state["slots"].get(str(s)) or _fresh(len(state["sources"])) for s in range(n_old)]
     w = max(spec.num_workers, 1)
     n_new = spec.world_size * w
     mine = range(spec.rank * w, spec.rank * w + w)
@@ -65,6 +64,11 @@ def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, 
     if spec.rank == 0:  # the old counts live on in one slot, so the bad-fraction check keeps its history
         new[0].update(_old_counts(state, slots, spec))
     return new
+
+
+def _fresh(n_sources: int) -> dict[str, Any]:
+    return {"streams": [{"epoch": 0, "shard_pos": 0, "sample_pos": 0} for _ in range(n_sources)], "buffer": [],
+            "pending": [], "buffer_epochs": [], "pending_epochs": [], "ok": [], "skipped": [], "truncated": 0}
 
 
 def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new: int, mine: range,
