@@ -107,10 +107,11 @@ def test_dry_run_cpu_nodes_chain(tmp_path, capsys):
     assert _srun_line(text).split()[1:3] == ["--nodes=2", "--ntasks-per-node=3"]
 
 
-@pytest.mark.parametrize(("flag", "want"), [([], 6), (["--cpus-per-task", "2"], 2)])
-def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path, capsys, flag, want):
+@pytest.mark.parametrize(("flag", "workers", "want"), [([], "5", 6), (["--cpus-per-task", "2"], "5", 2),
+                                                      ([], "auto", 8)])
+def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path, capsys, flag, workers, want):
     cfg = _config(tmp_path, str(tmp_path / "run"))
-    text = _dry_run(capsys, str(cfg), "--nodes", "2", "--gpus-per-node", "4", *flag, "data.num_workers=5")
+    text = _dry_run(capsys, str(cfg), "--nodes", "2", "--gpus-per-node", "4", *flag, f"data.num_workers={workers}")
     assert [d for d in _directives(text) if d.startswith("--cpus")] == [f"--cpus-per-task={want}"]
     assert f"--cpus-per-task={want}" in _srun_line(text).split()
 

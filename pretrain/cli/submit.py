@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--tasks-per-node", type=int, help="default: the GPUs per node (one task per GPU); "
                        "required with --gpus-per-node 0")
     shape.add_argument("--cpus-per-task", type=int, help="CPUs per task; default: data.num_workers + 1 (the "
-                       "loader workers and the training process itself)")
+                       f"loader workers and the training process itself), {AUTO_CPUS_PER_TASK} with num_workers auto")
     shape.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
     site = p.add_argument_group("site")
     site.add_argument("--partition")
@@ -68,10 +68,17 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
     return env
 
 
-def cpus_per_task(flag: int | None, num_workers: int) -> int:
+# With data.num_workers: auto the workers follow the CPUs a task is given, so the job must ask for some: 8 per
+# task is what a typical 8-GPU node (64+ cores) can give each GPU; --cpus-per-task asks for more or fewer.
+AUTO_CPUS_PER_TASK = 8
+
+
+def cpus_per_task(flag: int | None, num_workers: int | str) -> int:
     """--cpus-per-task, else one CPU per loader worker plus one for the training process: without it Slurm gives
     a task one CPU, and every worker of the task shares that core."""
-    return flag if flag is not None else num_workers + 1
+    if flag is not None:
+        return flag
+    return AUTO_CPUS_PER_TASK if num_workers == "auto" else int(num_workers) + 1
 
 
 def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
