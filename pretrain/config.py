@@ -91,6 +91,18 @@ class DataConfig(Section):
     # Images larger than this many pixels are skipped as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     fast_image_decode: bool = False
+    # How conversations become text: `auto` (the tokenizer's own chat template), a format LLaVA-family checkpoints
+    # were trained with (vicuna_v1, plain, llama2, mistral, chatml; pretrain/data/chat_formats.py), or a .jinja file.
+    chat_template: str = "auto"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from pretrain.data.chat_formats import CHOICES, FORMATS
+
+        if name != "auto" and name not in FORMATS and not name.endswith(".jinja"):
+            raise ValueError(f"{name!r} is not a conversation format; valid: {', '.join(CHOICES)}")
+        return name
 
 
 class TrainConfig(Section):
@@ -124,7 +136,9 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(default=0, ge=0)
-    resume: str = "auto"  # auto | none | a checkpoint path
+    resume: str = "auto"  # auto | none | a checkpoint: a run directory, its checkpoints/latest, a tag directory
+    # Resume although the model, data, optimizer, schedule, precision or stage changed (listed in the log).
+    allow_config_change: bool = False
     keep_last: int = Field(default=3, ge=1)
     keep_every: int = Field(default=0, ge=0)
 
@@ -186,9 +200,6 @@ class Config(Section):
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
         if "nvme" in (ds.offload_optimizer, ds.offload_params) and not ds.nvme_path:
             raise ValueError("deepspeed.nvme_path is required when offloading to nvme")
-        if self.train.warmup_steps > self.train.max_steps:
-            raise ValueError(f"train.warmup_steps ({self.train.warmup_steps}) must not exceed "
-                             f"train.max_steps ({self.train.max_steps})")
         if self.train.val_every and not self.data.val:
             raise ValueError("train.val_every > 0 needs data.val sources")
         if self.train.stage == "align" and set(self.train.lr_multipliers) - {"projector"}:

@@ -21,6 +21,7 @@ from pretrain.data.errors import REASONS
 from pretrain.data.stream import DataSourceError
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist, universal
+from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
@@ -48,13 +49,15 @@ class Trainer:
         cfg.check_world_size(self.world)
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.device = dist.device()
         self.faults = Faults()
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        self.resume_from = ckpt.resolve_checkpoint(cfg.checkpoint.resume, self.run_dir)
+        if self.resume_from:  # every rank: a changed config stops them all alike
+            check_resume_config(cfg, self.resume_from)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_config(cfg, self.run_dir)
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
         self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
                                                                               cfg.deepspeed.zero_stage)
