@@ -211,13 +211,33 @@ class Config(Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Global batch = micro-batch x accumulation x data-parallel size, made explicit."""
-        got = self.train.micro_batch_size * self.train.grad_accum * world_size
-        if self.train.global_batch_size is not None and self.train.global_batch_size != got:
-            raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} but train.micro_batch_size "
-                f"({self.train.micro_batch_size}) x train.grad_accum ({self.train.grad_accum}) x world size "
-                f"({world_size}) = {got}; set train.grad_accum="
-                f"{self.train.global_batch_size / (self.train.micro_batch_size * world_size):g} or drop the key")
+        t = self.train
+        got = t.micro_batch_size * t.grad_accum * world_size
+        if t.global_batch_size is None or t.global_batch_size == got:
+            return
+        split = batch_split(t.global_batch_size, t.micro_batch_size, t.grad_accum, world_size)
+        fix = (f"set train.micro_batch_size={split[0]} train.grad_accum={split[1]}" if split else
+               f"{t.global_batch_size} rows do not split over {world_size} ranks: use a world size that divides "
+               f"it or set train.global_batch_size to a multiple of {world_size}")
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size "
+                          f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x world size ({world_size}) = "
+                          f"{got}; {fix} (or drop train.global_batch_size)")
+
+
+def batch_split(global_batch: int | None, micro_batch: int, grad_accum: int, world_size: int
+                ) -> tuple[int, int] | None:
+    """(micro-batch, accumulation) that make `global_batch` on `world_size` ranks: the configured pair when it
+    does, else the largest micro-batch up to the configured one that divides the rows per rank. None when the
+    global batch does not split over the ranks. `pretrain plan` and the trainer's / submit's check share it."""
+    if global_batch is None:
+        return micro_batch, grad_accum
+    per_rank, rest = divmod(global_batch, world_size)
+    if per_rank < 1 or rest:
+        return None
+    if micro_batch * grad_accum == per_rank:
+        return micro_batch, grad_accum
+    micro = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
 
 
 def _check_objectives(cfg: Config) -> None:

@@ -89,16 +89,23 @@ def render(plan: Plan, source: str = "") -> str:
               f"{plan.tokens:.3g} tokens",
               _row(("gpus", "micro", "accum", "rows/step", "step s", "tok/s/GPU", "MFU", "comm GB", "need GB/s",
                     "link GB/s", "exposed s", "mem GiB", "fits", "hours"))]
+    marks: list[str] = []
     for n, e in plan.scaling:
         if e is None:
             lines.append(_row((n, "-", f"train.global_batch_size={w.global_batch} does not split over {n} GPUs")))
             continue
-        lines.append(_row((n, e.micro_batch, e.grad_accum, e.global_rows, f"{e.step_s:.3g}",
+        changed = (e.micro_batch, e.grad_accum) != (w.micro_batch, w.grad_accum)
+        marks += [f"{n} GPUs: train.micro_batch_size={e.micro_batch} train.grad_accum={e.grad_accum}"] * changed
+        lines.append(_row((n, f"{e.micro_batch}*" if changed else e.micro_batch, e.grad_accum, e.global_rows,
+                           f"{e.step_s:.3g}",
                            f"{e.tokens_per_s_per_gpu:,.0f}",
                            f"{e.effective_mfu(g.peak_flops):.2f}", f"{e.comm_bytes / 1e9:.3g}",
                            f"{e.need_Bps / 1e9:.3g}", f"{e.link_Bps / 1e9:.0f}", f"{e.exposed_comm_s:.2g}",
                            f"{e.memory.total / GIB:.1f}", "yes" if e.memory.total <= g.memory_bytes else "NO",
                            f"{e.hours_for(plan.tokens):.3g}")))
+    if marks:
+        lines += ["", "* the recipe's batch does not run at that size as written; `pretrain train` and `pretrain "
+                  "submit` stop there and name this fix: " + "; ".join(marks)]
     return "\n".join(lines)
 
 

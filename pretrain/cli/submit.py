@@ -9,6 +9,7 @@ import sys
 
 from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name, render_script, submit, write_script
 from pretrain.config import ConfigError, load_config
+from pretrain.train.preflight import preflight
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,7 +74,7 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
     if tasks < 1:
         raise SlurmSpecError("CPU-only nodes (--gpus-per-node 0) need --tasks-per-node T")
-    cfg.check_world_size(args.nodes * tasks)
+    preflight(cfg, args.nodes * tasks)  # the trainer's own start checks: models, shards, resume, batch
     return SlurmJobSpec(
         config_path=args.config, overrides=list(args.overrides), output_dir=cfg.run.output_dir,
         job_name=job_name(args.job_name or cfg.run.name), nodes=args.nodes, gpus_per_node=args.gpus_per_node,

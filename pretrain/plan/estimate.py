@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pretrain.config import DeepSpeedConfig
+from pretrain.config import DeepSpeedConfig, batch_split
 from pretrain.model.flops import PEAK_FLOPS, StepFlops, VLMShape, count_params, step_flops, trainable_parts
 
 GIB = 1024**3
@@ -80,18 +80,9 @@ class Workload:
         return self.seq_len if self.packing else self.sample_len
 
     def split_for(self, n_gpus: int) -> tuple[int, int] | None:
-        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split.
-
-        With a fixed global batch the micro-batch shrinks (never grows) when a larger cluster leaves fewer rows per
-        GPU, as a user would set it.
-        """
-        if self.global_batch is None:
-            return self.micro_batch, self.grad_accum
-        per_gpu, rest = divmod(self.global_batch, n_gpus)
-        if per_gpu < 1 or rest:
-            return None
-        micro = max(m for m in range(1, min(self.micro_batch, per_gpu) + 1) if per_gpu % m == 0)
-        return micro, per_gpu // micro
+        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split:
+        the same answer the trainer's batch check gives as its fix (pretrain.config.batch_split)."""
+        return batch_split(self.global_batch, self.micro_batch, self.grad_accum, n_gpus)
 
     def checkpointed_layers(self, layers: int) -> int:
         if self.checkpointing == "full":

@@ -25,6 +25,7 @@ from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
+from pretrain.train.preflight import preflight
 from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
 from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
@@ -46,7 +47,7 @@ class Trainer:
         self.stop = StopRequest()
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
-        cfg.check_world_size(self.world)
+        preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
         self.device = dist.device()
