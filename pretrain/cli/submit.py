@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name, render_script, submit, write_script
-from pretrain.config import ConfigError, load_config
-from pretrain.train.preflight import preflight
+if TYPE_CHECKING:
+    from launch.slurm import SlurmJobSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:
+    from launch.slurm import SlurmSpecError
+
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -70,6 +72,10 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
 
 def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     """Load and validate the config (a bad config fails here, not on the cluster) and describe the job."""
+    from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name
+    from pretrain.config import load_config
+    from pretrain.train.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
     tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
     if tasks < 1:
@@ -86,6 +92,9 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmSpecError, render_script, submit, write_script
+    from pretrain.config import ConfigError
+
     try:
         spec = build_spec(args)
         if args.chain < 1:
