@@ -27,6 +27,7 @@ def test_latest_tag_run_dir_and_checkpoints_folder_name_the_same_checkpoint(tmp_
     assert ckpt.resolve_checkpoint(root / ckpt.tag_for(2), run) == root / ckpt.tag_for(2)
     assert ckpt.resolve_checkpoint("none", run) is None
     assert ckpt.resolve_checkpoint("auto", tmp_path / "fresh") is None  # nothing to resume yet
+    assert ckpt.resolve_resume(str(run), root) == ckpt.resolve_resume("auto", root) == newest
 
 
 def test_what_is_not_a_checkpoint_is_named(tmp_path):

@@ -169,6 +169,11 @@ def resolve_checkpoint(path_or_auto: str | Path, run_dir: str | Path | None = No
     return path
 
 
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """`checkpoint.resume` against a run's `checkpoints/` folder `root`: resolve_checkpoint(resume, root.parent)."""
+    return resolve_checkpoint(resume, Path(root).parent)
+
+
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
     """Delete committed checkpoints beyond the newest `keep_last` (keeping every `keep_every`-th step) and
     incomplete ones older than the newest committed. Returns what was removed."""
