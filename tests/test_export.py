@@ -179,8 +179,9 @@ def test_generate_sees_the_pixels_training_saw_and_names_a_run_directory(z2_expo
     for mode, path in _odd_mode_images(tmp_path).items():
         assert Image.open(path).mode == mode
         seen = training.decode(path.read_bytes())  # the trainer's decode + preprocess of the same bytes
-        shown = captioner.inputs(load_image(path), "What is it?")["pixel_values"][0]
+        shown = captioner.inputs(Image.open(path), "What is it?")["pixel_values"][0]  # a picture in its own mode
         assert torch.equal(shown, seen), mode
+        assert torch.equal(captioner.inputs(load_image(path))["pixel_values"][0], seen), mode  # the CLI's path
         if mode == "RGBA":  # the old path (convert("RGB") drops alpha) is visibly different
             plain = captioner.processor(images=Image.open(path).convert("RGB"), text="<image>",
                                         return_tensors="pt")["pixel_values"][0]
