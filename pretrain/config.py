@@ -94,6 +94,18 @@ class DataConfig(Section):
     fast_image_decode: bool = False
     # Each rank appends the keys of the samples of every step to RUN_DIR/samples/rank<R>.jsonl (an audit trail).
     record_samples: bool = False
+    # How conversations become text: `auto` (the tokenizer's own chat template), a format LLaVA-family checkpoints
+    # were trained with (vicuna_v1, plain, llama2, mistral, chatml; pretrain/data/chat_formats.py), or a .jinja file.
+    chat_template: str = "auto"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from pretrain.data.chat_formats import CHOICES, FORMATS
+
+        if name != "auto" and name not in FORMATS and not name.endswith(".jinja"):
+            raise ValueError(f"{name!r} is not a conversation format; valid: {', '.join(CHOICES)}")
+        return name
 
 
 class TrainConfig(Section):
@@ -127,7 +139,9 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(default=0, ge=0)
-    resume: str = "auto"  # auto | none | a checkpoint path
+    resume: str = "auto"  # auto | none | a checkpoint: a run directory, its checkpoints/latest, a tag directory
+    # Resume although the model, data, optimizer, schedule, precision or stage changed (listed in the log).
+    allow_config_change: bool = False
     keep_last: int = Field(default=3, ge=1)
     keep_every: int = Field(default=0, ge=0)
 
@@ -193,9 +207,6 @@ class Config(Section):
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
         if "nvme" in (ds.offload_optimizer, ds.offload_params) and not ds.nvme_path:
             raise ValueError("deepspeed.nvme_path is required when offloading to nvme")
-        if self.train.warmup_steps > self.train.max_steps:
-            raise ValueError(f"train.warmup_steps ({self.train.warmup_steps}) must not exceed "
-                             f"train.max_steps ({self.train.max_steps})")
         if self.train.val_every and not self.data.val:
             raise ValueError("train.val_every > 0 needs data.val sources")
         if self.train.stage == "align" and set(self.train.lr_multipliers) - {"projector"}:
@@ -207,13 +218,33 @@ class Config(Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Global batch = micro-batch x accumulation x data-parallel size, made explicit."""
-        got = self.train.micro_batch_size * self.train.grad_accum * world_size
-        if self.train.global_batch_size is not None and self.train.global_batch_size != got:
-            raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} but train.micro_batch_size "
-                f"({self.train.micro_batch_size}) x train.grad_accum ({self.train.grad_accum}) x world size "
-                f"({world_size}) = {got}; set train.grad_accum="
-                f"{self.train.global_batch_size / (self.train.micro_batch_size * world_size):g} or drop the key")
+        t = self.train
+        got = t.micro_batch_size * t.grad_accum * world_size
+        if t.global_batch_size is None or t.global_batch_size == got:
+            return
+        split = batch_split(t.global_batch_size, t.micro_batch_size, t.grad_accum, world_size)
+        fix = (f"set train.micro_batch_size={split[0]} train.grad_accum={split[1]}" if split else
+               f"{t.global_batch_size} rows do not split over {world_size} ranks: use a world size that divides "
+               f"it or set train.global_batch_size to a multiple of {world_size}")
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size "
+                          f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x world size ({world_size}) = "
+                          f"{got}; {fix} (or drop train.global_batch_size)")
+
+
+def batch_split(global_batch: int | None, micro_batch: int, grad_accum: int, world_size: int
+                ) -> tuple[int, int] | None:
+    """(micro-batch, accumulation) that make `global_batch` on `world_size` ranks: the configured pair when it
+    does, else the largest micro-batch up to the configured one that divides the rows per rank. None when the
+    global batch does not split over the ranks. `pretrain plan` and the trainer's / submit's check share it."""
+    if global_batch is None:
+        return micro_batch, grad_accum
+    per_rank, rest = divmod(global_batch, world_size)
+    if per_rank < 1 or rest:
+        return None
+    if micro_batch * grad_accum == per_rank:
+        return micro_batch, grad_accum
+    micro = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
 
 
 def _check_objectives(cfg: Config) -> None:

@@ -101,7 +101,6 @@ def test_missing_required_key(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["deepspeed.offload_params=cpu", "deepspeed.zero_stage=2"], "offload_params needs deepspeed.zero_stage=3"),
     (["deepspeed.offload_optimizer=nvme"], "nvme_path is required"),
-    (["train.warmup_steps=20"], "warmup_steps .20. must not exceed train.max_steps .10."),
     (["train.val_every=5"], "val_every > 0 needs data.val"),
     (["train.lr_multipliers.llm=2"], "have no effect in train.stage=align"),
 ])

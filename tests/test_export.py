@@ -10,7 +10,16 @@ import sys
 
 import pytest
 import torch
-from _export_fixtures import data_batch, hf_inputs, load_export, train_run, training_logits, training_model, val_samples
+from _export_fixtures import (
+    data_batch,
+    hf_inputs,
+    load_export,
+    run_config,
+    train_run,
+    training_logits,
+    training_model,
+    val_samples,
+)
 from conftest import ROOT
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors import safe_open
@@ -136,6 +145,54 @@ def test_generate_cli_on_an_export(z2_export, tmp_path):
                            add_special_tokens=False)
         ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         assert text == tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _odd_mode_images(tmp_path) -> dict[str, object]:
+    """A picture with 37% transparent pixels as RGBA, LA and palette PNGs, and a CMYK JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((40, 48)) < 0.37, 0, 255)
+    base = Image.fromarray(rgba, "RGBA")
+    images = {"RGBA": base, "LA": base.convert("LA"), "P": base.convert("P"), "CMYK": base.convert("CMYK")}
+    images["P"].info["transparency"] = 0
+    paths = {}
+    for mode, img in images.items():
+        paths[mode] = tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(paths[mode])
+    return paths
+
+
+def test_generate_sees_the_pixels_training_saw_and_names_a_run_directory(z2_export, tmp_path, capsys):
+    from PIL import Image
+
+    from pretrain.cli import main
+    from pretrain.data.image import ImageTransform
+    from pretrain.data.pipeline import image_processor_for
+    from pretrain.export.generate import Captioner, load_image
+
+    run, exported = z2_export
+    training = ImageTransform.from_processor(image_processor_for(run_config(run).model))
+    captioner = Captioner(exported)
+    for mode, path in _odd_mode_images(tmp_path).items():
+        assert Image.open(path).mode == mode
+        seen = training.decode(path.read_bytes())  # the trainer's decode + preprocess of the same bytes
+        shown = captioner.inputs(Image.open(path), "What is it?")["pixel_values"][0]  # a picture in its own mode
+        assert torch.equal(shown, seen), mode
+        assert torch.equal(captioner.inputs(load_image(path))["pixel_values"][0], seen), mode  # the CLI's path
+        if mode == "RGBA":  # the old path (convert("RGB") drops alpha) is visibly different
+            plain = captioner.processor(images=Image.open(path).convert("RGB"), text="<image>",
+                                        return_tensors="pt")["pixel_values"][0]
+            assert (plain - seen).abs().max() > 0.5
+    image = str(tmp_path / "RGBA.png")
+    for target, what in ((run, "a training run directory"), (run / "checkpoints" / "latest", "")):
+        target = target if what else target.parent / target.read_text().strip()
+        assert main(["generate", str(target), "--image", image]) == 2
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and f"pretrain convert {target} OUT_DIR" in out[0], out
+        assert (what or "a checkpoint") in out[0]
 
 
 def test_reader_with_tiny_budgets_equals_deepspeeds_consolidation(run):

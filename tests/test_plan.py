@@ -147,6 +147,17 @@ def test_cli_tiny_inline_recipe(tmp_path, capsys):
     assert text.splitlines()[-1].split()[0] == "4096"
 
 
+@pytest.mark.parametrize("gpu", ["a100-40gb", "a100-80gb", "h100", "h200", "l40s", "mi300x", "b200"])
+def test_every_gpu_of_the_table_plans_with_the_peak_of_the_flops_table(tmp_path, capsys, gpu):
+    from pretrain.model.flops import PEAK_FLOPS
+
+    path = recipe(tmp_path, TINY_MODEL, deepspeed={"zero_stage": 3})
+    assert main(["plan", str(path), "--gpus", "8", "--gpu", gpu]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert GPUS[gpu].peak_flops == PEAK_FLOPS[gpu] and f"{PEAK_FLOPS[gpu] / 1e12:.0f} TFLOP/s" in header
+    assert f"{GPUS[gpu].memory_bytes / 2**30:.1f} GiB" in header
+
+
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     path = recipe(tmp_path, TINY_MODEL)
     assert main(["plan", str(path), "train.stge=full"]) == 2

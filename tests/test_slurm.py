@@ -29,15 +29,18 @@ from pretrain.cli.submit import main as submit_main
 CONFIG = """\
 run: {{output_dir: {out}, name: {name}}}
 model: {{llm: {{model_type: llama}}, vision: {{model_type: clip_vision_model}}}}
-data: {{train: [{{urls: "shards/train-{{000000..000003}}.tar"}}]}}
+data: {{train: [{{urls: {urls}}}]}}
 train: {{max_steps: 10, micro_batch_size: 2}}
 """
 
 
 def _config(directory: Path, out: str, name: str = "demo") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "shards").mkdir(parents=True, exist_ok=True)
+    for i in range(4):  # stand-ins: submit checks that the shards exist, never reads them
+        (directory / "shards" / f"train-{i:06d}.tar").write_bytes(b"")
+    urls = str(directory / "shards" / "train-{000000..000003}.tar")
     path = directory / "config.yaml"
-    path.write_text(CONFIG.format(out=_yaml_str(out), name=_yaml_str(name)))
+    path.write_text(CONFIG.format(out=_yaml_str(out), name=_yaml_str(name), urls=_yaml_str(urls)))
     return path
 
 
@@ -135,6 +138,33 @@ def test_bad_input_fails_before_submission(tmp_path, capsys, extra, message):
     assert submit_main([str(cfg), *shape, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_preflight_lists_what_cannot_run_before_anything_is_written(tmp_path, capsys):
+    cfg = _config(tmp_path, str(tmp_path / "run"))
+    (tmp_path / "shards" / "train-000002.tar").unlink()
+    bad = ["checkpoint.resume=/nope", f"model.init_from={tmp_path}/stage1/hf", "data.chat_template=none.jinja"]
+    assert submit_main([str(cfg), "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.resume: /nope: no such checkpoint" in err and "model.init_from:" in err
+    assert "data.train.0.urls: 1 of 4 shards missing" in err and "train-000002.tar" in err
+    assert "data.chat_template: none.jinja does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_submit_and_plan_give_the_same_integer_batch_fix(tmp_path, capsys):
+    """Global batch 256 with micro-batch 32 on 2 x 8 GPUs: both name micro-batch 16, accumulation 1."""
+    from pretrain.cli import main
+
+    cfg = _config(tmp_path, str(tmp_path / "run"))
+    batch = ["train.micro_batch_size=32", "train.global_batch_size=256"]
+    assert submit_main([str(cfg), "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *batch]) == 2
+    err = capsys.readouterr().err
+    assert "set train.micro_batch_size=16 train.grad_accum=1" in err and "0.5" not in err
+    assert main(["plan", str(cfg), *batch, "--gpus", "16"]) == 0
+    assert "16 GPUs: train.micro_batch_size=16 train.grad_accum=1" in capsys.readouterr().out
+    assert submit_main([str(cfg), "--nodes", "2", "--gpus-per-node", "8", "--dry-run", *batch,
+                        "train.micro_batch_size=16"]) == 0
 
 
 def test_missing_config_fails(tmp_path, capsys):

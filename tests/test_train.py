@@ -141,3 +141,23 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path, assets, shapes):
     out = launch(cfg, nproc=1)
     assert out.returncode == 0, out.stdout + out.stderr
     assert ckpt.tags(tmp_path / "run" / "checkpoints") == ["step_00000003", "step_00000005", "step_00000006"]
+
+
+def test_resume_with_a_changed_trained_config_stops_and_names_the_keys(reference):
+    """The reference run resumed with other Adam betas and data: exit 2 listing both and the key that allows it;
+    nothing in the run directory is rewritten. max_steps and logging are not trained keys: not listed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    before = (reference / "config.yaml").read_text()
+    out = subprocess.run([sys.executable, "-m", "pretrain", "train", str(reference / "config.yaml"),
+                          "train.betas=[0.9,0.95]", "data.max_length=100", "train.max_steps=9", "train.log_every=3"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "train.betas" in text and "data.max_length: 64 -> 100" in text
+    assert "checkpoint.allow_config_change=true" in text
+    assert "max_steps" not in text and "log_every" not in text
+    assert (reference / "config.yaml").read_text() == before and not list(reference.glob("config.*.yaml"))

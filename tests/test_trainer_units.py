@@ -136,6 +136,13 @@ def test_warmup_then_cosine_linear_constant():
     assert lr_lambda("cosine", 0, 10, 0.0)(0) == 1.0  # no warm-up: full rate at once
 
 
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="pretrain.train.schedule"):
+        fn = lr_lambda("cosine", 65, 10, 0.0)
+    assert "warm-up clamped to 10 steps" in caplog.text and "train.warmup_steps (65)" in caplog.text
+    assert [fn(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # reaches train.lr
+
+
 def test_schedule_drives_every_param_group_with_its_multiplier():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 2e-3}], lr=1e-3)

@@ -8,8 +8,6 @@ import importlib
 import logging
 import sys
 
-from pretrain.config import ConfigError
-
 # Sub-command modules, in the order `pretrain --help` lists them.
 COMMANDS = ("train", "launch", "submit", "demo", "shards", "verify", "convert", "generate", "eval", "bench", "plan")
 
@@ -41,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from pretrain.config import ConfigError  # after parsing: `--help` imports no library code
+
     try:
         return int(args.handler(args) or 0)
     except ConfigError as err:

@@ -14,19 +14,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def not_an_export(path: str) -> str | None:
+    """One line naming what `path` is and what to run, when it is not an exported model directory."""
     from pathlib import Path
 
-    from PIL import Image
+    d = Path(path)
+    if (d / "config.json").is_file():
+        return None
+    if (d / "checkpoints").is_dir() or (d / "COMMITTED").is_file() or (d / "latest").is_file():
+        what = "a training run directory" if (d / "checkpoints").is_dir() else "a checkpoint"
+        return (f"{path} is {what}, not an exported model: run `pretrain convert {path} OUT_DIR`, then "
+                f"`pretrain generate OUT_DIR --image ...`")
+    return f"{path} is not an exported model (no config.json): give a `pretrain convert` output directory"
 
-    from pretrain.export.generate import Captioner
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
 
     missing = [p for p in [args.hf_dir, *args.image] if not Path(p).exists()]
     if missing:
         print(f"error: no such file or directory: {', '.join(missing)}")
         return 1
+    problem = not_an_export(args.hf_dir)
+    if problem:
+        print(f"pretrain generate: {problem}")
+        return 2
+    from pretrain.export.generate import Captioner, load_image
+
     captioner = Captioner(args.hf_dir)
-    images = [Image.open(p) for p in args.image]
+    images = [load_image(p) for p in args.image]
     for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens), strict=True):
         print(f"{path}\t{text}")
     return 0

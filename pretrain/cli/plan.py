@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from pretrain.config import load_config
-from pretrain.plan.estimate import GIB, GPUS, Cluster
-from pretrain.plan.planner import SCALE, Plan, make_plan
+if TYPE_CHECKING:
+    from pretrain.plan.planner import Plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     p.add_argument("--gpus", type=int, default=8, help="cluster size for the per-stage memory table (default 8)")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--gpu", default="h100", help="a100-40gb, a100-80gb, h100, h200, l40s, mi300x, b200 (the table "
+                   "in pretrain/plan/estimate.py; an unknown name lists it)")
     p.add_argument("--tokens", type=float, default=1e9, help="decoder tokens to train (default 1e9)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="model FLOPs utilisation of the compute; 0.4 is an assumption, pass a measured value")
@@ -40,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    # A ConfigError (bad key, unresolvable model) is reported by pretrain.cli.main, exit 2.
+    from pretrain.config import ConfigError, load_config
+    from pretrain.plan.estimate import GPUS, Cluster
+    from pretrain.plan.planner import SCALE, make_plan
+
+    # A ConfigError (bad key, unresolvable model, unknown GPU) is reported by pretrain.cli.main, exit 2.
     cfg = load_config(args.config, args.overrides)
+    if args.gpu not in GPUS:
+        raise ConfigError(f"--gpu {args.gpu}: unknown GPU (valid: {', '.join(sorted(GPUS))})")
     cluster = Cluster(GPUS[args.gpu], mfu=args.mfu, net_Bps=args.net_gbps * 1e9 / 8,
                       gpus_per_node=args.gpus_per_node, cpu_adam_params_per_s=args.cpu_adam_rate,
                       overhead_gib=args.overhead_gib)
@@ -55,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(plan: Plan, source: str = "") -> str:
     """The plan as a readable report: model, work, memory by ZeRO stage, then the scaling table."""
+    from pretrain.plan.estimate import GIB
+
     w, p, f, g = plan.work, plan.params, plan.sample_flops, plan.gpu
     lines = [
         f"pretrain plan: {source} on {plan.n_gpus} x {g.name} ({g.memory_bytes / GIB:.1f} GiB, "
@@ -89,16 +98,23 @@ def render(plan: Plan, source: str = "") -> str:
               f"{plan.tokens:.3g} tokens",
               _row(("gpus", "micro", "accum", "rows/step", "step s", "tok/s/GPU", "MFU", "comm GB", "need GB/s",
                     "link GB/s", "exposed s", "mem GiB", "fits", "hours"))]
+    marks: list[str] = []
     for n, e in plan.scaling:
         if e is None:
             lines.append(_row((n, "-", f"train.global_batch_size={w.global_batch} does not split over {n} GPUs")))
             continue
-        lines.append(_row((n, e.micro_batch, e.grad_accum, e.global_rows, f"{e.step_s:.3g}",
+        changed = (e.micro_batch, e.grad_accum) != (w.micro_batch, w.grad_accum)
+        marks += [f"{n} GPUs: train.micro_batch_size={e.micro_batch} train.grad_accum={e.grad_accum}"] * changed
+        lines.append(_row((n, f"{e.micro_batch}*" if changed else e.micro_batch, e.grad_accum, e.global_rows,
+                           f"{e.step_s:.3g}",
                            f"{e.tokens_per_s_per_gpu:,.0f}",
                            f"{e.effective_mfu(g.peak_flops):.2f}", f"{e.comm_bytes / 1e9:.3g}",
                            f"{e.need_Bps / 1e9:.3g}", f"{e.link_Bps / 1e9:.0f}", f"{e.exposed_comm_s:.2g}",
                            f"{e.memory.total / GIB:.1f}", "yes" if e.memory.total <= g.memory_bytes else "NO",
                            f"{e.hours_for(plan.tokens):.3g}")))
+    if marks:
+        lines += ["", "* the recipe's batch does not run at that size as written; `pretrain train` and `pretrain "
+                  "submit` stop there and name this fix: " + "; ".join(marks)]
     return "\n".join(lines)
 
 

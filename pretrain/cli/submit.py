@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name, render_script, submit, write_script
-from pretrain.config import ConfigError, load_config
+if TYPE_CHECKING:
+    from launch.slurm import SlurmJobSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:
+    from launch.slurm import SlurmSpecError
+
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -83,11 +86,15 @@ def cpus_per_task(flag: int | None, num_workers: int | str) -> int:
 
 def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     """Load and validate the config (a bad config fails here, not on the cluster) and describe the job."""
+    from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name
+    from pretrain.config import load_config
+    from pretrain.train.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
     tasks = args.tasks_per_node if args.tasks_per_node is not None else args.gpus_per_node
     if tasks < 1:
         raise SlurmSpecError("CPU-only nodes (--gpus-per-node 0) need --tasks-per-node T")
-    cfg.check_world_size(args.nodes * tasks)
+    preflight(cfg, args.nodes * tasks)  # the trainer's own start checks: models, shards, resume, batch
     return SlurmJobSpec(
         config_path=args.config, overrides=list(args.overrides), output_dir=cfg.run.output_dir,
         job_name=job_name(args.job_name or cfg.run.name), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -100,6 +107,9 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmSpecError, render_script, submit, write_script
+    from pretrain.config import ConfigError
+
     try:
         spec = build_spec(args)
         if args.chain < 1:

@@ -7,8 +7,6 @@ import logging
 import sys
 import traceback
 
-from pretrain.config import ConfigError, load_config
-
 log = logging.getLogger("pretrain.train")
 
 
@@ -20,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pretrain.config import ConfigError, load_config
     from pretrain.train import dist
 
     cfg = load_config(args.config, args.overrides)  # a ConfigError is reported by pretrain.cli.main

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,29 @@ from pretrain.cli.shards import subcommands
 
 def register(sub: Any) -> None:
     p = subcommands(sub).add_parser("verify", help="run every sample through the training data path, count skips")
-    p.add_argument("urls", nargs="+", help="shards (brace expansion, pipe:, http) or shard directories")
+    p.add_argument("urls", nargs="+", metavar="URLS [key=value ...]",
+                   help="shards (brace expansion, pipe:, http) or shard directories, then config overrides as in "
+                        "every command, e.g. data.max_length=4096")
     p.add_argument("--config", required=True, help="the training config (tokenizer, vision tower, data settings)")
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. -o data.max_length=4096 (repeatable)")
+                   help="deprecated: give key=value after the URLs, as in every other command")
     p.add_argument("--workers", type=int, default=1, help="processes, each verifying whole shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, overrides=[])
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(shard URLs, overrides): `key.sub=value` words among the positionals (a URL has `:` or `/` before any
+    `=`), those after the flags, and the deprecated `-o` ones."""
+    words = [*args.urls, *args.overrides]
+    overrides = [w for w in words if _OVERRIDE.match(w) and not Path(w).exists()]
+    if args.override:
+        print("pretrain shards verify: -o/--override is deprecated; give key=value after the URLs",
+              file=sys.stderr)
+    return [w for w in words if w not in overrides], [*args.override, *overrides]
 
 
 def _error(message: str) -> int:
@@ -49,9 +66,10 @@ def _shard_urls(patterns: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pretrain.config import ConfigError, load_config
 
-    cfg = load_config(args.config, args.override)  # a ConfigError is reported by pretrain.cli.main
+    patterns, overrides = split_overrides(args)
+    cfg = load_config(args.config, overrides)  # a ConfigError is reported by pretrain.cli.main
     try:
-        urls = _shard_urls(args.urls)
+        urls = _shard_urls(patterns)
     except FileNotFoundError as err:
         return _error(str(err))
     from pretrain.data.pipeline import build_processing

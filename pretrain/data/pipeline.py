@@ -15,6 +15,7 @@ from typing import Any
 from transformers import AutoImageProcessor, LlavaConfig, PreTrainedTokenizerBase
 
 from pretrain.config import Config, ModelConfig
+from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.text import TextProcessor
@@ -70,9 +71,14 @@ def sample_processor(cfg: Config, tokenizer: PreTrainedTokenizerBase, vlm_config
     return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
 
 
+def run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The decoder's tokenizer (image and pad tokens added) with the run's conversation format."""
+    return apply_chat_format(load_tokenizer(cfg.model), cfg.data.chat_template)
+
+
 def build_processing(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> DataProcessing:
-    """Everything between shard bytes and a batch for this config; `tokenizer` defaults to `load_tokenizer`."""
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    """Everything between shard bytes and a batch for this config; `tokenizer` defaults to `run_tokenizer`."""
+    tokenizer = tokenizer or run_tokenizer(cfg)
     vlm_config = vlm_config_for(cfg.model, tokenizer)
     image_processor = image_processor_for(cfg.model)
     processor = sample_processor(cfg, tokenizer, vlm_config, image_processor)

@@ -18,9 +18,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from webdataset.writer import TarWriter
+if TYPE_CHECKING:
+    from webdataset.writer import TarWriter
+
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -141,6 +143,8 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._path = self.out_dir / name
         self._file = open(self._path.with_name(name + ".tmp"), "wb")
+        from webdataset.writer import TarWriter  # imported when a shard is written: keeps `--help` fast
+
         self._writer = TarWriter(self._file, user="pretrain", group="pretrain", mode=0o444, encoder=False, mtime=0)
         self._count = 0
         self._bytes = 0

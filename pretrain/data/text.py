@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from pretrain.config import ConfigError
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
 
@@ -50,7 +51,9 @@ class TextProcessor:
     def conversation(self, turns: list[dict], has_image: bool) -> TokenizedText:
         messages = to_messages(turns, has_image)
         if self.tok.chat_template is None:
-            raise ValueError("the tokenizer has no chat template; conversations need one (set tokenizer.chat_template)")
+            raise ConfigError("the tokenizer has no chat template and conversations need one: set data.chat_template "
+                              "to the format the decoder was trained with (vicuna_v1, plain, llama2, mistral, chatml "
+                              "or a .jinja file)")
         text = self._render(messages, generation_prompt=False)
         spans = []
         for i, m in enumerate(messages):

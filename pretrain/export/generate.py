@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from pretrain.data.image import decode_image, to_rgb
+
 IMAGE = "<image>"
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as training reads a shard's image: EXIF orientation, then training's colour rules (alpha
+    composited on white, CMYK / palette / LAB / 16-bit converted as `pretrain.data.image.to_rgb` says)."""
+    return decode_image(Path(path).read_bytes())
 
 
 class Captioner:
@@ -28,11 +36,15 @@ class Captioner:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
+    def inputs(self, image: Image.Image, prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """The export's own processor on the picture made RGB as training makes it: the pixels training saw."""
+        return self.processor(images=to_rgb(image), text=self.prompt_text(prompt), return_tensors="pt",
+                              add_special_tokens=False)
+
     def __call__(self, images: list[Image.Image], prompt: str | None = None, max_new_tokens: int = 32) -> list[str]:
         out = []
         for image in images:
-            inputs = self.processor(images=image.convert("RGB"), text=self.prompt_text(prompt), return_tensors="pt",
-                                    add_special_tokens=False)
+            inputs = self.inputs(image, prompt)
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
             out.append(self.tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())

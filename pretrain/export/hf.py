@@ -43,18 +43,10 @@ FROZEN_FROM = ("checkpoint", "source")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A tag directory, a run's `checkpoints/` folder (its newest committed), or a run directory."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if not (path / ckpt.COMMIT_MARKER).exists():
-        found = ckpt.find_resume(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no committed checkpoint")
-        path = found
-    if not ckpt.is_committed(path):
-        raise FileNotFoundError(f"{path}: not a committed, intact checkpoint")
-    return path
+    """A tag directory, `latest`, a run's `checkpoints/` folder (its newest committed), or a run directory."""
+    if str(path) in ("auto", "none"):
+        raise FileNotFoundError(f"{path}: give a checkpoint path (a run directory, its checkpoints/latest or a tag)")
+    return ckpt.resolve_checkpoint(path)
 
 
 def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> ModelConfig | None:

@@ -23,8 +23,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts unless named).
-PEAK_FLOPS: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "h100-pcie": 756e12}
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from the vendors' data sheets (SXM / OAM parts unless named).
+# The one table of peaks: MFU here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
+# (`a100`) also match device names ("NVIDIA A100-SXM4-80GB") in peak_flops().
+PEAK_FLOPS: dict[str, float] = {
+    "a100": 312e12, "a100-40gb": 312e12, "a100-80gb": 312e12, "h100": 989e12, "h100-pcie": 756e12,
+    "h200": 989e12, "l40s": 362e12, "mi300x": 1307e12, "b200": 2250e12,
+}
 
 STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "align": frozenset({"projector"}),

@@ -18,8 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pretrain.config import DeepSpeedConfig
-from pretrain.model.flops import StepFlops, VLMShape, count_params, step_flops, trainable_parts
+from pretrain.config import DeepSpeedConfig, batch_split
+from pretrain.model.flops import PEAK_FLOPS, StepFlops, VLMShape, count_params, step_flops, trainable_parts
 
 GIB = 1024**3
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
@@ -35,11 +35,20 @@ class GPUSpec:
     pcie_Bps: float  # achievable host<->GPU copy bandwidth, bytes/s (assumption)
 
 
-GPUS: dict[str, GPUSpec] = {
-    "h100": GPUSpec("H100 SXM 80GB", 989e12, 81559 * 2**20, 360e9, 50e9),
-    "h200": GPUSpec("H200 SXM 141GB", 989e12, 143771 * 2**20, 360e9, 50e9),
-    "a100": GPUSpec("A100 SXM 80GB", 312e12, 81920 * 2**20, 230e9, 25e9),
+# name, memory the driver reports (MiB), achievable intra-node all-reduce bus bandwidth and host copy bandwidth
+# (bytes/s, assumptions); the peak comes from pretrain.model.flops.PEAK_FLOPS.
+_GPU_TABLE: dict[str, tuple[str, int, float, float]] = {
+    "a100-40gb": ("A100 SXM 40GB", 40960, 230e9, 25e9),
+    "a100-80gb": ("A100 SXM 80GB", 81920, 230e9, 25e9),
+    "h100": ("H100 SXM 80GB", 81559, 360e9, 50e9),
+    "h200": ("H200 SXM 141GB", 143771, 360e9, 50e9),
+    "l40s": ("L40S 48GB (PCIe, no NVLink)", 46068, 20e9, 25e9),
+    "mi300x": ("MI300X 192GB", 196608, 300e9, 50e9),
+    "b200": ("B200 180GB", 183359, 720e9, 50e9),
 }
+GPUS: dict[str, GPUSpec] = {key: GPUSpec(name, PEAK_FLOPS[key], mib * 2**20, link, host)
+                            for key, (name, mib, link, host) in _GPU_TABLE.items()}
+GPUS["a100"] = GPUS["a100-80gb"]  # the name earlier versions took
 
 
 @dataclass(frozen=True)
@@ -71,18 +80,9 @@ class Workload:
         return self.seq_len if self.packing else self.sample_len
 
     def split_for(self, n_gpus: int) -> tuple[int, int] | None:
-        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split.
-
-        With a fixed global batch the micro-batch shrinks (never grows) when a larger cluster leaves fewer rows per
-        GPU, as a user would set it.
-        """
-        if self.global_batch is None:
-            return self.micro_batch, self.grad_accum
-        per_gpu, rest = divmod(self.global_batch, n_gpus)
-        if per_gpu < 1 or rest:
-            return None
-        micro = max(m for m in range(1, min(self.micro_batch, per_gpu) + 1) if per_gpu % m == 0)
-        return micro, per_gpu // micro
+        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split:
+        the same answer the trainer's batch check gives as its fix (pretrain.config.batch_split)."""
+        return batch_split(self.global_batch, self.micro_batch, self.grad_accum, n_gpus)
 
     def checkpointed_layers(self, layers: int) -> int:
         if self.checkpointing == "full":

@@ -148,18 +148,42 @@ def find_resume(root: Path) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    if resume == "none":
+def resolve_checkpoint(path_or_auto: str | Path, run_dir: str | Path | None = None) -> Path | None:
+    """The committed checkpoint a `--checkpoint`, `checkpoint.resume` or convert argument means.
+
+    `auto`: the newest intact one under `run_dir/checkpoints` (None when there is none yet); `none`: None.
+    A path may be a tag directory, the `latest` file, a run's `checkpoints/` folder or a run directory (each of
+    the last two: its newest intact checkpoint). Anything else raises FileNotFoundError saying what it found.
+    """
+    text = str(path_or_auto)
+    if text == "none":
         return None
-    if resume == "auto":
-        return find_resume(root)
-    path = Path(resume)
+    if text == "auto":
+        if run_dir is None:
+            raise ValueError("checkpoint `auto` needs the run directory")
+        return find_resume(Path(run_dir) / "checkpoints")
+    path = Path(text)
     if path.is_file() and path.name == LATEST:
         path = path.parent / path.read_text().strip()
+    elif path.is_dir() and not (path / COMMIT_MARKER).exists() and not path.name.startswith("step_"):
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = find_resume(root)
+        if found is None:
+            raise FileNotFoundError(f"{text}: no committed checkpoint in it (looked for {root}/step_*/"
+                                    f"{COMMIT_MARKER}); give a run directory, its checkpoints/ folder, `latest` "
+                                    "or a tag directory")
+        path = found
+    if not path.exists():
+        raise FileNotFoundError(f"{text}: no such checkpoint")
     if not is_committed(path):
-        raise FileNotFoundError(f"checkpoint.resume={resume}: not a committed, intact checkpoint "
-                                f"(needs {COMMIT_MARKER} and every file it lists)")
+        raise FileNotFoundError(f"{text}: not a committed, intact checkpoint (needs {COMMIT_MARKER} and every "
+                                "file it lists)")
     return path
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """`checkpoint.resume` against a run's `checkpoints/` folder `root`: resolve_checkpoint(resume, root.parent)."""
+    return resolve_checkpoint(resume, Path(root).parent)
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:

@@ -13,10 +13,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
-from pretrain.data.pipeline import image_processor_for, sample_processor
+from pretrain.data.pipeline import image_processor_for, run_tokenizer, sample_processor
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import expand_urls
-from pretrain.model.build import ZeroContext, build_model, load_tokenizer
+from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
@@ -61,7 +61,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = run_tokenizer(cfg)
     zero = ZeroContext(ds_config)
     # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None

@@ -22,9 +22,11 @@ from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist, shared_fs, universal
+from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
 from pretrain.train.metrics import MetricsWriter
+from pretrain.train.preflight import preflight
 from pretrain.train.samples import SampleRecorder
 from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
@@ -45,20 +47,23 @@ class Trainer:
         self.stop = StopRequest()
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
-        cfg.check_world_size(self.world)
+        preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
         self.faults = Faults()
         self.run_dir = Path(self.faults.run_dir_for(self.rank, cfg.run.output_dir))
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         # Shared file systems: one run directory for all ranks, and rank 0's choice of checkpoint for all.
         shared_fs.check_one_run_dir(self.run_dir, self.rank)
         self.device = dist.device()
         self.resume_from, self.resume_meta = shared_fs.agree_on_resume(cfg.checkpoint.resume, self.ckpt_root,
                                                                        self.rank)
+        if self.resume_from:  # every rank: a changed config stops them all alike
+            check_resume_config(cfg, self.resume_from)
+        if self.rank == 0:
+            write_run_config(cfg, self.run_dir)
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
                                                                               cfg.deepspeed.zero_stage)
         if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
