@@ -160,7 +160,7 @@ def test_eval_command_reports_usage_errors(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"model": {"llm": "x", "vision": "y"}, "train": {"max_steps": 1},
                                    "data": {"train": [{"urls": "a.tar"}], "val": [{"urls": "b.tar"}]}}))
     assert main(["eval", str(cfg), "--checkpoint", str(tmp_path / "nowhere")]) == 1
-    assert "no committed checkpoint" in capsys.readouterr().out
+    assert "nowhere: no such checkpoint" in capsys.readouterr().out
     assert main(["eval", str(cfg), "--checkpoint", str(tmp_path), "--tasks", "loss,bleu"]) == 2
     assert "unknown ['bleu']" in capsys.readouterr().out
     assert main(["eval", str(cfg), "--checkpoint", str(tmp_path), "objectives.itm_weight=-1"]) == 2

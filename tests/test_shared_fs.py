@@ -34,7 +34,7 @@ def test_rank0_decides_and_its_work_outlasts_the_collective_timeout(tmp_path):
     assert r1["own_view"].endswith("step_00000002")  # the case occurred: rank 1 alone would pick another one
     assert r0["resume"] == r1["resume"] == [str(roots[0] / "step_00000004"), 4]
     for r in (r0, r1):
-        assert r["bad_path"].startswith("FileNotFoundError") and "not a committed" in r["bad_path"]
+        assert r["bad_path"].startswith("FileNotFoundError") and "nope: no such checkpoint" in r["bad_path"]
         assert r["slow"] == "converted" and r["after_slow"] == 3.0
     assert r1["slow_waited_s"] > 2.5 * 2.0 - 1  # rank 1 really waited past the 2 s collective timeout
     assert r0["failed"] == "ValueError: disk on fire"

@@ -120,19 +120,22 @@ def test_torn_and_size_mismatched_checkpoints_are_passed_over(tmp_path, assets, 
 
 
 def test_a_dead_rank_ends_the_run_without_hanging(tmp_path, assets, shapes):
-    """Rank 1 exits with code 13 after step 2: the run fails, and what it reports names that rank and that code."""
+    """Rank 1 exits with code 13 after step 2: the run fails, and torchrun's report names that rank and that code.
+    (Which failure torchrun calls the root cause is a race: rank 0 fails within the same second, on the broken
+    connection to the dead rank, so the report's entries are read, not its order.)"""
     cfg = write_config(tmp_path / "c.yaml", assets, shapes)
     out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"die": {"rank": 1, "step": 2}})}, timeout=180)
     text = out.stdout + out.stderr
     assert out.returncode not in (0, 2, EXIT_PREEMPTED), text[-3000:]
-    assert logged_ranks_failure(text) == (1, 13), text[-3000:]
+    failures = logged_rank_failures(text)
+    assert failures.get(1) == 13, text[-3000:]  # the dead rank, with the code it died with
+    assert all(code != 13 for rank, code in failures.items() if rank != 1), failures
 
 
-def logged_ranks_failure(text: str) -> tuple[int, int] | None:
-    """(rank, exit code) of the root cause torchrun reports: the first rank that failed (the others' failures,
-    a broken connection to the dead rank, are listed apart)."""
-    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+def logged_rank_failures(text: str) -> dict[int, int]:
+    """{rank: exit code} of every failure torchrun reports (its "Failures:" and "Root Cause" entries)."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text)
+    return {int(rank): int(code) for rank, code in found}
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path, assets, shapes):
