@@ -13,7 +13,7 @@ Non-finite losses: a step with a non-finite loss in any micro-batch on any rank 
 alike, and no NaN reaches the weights. Without accumulation the update is simply not made (no backward, no
 optimizer step). With accumulation the earlier micro-batches have already run their backward, so every rank runs the
 last backward with a non-finite loss and DeepSpeed's overflow check discards the gradients and skips the update
-(ZeRO 1-3; at stage 0 the gradients are dropped before the optimizer, which skips parameters without one).
+(ZeRO 1-3; stage 0 has none: the gradients are zeroed and the optimizer steps at learning rate 0).
 """
 
 from __future__ import annotations
@@ -95,12 +95,27 @@ def _skip_update(engine: Any, loss: torch.Tensor, gas: int) -> None:
     # non-finite so the overflow check of the ZeRO optimizer discards them all and skips the update.
     engine.backward(loss * float("nan"))
     if engine.zero_optimization_stage() == 0:
-        for p in engine.module.parameters():  # no overflow check at stage 0: the optimizer skips grad-less params
-            p.grad = None
+        _step_without_update(engine)
+        return
     engine.step()
-    if engine.zero_optimization_stage() > 0 and engine.was_step_applied():
+    if engine.was_step_applied():
         raise RuntimeError("DeepSpeed applied an update with non-finite gradients; enable its overflow check "
                            "(bf16.check_grad_overflow, gradient clipping)")
+
+
+def _step_without_update(engine: Any) -> None:
+    """Stage 0 has no overflow check: zero the gradients and step at learning rate 0, so no weight moves (Adam's
+    moment estimates decay by one step; the schedule moves on as for any step)."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    groups = engine.optimizer.param_groups
+    lrs = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    engine.step()
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr if g["lr"] == 0.0 else g["lr"]  # the scheduler may already have set the next step's rate
 
 
 def _float(x: Any) -> float | None:
