@@ -136,7 +136,8 @@ class Validator:
         loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, self.rank,
                              self.world, train=False)
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # The loss sum stays on the device; the count is the host int the forward returns (a CPU tensor).
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         it, spare = iter(loader), None
         for _ in range(self.cfg.train.val_batches):
             batch = next(it, None)
@@ -148,10 +149,11 @@ class Validator:
             batch = batch if batch is not None else spare
             loss, n = self.engine(to_device(batch, self.device))
             if batch is not spare:
-                total += torch.stack([loss.double(), n.double()])
+                loss_sum += loss.double()
+                count += int(n)
                 spare = batch
         self.engine.train()
-        loss_sum, count = dist.to_host(dist.all_reduce(total))
+        loss_sum, count = dist.all_reduce_values([loss_sum, count])
         return loss_sum / max(count, 1.0)
 
     def _spare_batch(self) -> dict:
