@@ -10,9 +10,9 @@ import webdataset as wds
 from _shard_fixtures import image_bytes, write
 
 from pretrain.cli import main
-from pretrain.data.inspect import expand_urls, format_report, inspect_shards
-from pretrain.data.shard_writer import ShardWriter, clear_shard_dir, read_manifest, write_manifest
-from pretrain.data.synthetic import write_synthetic
+from pretrain.shards.inspection import expand_urls, format_report, inspect_shards
+from pretrain.shards.synthetic import write_synthetic
+from pretrain.shards.writer import ShardWriter, clear_shard_dir, read_manifest, write_manifest
 
 
 def _samples(n: int, image_size: int = 100) -> list[dict]:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         return _error(str(err))
     from pretrain.data.pipeline import build_processing
-    from pretrain.data.verify import verify_shards
+    from pretrain.shards.verify import verify_shards
 
     try:
         processing = build_processing(cfg)

@@ -19,7 +19,7 @@ from typing import Any
 from braceexpand import braceexpand
 from PIL import Image
 
-from pretrain.data.shard_writer import MANIFEST_NAME, read_manifest
+from pretrain.shards.writer import MANIFEST_NAME, read_manifest
 
 # webdataset's own split of a member name into sample key and extension: the key ends at the first dot of the
 # file name.
