@@ -107,10 +107,6 @@ class ShardWriter:
         else:
             self._abort()
 
-    @property
-    def total_samples(self) -> int:
-        return sum(s["samples"] for s in self.shards) + self._count
-
     def write(self, sample: Mapping[str, Any]) -> None:
         """Append one sample; opens a new shard first when this one would pass the count or byte limit."""
         key = check_key(sample["__key__"])
@@ -231,9 +227,3 @@ def write_manifest(
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """Load `out_dir/manifest.json` (raises FileNotFoundError when the directory has none)."""
     return json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-
-
-def shard_urls(out_dir: str | Path, manifest: Mapping[str, Any] | None = None) -> list[str]:
-    """Paths of a shard directory's shards, in manifest order."""
-    manifest = manifest if manifest is not None else read_manifest(out_dir)
-    return [str(Path(out_dir) / s["url"]) for s in manifest["shards"]]
