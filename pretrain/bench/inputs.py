@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pretrain.config import Config
-from pretrain.data.stream import expand_urls, is_remote
+from pretrain.data.urls import expand_urls, is_remote
 from pretrain.shards.writer import ShardWriter, write_manifest
 
 # 480p-720p, landscape and portrait: what web-scale caption data mostly holds after img2dataset resizing.

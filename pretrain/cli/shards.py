@@ -95,7 +95,7 @@ def _add_folder(sub: Any) -> None:
 
 def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="counts, sizes, keys and a few samples of a shard set")
-    p.add_argument("urls", nargs="+", help="shards (brace expansion allowed) or shard directories with a manifest")
+    p.add_argument("urls", nargs="+", help="shards (brace patterns, quoted globs, pipe:, http) or shard directories")
     p.add_argument("--samples", type=int, default=3, help="how many samples to show")
     p.add_argument("--scan", action="store_true", help="read every tar's headers even where a manifest exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -20,11 +20,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.data.urls import MANIFEST_NAME  # the name the runtime looks for
+
 if TYPE_CHECKING:
     from webdataset.writer import TarWriter
 
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 DEFAULT_SAMPLES_PER_SHARD = 1000
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # 1 GiB: large enough to stream well, small enough to spread over many workers
