@@ -30,16 +30,9 @@ from pretrain.data.errors import (
 )
 from pretrain.data.image import ImageTransform, decode_image, image_processor_for_vision_config
 from pretrain.data.image_formats import to_rgb
+from pretrain.shards.synthetic import photo_like
 
 SIZES = [(640, 480), (480, 640), (337, 1001), (1001, 337), (57, 43), (3, 2), (1, 1), (336, 336), (335, 337)]
-
-
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A smooth picture with some texture, closer to a photo than pure noise (HWC uint8)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    base = np.stack([np.sin(x / 17.0 + c) * np.cos(y / 23.0 - c) for c in range(3)], axis=-1) * 100 + 128
-    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -50,7 +43,7 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def mode_images() -> dict[str, Image.Image]:
     """One picture per Pillow mode the loader can meet, with transparency where the mode has it."""
-    rgb = Image.fromarray(photo(61, 47, seed=1))
+    rgb = photo_like(61, 47, seed=1)
     alpha = Image.fromarray(np.tile(np.linspace(0, 255, 61, dtype=np.uint8), (47, 1)))
     rgba = rgb.copy()
     rgba.putalpha(alpha)
@@ -73,7 +66,7 @@ def mode_images() -> dict[str, Image.Image]:
 
 
 def high_depth_images() -> dict[str, Image.Image]:
-    grey16 = (photo(61, 47, seed=2)[:, :, 0].astype(np.uint16) * 257).astype(np.uint16)
+    grey16 = (np.asarray(photo_like(61, 47, seed=2))[:, :, 0].astype(np.uint16) * 257).astype(np.uint16)
     return {
         "I;16": Image.fromarray(grey16),
         "I": Image.fromarray(grey16.astype(np.int32)),
@@ -104,7 +97,7 @@ def assert_parity(processor, transform: ImageTransform, images) -> None:
 def test_parity_with_saved_processor(tmp_path, config):
     processor = saved_processor(tmp_path, config)
     transform = ImageTransform.from_pretrained(tmp_path)
-    images = [Image.fromarray(photo(w, h, seed=i)) for i, (w, h) in enumerate(SIZES)]
+    images = [photo_like(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     noise = np.random.default_rng(5).integers(0, 256, (301, 203, 3), dtype=np.uint8)
     images.append(Image.fromarray(noise))
     images += list(mode_images().values())  # the processor converts these modes by the same rules as ours
@@ -115,7 +108,7 @@ def test_parity_with_saved_processor(tmp_path, config):
 
 
 def test_parity_of_unusual_settings():
-    images = [Image.fromarray(photo(w, h, seed=i)) for i, (w, h) in enumerate(SIZES[:6])]
+    images = [photo_like(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:6])]
     for kwargs in [
         {"size": {"shortest_edge": 100}, "crop_size": {"height": 131, "width": 91}},  # crop pads (odd) and cuts
         {"do_resize": False, "crop_size": {"height": 301, "width": 299}},
@@ -128,7 +121,7 @@ def test_parity_of_unusual_settings():
 
 
 def test_high_depth_greyscale_is_scaled_not_clipped():
-    expected = photo(61, 47, seed=2)[:, :, 0]
+    expected = np.asarray(photo_like(61, 47, seed=2))[:, :, 0]
     for mode, img in high_depth_images().items():
         rgb = np.asarray(to_rgb(img))
         assert rgb.shape == (47, 61, 3), mode
@@ -169,7 +162,7 @@ def test_transparency_goes_to_white_and_grey_is_replicated():
 def test_lab_goes_through_colour_management():
     from PIL import ImageCms
 
-    rgb = Image.fromarray(photo(30, 20, seed=4))
+    rgb = photo_like(30, 20, seed=4)
     to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
     lab = ImageCms.applyTransform(rgb, to_lab)
     back = np.asarray(to_rgb(lab)).astype(int)
@@ -210,7 +203,7 @@ def test_animated_gif_gives_first_frame():
 
 
 def test_exif_orientation_is_applied():
-    img = Image.fromarray(photo(40, 20))
+    img = photo_like(40, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     decoded = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
@@ -233,7 +226,7 @@ def reason(data: bytes, **kwargs) -> str:
 
 
 def test_bad_inputs_are_classified():
-    img = Image.fromarray(photo(300, 200))
+    img = photo_like(300, 200)
     jpeg, png, gif = encode(img, "JPEG"), encode(img, "PNG"), encode(img, "GIF")
     webp = encode(img, "WEBP")
     assert reason(b"") == CORRUPT_IMAGE
@@ -250,7 +243,7 @@ def test_bad_inputs_are_classified():
 
 
 def test_truncation_is_caught_whatever_the_pillow_global(monkeypatch):
-    img = Image.fromarray(photo(300, 200))
+    img = photo_like(300, 200)
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     for fmt in ("JPEG", "PNG", "GIF", "TIFF"):
         data = encode(img, fmt)
@@ -272,7 +265,7 @@ def test_decompression_bombs_are_refused_before_decoding():
 
 
 def test_draft_decoding_and_fast_transform():
-    big = Image.fromarray(photo(1600, 1200, seed=3))
+    big = photo_like(1600, 1200, seed=3)
     data = encode(big, "JPEG", quality=92)
     assert decode_image(data, draft_size=336).size == (800, 600)  # 1/2 scale keeps both edges >= 336
     assert decode_image(data, draft_size=700).size == (1600, 1200)  # not 2x larger: full decode
@@ -287,7 +280,7 @@ def test_draft_decoding_and_fast_transform():
     # without draft decoding, fast mode only resamples the cropped part: a couple of uint8 levels at most
     level = 1 / 255 / min(processor.image_std)
     for width, height in [(640, 480), (300, 900), (3, 2)]:
-        img = Image.fromarray(photo(width, height, seed=width))
+        img = photo_like(width, height, seed=width)
         assert (fast(img) - exact(img)).abs().max().item() <= 3 * level + 1e-6, (width, height)
 
 
@@ -318,5 +311,5 @@ def test_refuses_processors_it_cannot_reproduce():
 def test_transform_survives_pickling_for_dataloader_workers():
     transform = ImageTransform.from_processor(image_processor_for_vision_config(SiglipVisionConfig(image_size=32)))
     clone = pickle.loads(pickle.dumps(transform))
-    img = Image.fromarray(photo(50, 40))
+    img = photo_like(50, 40)
     assert torch.equal(clone(img), transform(img))

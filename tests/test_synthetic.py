@@ -140,3 +140,22 @@ def test_attribute_distribution_covers_vocabulary() -> None:
         counts = {v: sum(s[attribute] == v for s in seen) for v in vocab}
         assert min(counts.values()) > 300 / len(vocab) / 2, counts
     assert {s["count"] for s in seen} == {1, 2, 3}
+
+
+def test_photo_like_pictures_are_deterministic_any_size_and_compress_like_photos() -> None:
+    """The one photo-like generator (benchmarks, image tests): same seed same pixels, down to 1x1, and a JPEG
+    of it is far smaller than one of noise and far larger than one of a flat colour."""
+    assert np.array_equal(np.asarray(syn.photo_like(97, 61, 5)), np.asarray(syn.photo_like(97, 61, 5)))
+    assert not np.array_equal(np.asarray(syn.photo_like(97, 61, 5)), np.asarray(syn.photo_like(97, 61, 6)))
+    for size in ((1, 1), (3, 2), (1, 9), (9, 1), (640, 480)):
+        image = syn.photo_like(*size, np.random.default_rng(0))
+        assert image.size == size and image.mode == "RGB"
+
+    def jpeg_bytes(image: Image.Image) -> int:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=90)
+        return len(buf.getvalue())
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    photo = jpeg_bytes(syn.photo_like(640, 480, 0))
+    assert 3 * jpeg_bytes(Image.new("RGB", (640, 480), (90, 120, 200))) < photo < jpeg_bytes(noise) / 2

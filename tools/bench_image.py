@@ -23,19 +23,9 @@ from PIL import Image
 from transformers import CLIPVisionConfig
 
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
+from pretrain.shards.synthetic import photo_like
 
 RESOLUTIONS = {"320p": (568, 320), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
-
-
-def photo_like(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth colour fields, edges and grain: compresses and decodes like a photo, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    fx, fy = rng.uniform(5, 60, 3), rng.uniform(5, 60, 3)
-    base = np.stack([np.sin(x / fx[c] + c) * np.cos(y / fy[c]) for c in range(3)], axis=-1) * 90 + 128
-    base[(x // 97 + y // 61) % 3 == 0] *= 0.6  # hard edges
-    grain = rng.normal(0, 8, base.shape).astype(np.float32)
-    return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
 
 
 def write_jpegs(folder: Path, count: int) -> dict[str, list[bytes]]:

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pretrain.config import Config
 from pretrain.data.urls import expand_urls, is_remote
+from pretrain.shards.synthetic import photo_like
 from pretrain.shards.writer import ShardWriter, write_manifest
 
 # 480p-720p, landscape and portrait: what web-scale caption data mostly holds after img2dataset resizing.
@@ -36,19 +36,6 @@ WORDS = (
     "view photo picture image close-up background foreground left right center top bottom front side corner edge"
 ).split()
 _SHARD_NAME = re.compile(r"^shard-(\d{6})\.tar$")
-
-
-def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
-    """Smooth colour fields, hard-edged regions and grain."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    fx, fy, phase = rng.uniform(20, 200, 3), rng.uniform(20, 200, 3), rng.uniform(0, 6.3, 3)
-    base = np.stack([np.sin(x / fx[c] + phase[c]) * np.cos(y / fy[c]) for c in range(3)], axis=-1) * 90 + 128
-    for _ in range(int(rng.integers(2, 6))):  # a few flat-shaded rectangles: edges and blocks of colour
-        x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
-        x1, y1 = int(rng.integers(x0 + 4, width)), int(rng.integers(y0 + 4, height))
-        base[y0:y1, x0:x1] = base[y0:y1, x0:x1] * 0.4 + rng.uniform(0, 255, 3) * 0.6
-    base += rng.normal(0, 6, base.shape).astype(np.float32)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def caption(rng: np.random.Generator, low: int = 10, high: int = 60) -> str:

@@ -144,6 +144,22 @@ def render(attrs: dict[str, Any], rng: np.random.Generator, image_size: int = 64
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def photo_like(width: int, height: int, seed: int | np.random.Generator = 0) -> Image.Image:
+    """An RGB picture that compresses and decodes like a photo, unlike pure noise: smooth colour fields, a few
+    hard-edged flat-shaded rectangles and grain. Any size from 1x1; the same seed gives the same pixels."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    fx, fy, phase = rng.uniform(20, 200, 3), rng.uniform(20, 200, 3), rng.uniform(0, 6.3, 3)
+    base = np.stack([np.sin(x / fx[c] + phase[c]) * np.cos(y / fy[c]) for c in range(3)], axis=-1) * 90 + 128
+    for _ in range(int(rng.integers(2, 6))):  # edges and blocks of colour
+        x0, y0 = int(rng.integers(0, max(width - 8, 1))), int(rng.integers(0, max(height - 8, 1)))
+        x1 = int(rng.integers(min(x0 + 4, width - 1), width)) if width > 1 else 1
+        y1 = int(rng.integers(min(y0 + 4, height - 1), height)) if height > 1 else 1
+        base[y0:y1, x0:x1] = base[y0:y1, x0:x1] * 0.4 + rng.uniform(0, 255, 3) * 0.6
+    base += rng.normal(0, 6, base.shape).astype(np.float32)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
 def encode_png(image: Image.Image) -> bytes:
     """PNG bytes with fixed settings and no metadata, so the same pixels always give the same bytes."""
     buf = io.BytesIO()
