@@ -58,8 +58,9 @@ def test_patterns_that_name_nothing_are_errors_naming_them(tmp_path: Path) -> No
 
 
 def test_a_missing_shard_file_is_kept_for_the_caller_to_report(tmp_path: Path) -> None:
-    present = _tars(tmp_path, ["a.tar"])
+    present = _tars(tmp_path, ["a.tar", "no-suffix", "odd[1].tar"])  # existing files are taken as named
     urls = expand_urls([*present, str(tmp_path / "b.tar")])
+    assert urls == [*present, str(tmp_path / "b.tar")]
     assert missing_shards(urls) == [str(tmp_path / "b.tar")]
 
 

@@ -43,7 +43,9 @@ def _expand_one(url: str, pattern: str) -> list[str]:
     path = Path(url).expanduser()
     if path.is_dir():
         return _directory_shards(path, pattern)
-    if any(c in url for c in _GLOB_CHARS) and not path.exists():
+    if path.exists():
+        return [url]
+    if any(c in url for c in _GLOB_CHARS):
         matches = sorted(glob.glob(str(path), recursive=True))
         if not matches:
             raise FileNotFoundError(f"{pattern}: the pattern matches no file")
