@@ -16,6 +16,7 @@ from PIL import Image
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
+from pretrain.data.interleaved import is_interleaved, process_document
 from pretrain.data.text import TextProcessor
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "jp2", "avif")
@@ -48,7 +49,7 @@ def read_metadata(parts: dict[str, bytes]) -> dict:
             raise SampleError(errors.BAD_JSON, str(err)) from None
         if not isinstance(meta, dict):
             raise SampleError(errors.BAD_JSON, "not an object")
-        if "caption" in meta or "conversations" in meta:
+        if "caption" in meta or "conversations" in meta or "texts" in meta:  # "texts": an interleaved document
             return meta
     if "txt" in parts:
         return {"caption": _utf8(parts["txt"])}
@@ -75,6 +76,9 @@ class SampleProcessor:
 
     def __call__(self, parts: dict[str, bytes]) -> ProcessedSample:
         meta = read_metadata(parts)
+        if is_interleaved(meta):  # text and images in document order
+            tokens, pixels = process_document(self, meta, parts)
+            return ProcessedSample(tokens.input_ids, tokens.labels, pixels, tokens.truncated)
         data = image_bytes(parts)
         if data is None and meta.get("image"):
             raise SampleError(errors.MISSING_IMAGE, str(meta.get("image")))
