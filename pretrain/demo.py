@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pretrain.data.synthetic import QUESTIONS, caption_for, parse_caption, write_synthetic
 from pretrain.model.tiny import build_tokenizer, write_tiny_decoder, write_tiny_vision
+from pretrain.shards.synthetic import QUESTIONS, caption_for, parse_caption, write_synthetic
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 ATTRIBUTES = ("color", "shape", "count", "position")
@@ -21,7 +21,7 @@ def tokenizer_corpus(n: int = 2000) -> list[str]:
     """Texts to train the demo's BPE on: every caption form and question of the synthetic set."""
     from itertools import product
 
-    from pretrain.data.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES
+    from pretrain.shards.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES
 
     texts = [caption_for({"shape": s, "color": c, "count": k, "position": p})
              for s, c, k, p in product(SHAPES, COLORS, range(1, len(COUNT_WORDS) + 1), POSITIONS)]

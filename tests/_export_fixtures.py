@@ -14,9 +14,9 @@ from pretrain.config import Config, load_config
 from pretrain.data import pipeline
 from pretrain.data.batching import collate
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.synthetic import make_sample
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.vlm import VLMForTraining
+from pretrain.shards.synthetic import make_sample
 
 
 def train_run(root: Path, assets: dict, shapes: dict, nproc: int = 2, llm: str = "llama", vision: str = "clip",

@@ -94,8 +94,8 @@ def write_unequal_shards(out: Path) -> list[str]:
     """Two shards of 4 samples: captioned images with long captions, and text-only conversations with very short
     answers. With two ranks each reads one shard (whole shards go to ranks when there are enough of them), so one
     rank sees only text and the label counts differ about tenfold."""
-    from pretrain.data.shard_writer import ShardWriter, write_manifest
-    from pretrain.data.synthetic import make_sample
+    from pretrain.shards.synthetic import make_sample
+    from pretrain.shards.writer import ShardWriter, write_manifest
 
     with ShardWriter(out, samples_per_shard=4) as writer:
         for i in range(4):

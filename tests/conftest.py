@@ -49,7 +49,7 @@ def assets(tmp_path_factory, tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> dict:
     """Synthetic shapes shards: 8 train shards of 64 samples, 1 val shard."""
-    from pretrain.data.synthetic import write_synthetic
+    from pretrain.shards.synthetic import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("shapes"), 512, 64, seed=0, samples_per_shard=64)
 

@@ -74,8 +74,8 @@ def parts(assets, tokenizer, shapes):
     from pretrain.data.image import ImageTransform
     from pretrain.data.loader import LoaderSpec, ResumableLoader
     from pretrain.data.sample import SampleProcessor
-    from pretrain.data.stream import expand_urls
     from pretrain.data.text import TextProcessor
+    from pretrain.data.urls import expand_urls
     from pretrain.model.build import build_model, load_tokenizer
 
     mcfg = ModelConfig(llm=str(assets["llama"]), vision=str(assets["clip"]))

@@ -12,8 +12,8 @@ from _shard_fixtures import SVG, all_members, bad_images, image_bytes, tar_membe
 from PIL import Image
 
 from pretrain.cli import main
-from pretrain.data.convert import ConvertOptions, run_conversion
-from pretrain.data.convert_sources import read_llava, read_table
+from pretrain.shards.build import ConvertOptions, run_conversion
+from pretrain.shards.sources import read_llava, read_table
 
 BAD_REASONS = {
     "truncated.jpg": "truncated_image",

@@ -11,7 +11,7 @@ import pytest
 from _shard_fixtures import bad_images, image_bytes, tar_members, write
 
 from pretrain.cli import main
-from pretrain.data.inspect import inspect_shards
+from pretrain.shards.inspection import inspect_shards
 
 
 def _turns(question: str, answer: str) -> list[dict[str, str]]:

@@ -17,9 +17,10 @@ from transformers import AutoImageProcessor
 from pretrain.data.image import ImageTransform
 from pretrain.data.loader import LoaderSpec, ResumableLoader, merge_states
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.shard_writer import ShardWriter
-from pretrain.data.stream import ShardReader, SourceStream, expand_urls
+from pretrain.data.stream import ShardReader, SourceStream
 from pretrain.data.text import TextProcessor
+from pretrain.data.urls import expand_urls
+from pretrain.shards.writer import ShardWriter
 
 
 class CountingProcessor(SampleProcessor):

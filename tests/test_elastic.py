@@ -12,8 +12,9 @@ from transformers import AutoImageProcessor
 
 from pretrain.data.image import ImageTransform
 from pretrain.data.loader import LoaderSpec, ResumableLoader, merge_states
-from pretrain.data.stream import ShardReader, expand_urls
+from pretrain.data.stream import ShardReader
 from pretrain.data.text import TextProcessor
+from pretrain.data.urls import expand_urls
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import launch, write_config
 
-from pretrain.data.stream import ShardReader, expand_urls
+from pretrain.data.stream import ShardReader
+from pretrain.data.urls import expand_urls
 from pretrain.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,8 @@ from pretrain.data.errors import (
     UNSUPPORTED_IMAGE,
     SampleError,
 )
-from pretrain.data.image import ImageTransform, decode_image, image_processor_for_vision_config, to_rgb
+from pretrain.data.image import ImageTransform, decode_image, image_processor_for_vision_config
+from pretrain.data.image_formats import to_rgb
 
 SIZES = [(640, 480), (480, 640), (337, 1001), (1001, 337), (57, 43), (3, 2), (1, 1), (336, 336), (335, 337)]
 

@@ -14,8 +14,8 @@ from transformers import AutoImageProcessor
 from pretrain.data.image import ImageTransform
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import expand_urls
 from pretrain.data.text import TextProcessor
+from pretrain.data.urls import expand_urls
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import yaml
 from conftest import ROOT
 from PIL import Image
 
-from pretrain.data.synthetic import make_sample
+from pretrain.shards.synthetic import make_sample
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import webdataset as wds
 from _shard_fixtures import image_bytes, write
 
 from pretrain.cli import main
-from pretrain.data.inspect import expand_urls, format_report, inspect_shards
-from pretrain.data.shard_writer import ShardWriter, clear_shard_dir, read_manifest, write_manifest
-from pretrain.data.synthetic import write_synthetic
+from pretrain.shards.inspection import format_report, inspect_shards, with_manifest_entries
+from pretrain.shards.synthetic import write_synthetic
+from pretrain.shards.writer import ShardWriter, clear_shard_dir, read_manifest, write_manifest
 
 
 def _samples(n: int, image_size: int = 100) -> list[dict]:
@@ -114,13 +114,17 @@ def test_inspect_manifest_directory_and_tars(tmp_path: Path, capsys: pytest.Capt
     scanned = inspect_shards(str(train / "shard-{000000..000002}.tar"), num_examples=0, scan=True)
     assert scanned["num_samples"] == 12 and scanned["extensions"] == {"json": 12, "png": 12, "txt": 12}
     assert scanned["num_bytes"] == report["num_bytes"]
-    assert len(expand_urls(str(train / "shard-{000000..000001}.tar"))) == 2
+    entries = with_manifest_entries(str(train / "shard-{000000..000001}.tar"))
+    assert [(Path(u).name, e["samples"]) for u, e in entries] == [("shard-000000.tar", 5), ("shard-000001.tar", 5)]
     assert "12 samples" in format_report(report)
     assert main(["shards", "inspect", str(train), "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 shards, 12 samples" in out and "caption: " in out
     assert main(["shards", "inspect", str(train / "shard-000000.tar"), "--json", "--scan"]) == 0
     assert json.loads(capsys.readouterr().out)["num_samples"] == 5
+    assert main(["shards", "inspect", f"{train}/*.tar", "--json"]) == 0  # a quoted glob, manifest counts kept
+    globbed = json.loads(capsys.readouterr().out)
+    assert globbed["num_samples"] == 12 and {s["from"] for s in globbed["shards"]} == {"manifest"}
 
 
 def test_inspect_reports_a_truncated_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -131,4 +135,6 @@ def test_inspect_reports_a_truncated_shard(tmp_path: Path, capsys: pytest.Captur
     assert report["errors"] and report["shards"][0]["samples"] <= 1
     assert main(["shards", "inspect", str(shard)]) == 1
     assert "ERROR" in capsys.readouterr().out
-    assert main(["shards", "inspect", str(tmp_path / "nothing")]) == 1  # missing shards are errors, not crashes
+    assert main(["shards", "inspect", str(tmp_path / "gone.tar")]) == 1  # missing shards are errors, not crashes
+    assert main(["shards", "inspect", str(tmp_path / "nothing")]) == 2
+    assert "no such shard directory" in capsys.readouterr().err

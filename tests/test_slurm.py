@@ -143,12 +143,14 @@ def test_bad_input_fails_before_submission(tmp_path, capsys, extra, message):
 def test_preflight_lists_what_cannot_run_before_anything_is_written(tmp_path, capsys):
     cfg = _config(tmp_path, str(tmp_path / "run"))
     (tmp_path / "shards" / "train-000002.tar").unlink()
-    bad = ["checkpoint.resume=/nope", f"model.init_from={tmp_path}/stage1/hf", "data.chat_template=none.jinja"]
+    bad = ["checkpoint.resume=/nope", f"model.init_from={tmp_path}/stage1/hf", "data.chat_template=none.jinja",
+           f"data.val=[{{urls: '{tmp_path}/shards/val-*.tar'}}]"]
     assert submit_main([str(cfg), "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *bad]) == 2
     err = capsys.readouterr().err
     assert "checkpoint.resume: /nope: no such checkpoint" in err and "model.init_from:" in err
     assert "data.train.0.urls: 1 of 4 shards missing" in err and "train-000002.tar" in err
     assert "data.chat_template: none.jinja does not exist" in err
+    assert f"data.val.0.urls: {tmp_path}/shards/val-*.tar: the pattern matches no file" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.data import synthetic as syn
+from pretrain.shards import synthetic as syn
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:

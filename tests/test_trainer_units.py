@@ -21,8 +21,8 @@ from pretrain.config import ConfigError, build_config
 from pretrain.data.image import ImageTransform
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import expand_urls
 from pretrain.data.text import IGNORE, TextProcessor
+from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.ds_config import build_ds_config, optimizer_offloaded

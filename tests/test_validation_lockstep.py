@@ -12,7 +12,7 @@ import pytest
 from _trainer_fixtures import finish, output, start_launch
 from conftest import metrics, write_config
 
-from pretrain.data.synthetic import write_synthetic
+from pretrain.shards.synthetic import write_synthetic
 
 pytestmark = pytest.mark.slow
 

@@ -4,13 +4,14 @@ summary as the last line, exit 0 whenever the input could be read."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from _shard_fixtures import bad_images, image_bytes
 from conftest import write_config, write_tar
 
 from pretrain.cli import main
-from pretrain.data.stream import expand_urls
+from pretrain.data.urls import expand_urls
 
 CAPTION = json.dumps({"caption": "two blue squares on the left."}).encode()
 
@@ -56,6 +57,14 @@ def test_good_shards_all_ok(capsys, config, shapes):
     code, lines, _ = _verify(capsys, *urls, "--config", config)
     assert code == 0
     assert json.loads(lines[-1]) == {"ok": 128, "skipped": {}}
+
+
+def test_quoted_glob_names_the_shards(capsys, config, shapes):
+    val_dir = Path(expand_urls(shapes["val"]["urls"])[0]).parent
+    code, lines, _ = _verify(capsys, f"{val_dir}/*.tar", "--config", config)
+    assert code == 0 and json.loads(lines[-1]) == {"ok": 64, "skipped": {}}
+    code, _, err = _verify(capsys, f"{val_dir}/nomatch-*.tar", "--config", config)
+    assert code == 2 and f"{val_dir}/nomatch-*.tar: the pattern matches no file" in err
 
 
 def test_bad_samples_counted_by_reason(capsys, config, bad_shard):

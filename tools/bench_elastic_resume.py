@@ -21,7 +21,7 @@ from PIL import Image
 
 
 def write_epoch(out: Path, shards: int, per_shard: int) -> list[str]:
-    from pretrain.data.shard_writer import ShardWriter
+    from pretrain.shards.writer import ShardWriter
 
     if (out / "DONE").is_file():
         return [str(p) for p in sorted(out.glob("shard-*.tar"))]
@@ -37,7 +37,7 @@ def write_epoch(out: Path, shards: int, per_shard: int) -> list[str]:
 
 def set_manifest(urls: list[str], per_shard: int, present: bool) -> None:
     """The shard directory's manifest.json (sample counts a resume reads instead of tar headers), or none."""
-    from pretrain.data.shard_writer import write_manifest
+    from pretrain.shards.writer import write_manifest
 
     out = Path(urls[0]).parent
     (out / "manifest.json").unlink(missing_ok=True)

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from pretrain.config import Config
-from pretrain.data.shard_writer import ShardWriter, write_manifest
-from pretrain.data.stream import expand_urls, is_remote
+from pretrain.data.urls import expand_urls, is_remote
+from pretrain.shards.writer import ShardWriter, write_manifest
 
 # 480p-720p, landscape and portrait: what web-scale caption data mostly holds after img2dataset resizing.
 PHOTO_SIZES: tuple[tuple[int, int], ...] = ((854, 480), (640, 480), (1024, 576), (1280, 720), (720, 960))

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pretrain.data.image_check import DEFAULT_MAX_PIXELS, REENCODE_FORMATS
-from pretrain.data.shard_writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
+from pretrain.shards.image_check import DEFAULT_MAX_PIXELS, REENCODE_FORMATS
+from pretrain.shards.writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
 
 
 def register(subparsers: Any) -> Any:
@@ -105,7 +105,7 @@ def _add_interleaved(sub: Any) -> None:
 
 def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="counts, sizes, keys and a few samples of a shard set")
-    p.add_argument("urls", nargs="+", help="shards (brace expansion allowed) or shard directories with a manifest")
+    p.add_argument("urls", nargs="+", help="shards (brace patterns, quoted globs, pipe:, http) or shard directories")
     p.add_argument("--samples", type=int, default=3, help="how many samples to show")
     p.add_argument("--scan", action="store_true", help="read every tar's headers even where a manifest exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -113,7 +113,7 @@ def _add_inspect(sub: Any) -> None:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
-    from pretrain.data.synthetic import write_synthetic
+    from pretrain.shards.synthetic import write_synthetic
 
     result = write_synthetic(args.out, args.train, args.val, args.seed, args.samples_per_shard, args.image_size)
     for split, info in result.items():
@@ -122,7 +122,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
-    from pretrain.data.convert import ConvertOptions
+    from pretrain.shards.build import ConvertOptions
 
     return ConvertOptions(
         samples_per_shard=args.samples_per_shard,
@@ -141,7 +141,7 @@ def _options(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
 
 def _convert(args: argparse.Namespace, source: str, read: Any, extra: dict[str, Any]) -> int:
     """Run one converter; input problems that stop the whole conversion are printed, exit code 2."""
-    from pretrain.data.convert import run_conversion
+    from pretrain.shards.build import run_conversion
 
     if args.max_side and not args.reencode:
         print("error: --max-side needs --reencode (original bytes are kept otherwise)", file=sys.stderr)
@@ -162,14 +162,14 @@ def _convert(args: argparse.Namespace, source: str, read: Any, extra: dict[str, 
 
 
 def cmd_llava(args: argparse.Namespace) -> int:
-    from pretrain.data.convert_sources import read_llava
+    from pretrain.shards.sources import read_llava
 
     extra = {"input": args.json, "image_root": args.image_root}
     return _convert(args, "llava", lambda: read_llava(args.json, args.image_root), extra)
 
 
 def cmd_jsonl(args: argparse.Namespace) -> int:
-    from pretrain.data.convert_sources import read_table
+    from pretrain.shards.sources import read_table
 
     def read() -> Any:
         return read_table(
@@ -185,20 +185,20 @@ def cmd_jsonl(args: argparse.Namespace) -> int:
 
 
 def cmd_folder(args: argparse.Namespace) -> int:
-    from pretrain.data.convert_sources import read_folder
+    from pretrain.shards.sources import read_folder
 
     return _convert(args, "folder", lambda: read_folder(args.images), {"input": args.images})
 
 
 def cmd_interleaved(args: argparse.Namespace) -> int:
-    from pretrain.data.convert_sources import read_interleaved
+    from pretrain.shards.sources import read_interleaved
 
     extra = {"input": args.file, "image_root": args.image_root}
     return _convert(args, "interleaved", lambda: read_interleaved(args.file, args.image_root), extra)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pretrain.data.inspect import format_report, inspect_shards
+    from pretrain.shards.inspection import format_report, inspect_shards
 
     try:
         report = inspect_shards(args.urls, num_examples=args.samples, scan=args.scan)

@@ -21,8 +21,8 @@ from pretrain.cli.shards import subcommands
 def register(sub: Any) -> None:
     p = subcommands(sub).add_parser("verify", help="run every sample through the training data path, count skips")
     p.add_argument("urls", nargs="+", metavar="URLS [key=value ...]",
-                   help="shards (brace expansion, pipe:, http) or shard directories, then config overrides as in "
-                        "every command, e.g. data.max_length=4096")
+                   help="shards (brace patterns, quoted globs, pipe:, http) or shard directories, then config "
+                        "overrides as in every command, e.g. data.max_length=4096")
     p.add_argument("--config", required=True, help="the training config (tokenizer, vision tower, data settings)")
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="deprecated: give key=value after the URLs, as in every other command")
@@ -51,10 +51,10 @@ def _error(message: str) -> int:
 
 
 def _shard_urls(patterns: list[str]) -> list[str]:
-    from pretrain.data.stream import expand_urls, is_remote
+    from pretrain.data.urls import expand_urls, missing_shards
 
     urls = expand_urls(patterns)
-    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    missing = missing_shards(urls)
     if missing:
         raise FileNotFoundError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                     if len(missing) > 1 else ""))
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         return _error(str(err))
     from pretrain.data.pipeline import build_processing
-    from pretrain.data.verify import verify_shards
+    from pretrain.shards.verify import verify_shards
 
     try:
         processing = build_processing(cfg)

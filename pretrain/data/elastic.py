@@ -25,7 +25,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pretrain.data.stream import ShardReader, SourceStream, is_remote
+from pretrain.data.stream import ShardReader, SourceStream
+from pretrain.data.urls import is_remote
 
 if TYPE_CHECKING:
     from pretrain.data.loader import LoaderSpec

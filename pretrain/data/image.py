@@ -8,30 +8,18 @@ Decoding (`decode_image`), each bad input raising `SampleError` with one reason:
 - more pixels than `max_pixels` in the header -> `decompression_bomb`, before any pixel is decoded. Pillow's own
   process-wide `Image.MAX_IMAGE_PIXELS` (which we never change) applies as well: Pillow warns above it and raises
   `DecompressionBombError` above twice it; both ranges are rejected as bombs here;
-- SVG, HEIC, PDF, JPEG XL, gzip, formats Pillow knows but outside `FORMATS` (e.g. EPS, which would run Ghostscript)
-  and colour modes that cannot become RGB -> `unsupported_image_format`.
+- SVG, HEIC, PDF, JPEG XL, gzip, formats Pillow knows but outside `image_formats.ACCEPTED` (e.g. EPS, which would
+  run Ghostscript) and colour modes that cannot become RGB -> `unsupported_image_format`.
 Animated images (GIF, APNG, WebP) give their first frame. The EXIF orientation is applied, as transformers'
 `load_image` does. ICC profiles are ignored, as in transformers.
 
-Colour modes -> RGB (`to_rgb`), the rules of transformers' `convert_to_rgb` where it has one:
-- RGB: as is.
-- a band named "A" (RGBA, LA, PA) or a `transparency` entry (P or L with a transparent index, RGB PNG with tRNS):
-  converted to RGBA by Pillow, then alpha-composited onto white (255, 255, 255).
-- 1, L, P, CMYK, YCbCr, RGBX, premultiplied RGBa: Pillow's `convert("RGB")` (grey replicated to the three
-  channels; CMYK by Pillow's formula, the Adobe inverted CMYK of JPEGs undone by its decoder).
-- LAB (CIELab TIFFs): LittleCMS's LAB -> sRGB transform (Pillow's `convert("RGB")`, hence transformers, would
-  copy the L, a, b bands into R, G, B). Modes Pillow cannot convert -> `unsupported_image_format`.
-- 16-bit and wider greyscale, where Pillow and transformers would clip everything above 255 to white: I;16 (and its
-  byte orders) is scaled to 8 bits as round(v / 257) (65535 -> 255, exact inverse of 8-bit v * 257); I (32-bit int)
-  the same when its values lie in 0..65535, otherwise min-max stretched to 0..255; F (float) as round(v * 255) when in
-  [0, 1], otherwise min-max stretched (NaN -> 0). Then replicated like L. A transparency key of these modes is ignored.
+Colour modes -> RGB: `to_rgb` (pretrain.data.image_formats, with the table of accepted and refused formats).
 
 `ImageTransform` then reproduces the processor of the vision tower: see `image_processors.py` for how.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 from typing import Any
@@ -47,6 +35,15 @@ from pretrain.data.errors import (
     UNSUPPORTED_IMAGE,
     SampleError,
 )
+from pretrain.data.image_formats import (
+    ACCEPTED,
+    DEFAULT_MAX_PIXELS,
+    STREAMED_FORMATS,
+    PastEndReader,
+    failure_reason,
+    sniff_refused,
+    to_rgb,
+)
 from pretrain.data.image_processors import (
     TORCHVISION_BACKEND,
     PreprocessSpec,
@@ -55,54 +52,16 @@ from pretrain.data.image_processors import (
     spec_from_processor,
 )
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "FORMATS",
-    "ImageTransform",
-    "decode_image",
-    "image_processor_for_vision_config",
-    "to_rgb",
-]
+__all__ = ["FORMATS", "ImageTransform", "decode_image", "image_processor_for_vision_config"]
 
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
-# Formats we decode. Everything else Pillow knows (EPS, WMF, PSD, FITS, ...) is refused as unsupported.
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "AVIF", "QOI")
-# Formats whose decoders pull their data through the reader, so that a read past its end means truncation.
-_STREAMED = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO"})
-_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# What Pillow may open: the accepted table (MPO files open through the JPEG plugin), so a refused format fails to
+# open without its plugin running.
+FORMATS = tuple(f for f in ACCEPTED if f != "MPO")
 _EXIF_ORIENTATION = 0x0112
 
 
-class _Reader(io.BytesIO):
-    """BytesIO that notes a read past the end: how truncation shows when Pillow is told to load truncated images."""
-
-    past_end = False
-
-    def read(self, size: int | None = -1) -> bytes:
-        chunk = super().read(size)
-        if not chunk and size != 0:
-            self.past_end = True
-        return chunk
-
-
-def _sniff_unsupported(data: bytes) -> str | None:
-    """Name of a known image-like format that we do not decode, from its first bytes."""
-    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") or head.startswith(b"<!doctype")) and b"<svg" in head:
-        return "SVG"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-        return "HEIF"
-    if data.startswith(b"%PDF"):
-        return "PDF"
-    if data.startswith(b"\xff\x0a") or data.startswith(b"\x00\x00\x00\x0cJXL "):
-        return "JPEG XL"
-    if data.startswith(b"\x1f\x8b"):
-        return "gzip (e.g. SVGZ)"
-    return None
-
-
 def _unidentified(data: bytes) -> SampleError:
-    name = _sniff_unsupported(data)
+    name = sniff_refused(data)
     if name is None:
         try:  # a format Pillow knows but we refuse; only its header is parsed here
             with Image.open(io.BytesIO(data)) as probe:
@@ -110,13 +69,6 @@ def _unidentified(data: bytes) -> SampleError:
         except Exception:
             return SampleError(CORRUPT_IMAGE, "not a recognised image")
     return SampleError(UNSUPPORTED_IMAGE, str(name))
-
-
-def _webp_cut_short(data: bytes) -> bool:
-    """A WebP's RIFF header gives its length; libwebp only says it 'could not create decoder object'."""
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return False
-    return int.from_bytes(data[4:8], "little") + 8 > len(data)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -128,7 +80,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise SampleError(DECOMPRESSION_BOMB, f"{width}x{height} = {width * height} pixels > {limit}")
 
 
-def _open(reader: _Reader, data: bytes) -> Image.Image:
+def _open(reader: PastEndReader, data: bytes) -> Image.Image:
     try:
         return Image.open(reader, formats=FORMATS)
     except Image.DecompressionBombError as e:
@@ -136,21 +88,16 @@ def _open(reader: _Reader, data: bytes) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise _unidentified(data) from None
     except Exception as e:  # Pillow's plugins raise many kinds on malformed headers
-        raise SampleError(_failure_reason(e, data), f"{type(e).__name__}: {e}") from None
+        raise SampleError(failure_reason(e, data), f"{type(e).__name__}: {e}") from None
 
 
-def _failure_reason(error: Exception, data: bytes) -> str:
-    cut = isinstance(error, EOFError) or "truncat" in str(error).lower() or _webp_cut_short(data)
-    return TRUNCATED_IMAGE if cut else CORRUPT_IMAGE
-
-
-def _load(img: Image.Image, reader: _Reader, data: bytes) -> None:
+def _load(img: Image.Image, reader: PastEndReader, data: bytes) -> None:
     reader.past_end = False
     try:
         img.load()
     except Exception as e:
-        raise SampleError(_failure_reason(e, data), f"{type(e).__name__}: {e}") from None
-    if reader.past_end and img.format in _STREAMED:
+        raise SampleError(failure_reason(e, data), f"{type(e).__name__}: {e}") from None
+    if reader.past_end and img.format in STREAMED_FORMATS:
         raise SampleError(TRUNCATED_IMAGE, f"{img.format} data ends before the image does")
 
 
@@ -179,7 +126,7 @@ def decode_image(
     """
     if not data:
         raise SampleError(CORRUPT_IMAGE, "empty image bytes")
-    reader = _Reader(data)
+    reader = PastEndReader(data)
     img = _open(reader, data)
     _check_pixels(img.size, max_pixels)  # header only: no pixel decoded yet
     if draft_size and img.format in ("JPEG", "MPO"):
@@ -188,48 +135,6 @@ def decode_image(
     if exif_orientation:
         img = _apply_exif_orientation(img)
     return to_rgb(img)
-
-
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    values = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        scaled = values / 257.0
-    else:
-        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if img.mode == "F" and low >= 0.0 and high <= 1.0:
-            scaled = values * 255.0
-        elif img.mode == "I" and low >= 0.0 and high <= 65535.0:
-            scaled = values / 257.0
-        else:
-            scaled = (values - low) * (255.0 / (high - low) if high > low else 0.0)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
-
-
-@functools.lru_cache(maxsize=1)
-def _lab_to_srgb() -> Any:
-    from PIL import ImageCms
-
-    lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
-    return ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB by the rules in the module docstring (transformers' `convert_to_rgb` where it applies)."""
-    if img.mode in _HIGH_DEPTH:
-        img = _high_depth_to_l(img)
-    try:
-        if img.mode == "LAB":  # Pillow's convert("RGB") would copy the L, a, b bands as if they were R, G, B
-            from PIL import ImageCms
-
-            return ImageCms.applyTransform(img, _lab_to_srgb())
-        if "A" in img.getbands() or img.info.get("transparency") is not None:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img if img.mode == "RGB" else img.convert("RGB")
-    except (ValueError, ImportError, OSError) as e:  # e.g. "conversion from La to L not supported", no littlecms
-        raise SampleError(UNSUPPORTED_IMAGE, f"mode {img.mode}: {e}") from None
 
 
 class ImageTransform:

@@ -21,11 +21,11 @@ from transformers import PreTrainedTokenizerBase
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
+from pretrain.data.image_formats import IMAGE_EXTENSIONS
 from pretrain.data.text import IGNORE, TokenizedText
 
 PARAGRAPH = "\n\n"  # between two text segments that follow each other
 _NUMBERED = re.compile(r"^(\d+)\.([a-z0-9]+)$")
-IMAGE_EXTS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "jp2", "avif"))
 
 
 def is_interleaved(meta: dict) -> bool:
@@ -37,7 +37,7 @@ def numbered_images(parts: dict[str, bytes]) -> list[bytes]:
     found: dict[int, bytes] = {}
     for ext, data in parts.items():
         match = _NUMBERED.match(ext)
-        if match and match.group(2) in IMAGE_EXTS:
+        if match and match.group(2) in IMAGE_EXTENSIONS:
             index = int(match.group(1))
             if index in found:
                 raise SampleError(errors.BAD_IMAGE_COUNT, f"two images numbered {index}")

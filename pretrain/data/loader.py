@@ -36,7 +36,8 @@ from pretrain.data.batching import Batcher, collate, vision_cost
 from pretrain.data.elastic import source_fingerprint
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, is_remote, seeded_rng
+from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
+from pretrain.data.urls import is_remote
 
 log = logging.getLogger(__name__)
 

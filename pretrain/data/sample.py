@@ -16,11 +16,9 @@ from PIL import Image
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
+from pretrain.data.image_formats import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from pretrain.data.interleaved import is_interleaved, process_document
 from pretrain.data.text import TextProcessor
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "jp2", "avif")
-UNSUPPORTED_IMAGE_EXTS = ("svg", "svgz", "eps", "pdf")
 
 
 @dataclass
@@ -57,10 +55,10 @@ def read_metadata(parts: dict[str, bytes]) -> dict:
 
 
 def image_bytes(parts: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTS:
+    for ext in IMAGE_EXTENSIONS:
         if ext in parts:
             return parts[ext]
-    for ext in UNSUPPORTED_IMAGE_EXTS:
+    for ext in REFUSED_EXTENSIONS:
         if ext in parts:
             raise SampleError(errors.UNSUPPORTED_IMAGE, ext)
     return None

@@ -22,33 +22,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import braceexpand
 import webdataset as wds
 from webdataset.gopen import set_options
 
 from pretrain.data import errors
+from pretrain.data.urls import MANIFEST_NAME, is_remote
 
 # webdataset's key rule: the key is the path up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
-
-
-def is_remote(url: str) -> bool:
-    """A stream (`pipe:`, http(s), cloud storage): read front to back, its sample count unknown in advance."""
-    return url.startswith(_REMOTE)
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    items = [urls] if isinstance(urls, str) else list(urls)
-    out: list[str] = []
-    for item in items:
-        for url in braceexpand.braceexpand(item):
-            path = Path(url)
-            if not url.startswith(_REMOTE) and path.is_dir():
-                out += sorted(str(p) for p in path.glob("*.tar"))
-            else:
-                out.append(url)
-    return out
 
 
 def seeded_rng(*parts: object) -> random.Random:
@@ -156,19 +137,19 @@ class ShardReader:
         return self._index[url]
 
     def count(self, url: str) -> int | None:
-        return None if url.startswith(_REMOTE) else len(self._local_index(url))
+        return None if is_remote(url) else len(self._local_index(url))
 
     def listed_count(self, url: str) -> int | None:
         """A local shard's sample count without reading it: from its directory's manifest.json when that lists the
         shard with its current size in bytes, else from its tar headers (`count`)."""
-        if url.startswith(_REMOTE):
+        if is_remote(url):
             return None
         if url in self._index:
             return len(self._index[url])
         path = Path(url)
         if path.parent not in self._manifests:
             try:
-                listed = json.loads((path.parent / "manifest.json").read_text())["shards"]
+                listed = json.loads((path.parent / MANIFEST_NAME).read_text())["shards"]
                 self._manifests[path.parent] = {s["url"]: (int(s["samples"]), int(s["bytes"])) for s in listed}
             except (OSError, ValueError, KeyError, TypeError):
                 self._manifests[path.parent] = {}
@@ -178,7 +159,7 @@ class ShardReader:
         return self.count(url)
 
     def read_at(self, url: str, index: int) -> RawSample:
-        if url.startswith(_REMOTE):
+        if is_remote(url):
             for sample in self.iterate(url, index):
                 return sample
             raise TarShardError(f"{url}: sample {index} not found")
@@ -195,7 +176,7 @@ class ShardReader:
         (a resume restores a whole shuffle buffer of them), not once per sample."""
         wanted: dict[str, set[int]] = {}
         for url, index in refs:
-            if url.startswith(_REMOTE):
+            if is_remote(url):
                 wanted.setdefault(url, set()).add(index)
         found: dict[tuple[str, int], RawSample] = {}
         for url, indices in wanted.items():
@@ -217,7 +198,7 @@ class ShardReader:
     def iterate_range(self, url: str, start: int, stop: int | None = None, step: int = 1) -> Iterator[RawSample]:
         """Samples `range(start, stop, step)` (stop None: to the shard's end). A local shard seeks to each one; a
         stream passes over the others without keeping their bytes. Raises TarShardError at the end as `iterate`."""
-        if not url.startswith(_REMOTE):
+        if not is_remote(url):
             if not Path(url).is_file():
                 raise TarShardError(f"{url}: no such shard")
             index = self._local_index(url)
@@ -347,7 +328,7 @@ class SourceStream:
         return self.epoch_samples is not None and self.state.taken >= self.epoch_samples
 
     def _any_readable(self, shards: list[str]) -> bool:
-        return any((self.reader.count(u) or 0) > 0 for u in shards if not u.startswith(_REMOTE))
+        return any((self.reader.count(u) or 0) > 0 for u in shards if not is_remote(u))
 
     def _epoch_offset(self, shards: list[str], pos: int) -> int:
         return sum(self.reader.count(u) or 0 for u in shards[:pos])

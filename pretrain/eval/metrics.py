@@ -136,7 +136,7 @@ def retrieval_metrics(sim: torch.Tensor, image_keys: Sequence[Any], text_keys: S
 def attribute_accuracy(texts: Sequence[str], attributes: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Synthetic shapes: the fraction of generated captions naming each true attribute (parse_caption), their mean,
     and chance level (uniform guessing) for reference."""
-    from pretrain.data.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES, parse_caption
+    from pretrain.shards.synthetic import COLORS, COUNT_WORDS, POSITIONS, SHAPES, parse_caption
 
     names = {"color": COLORS, "shape": SHAPES, "count": COUNT_WORDS, "position": POSITIONS}
     hits = dict.fromkeys(names, 0)

@@ -13,7 +13,8 @@ from pretrain.config import DataSource
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
 from pretrain.data.sample import image_bytes, read_metadata
-from pretrain.data.stream import ShardReader, expand_urls
+from pretrain.data.stream import ShardReader
+from pretrain.data.urls import expand_urls
 
 log = logging.getLogger(__name__)
 

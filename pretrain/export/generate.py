@@ -8,14 +8,15 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from pretrain.data.image import decode_image, to_rgb
+from pretrain.data.image import decode_image
+from pretrain.data.image_formats import to_rgb
 
 IMAGE = "<image>"
 
 
 def load_image(path: str | Path) -> Image.Image:
     """An image file as training reads a shard's image: EXIF orientation, then training's colour rules (alpha
-    composited on white, CMYK / palette / LAB / 16-bit converted as `pretrain.data.image.to_rgb` says)."""
+    composited on white, CMYK / palette / LAB / 16-bit converted as `pretrain.data.image_formats.to_rgb` says)."""
     return decode_image(Path(path).read_bytes())
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.config import Config, ConfigError
-from pretrain.data.stream import expand_urls
+from pretrain.data.urls import expand_urls, missing_shards
 from pretrain.train import checkpoint as ckpt
-
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def _looks_local(name: str) -> bool:
@@ -33,8 +31,12 @@ def _data_problems(cfg: Config) -> list[str]:
     problems = []
     for section, sources in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
         for i, source in enumerate(sources):
-            urls = expand_urls(source.urls)
-            missing = [u for u in urls if not u.startswith(_REMOTE) and not Path(u).is_file()]
+            try:
+                urls = expand_urls(source.urls)
+            except FileNotFoundError as err:  # a glob matching nothing, a missing shard directory
+                problems.append(f"{section}.{i}.urls: {err} (build them with `pretrain shards ...`)")
+                continue
+            missing = missing_shards(urls)
             if not urls or missing:
                 shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
                 problems.append(f"{section}.{i}.urls: {len(missing)} of {len(urls)} shards missing: "

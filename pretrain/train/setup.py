@@ -15,7 +15,7 @@ from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.pipeline import image_processor_for, run_tokenizer, sample_processor
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import expand_urls
+from pretrain.data.urls import expand_urls
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.stages import apply_stage, param_groups

@@ -22,8 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pretrain.config import Config
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor, image_bytes
-from pretrain.data.stream import ShardReader, TarShardError, expand_urls
+from pretrain.data.stream import ShardReader, TarShardError
 from pretrain.data.text import IGNORE
+from pretrain.data.urls import expand_urls
 from pretrain.train import dist
 from pretrain.train.metrics import MetricsWriter
 from pretrain.train.setup import make_loader

@@ -1,6 +1,6 @@
 """Converting user data (LLaVA JSON, JSON lines / CSV, image folders) into WebDataset shards.
 
-A source reader (`convert_sources.py`) turns the input into an ordered stream of `Job`s (one per sample: its
+A source reader (`sources.py`) turns the input into an ordered stream of `Job`s (one per sample: its
 metadata and where its image and caption live) and `Skip`s (inputs already known to be bad, e.g. a broken JSON line).
 Workers read and check the image bytes in parallel; results come back in input order, so the shards are the same
 bytes whatever the worker count. Every input ends up either in a shard or in the manifest's `skipped` list.
@@ -21,8 +21,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pretrain.data.errors import BAD_UTF8, EMPTY_TEXT, MISSING_IMAGE, MISSING_TEXT, SampleError
-from pretrain.data.image_check import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_image, reencode
-from pretrain.data.shard_writer import (
+from pretrain.data.image_formats import IMAGE_EXTENSIONS
+from pretrain.shards.image_check import DEFAULT_MAX_PIXELS, check_image, reencode
+from pretrain.shards.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_SAMPLES_PER_SHARD,
     ShardWriter,
@@ -73,9 +74,6 @@ class ConvertOptions:
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-IMAGE_EXTS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
 
 
 def sample_key(index: int) -> str:
@@ -207,7 +205,7 @@ def run_conversion(
                 skipped.append(result.record())
             else:
                 writer.write(result)
-                images[sum(ext.rsplit(".", 1)[-1] in IMAGE_EXTS for ext in result)] += 1
+                images[sum(ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for ext in result)] += 1
             bar.update()
             bar.set_postfix(skipped=len(skipped), refresh=False)
     extra = {"source": source, **options.extra, "images_per_sample": {str(k): n for k, n in sorted(images.items())}}

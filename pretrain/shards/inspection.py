@@ -16,11 +16,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from braceexpand import braceexpand
 from PIL import Image
 
-from pretrain.data.image_check import IMAGE_SUFFIXES
-from pretrain.data.shard_writer import MANIFEST_NAME, read_manifest
+from pretrain.data.urls import MANIFEST_NAME, expand_urls, is_remote
+from pretrain.shards.image_check import IMAGE_SUFFIXES
+from pretrain.shards.writer import read_manifest
 
 # webdataset's own split of a member name into sample key and extension: the key ends at the first dot of the
 # file name.
@@ -28,30 +28,23 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _TEXT_PREVIEW = 100
 
 
-def expand_urls(urls: str | list[str]) -> list[tuple[str, dict[str, Any] | None]]:
-    """Shard urls after brace expansion, each with its manifest entry when its directory has a manifest.
-    A directory stands for the shards its manifest lists."""
+def with_manifest_entries(urls: str | list[str]) -> list[tuple[str, dict[str, Any] | None]]:
+    """The shards `urls` names (pretrain.data.urls), each with its entry in its directory's manifest, if any."""
     out: list[tuple[str, dict[str, Any] | None]] = []
     manifests: dict[Path, dict[str, dict[str, Any]]] = {}
-    for pattern in [urls] if isinstance(urls, str) else urls:
-        for url in braceexpand(pattern):
-            path = Path(url)
-            if "://" not in url and not url.startswith("pipe:") and path.is_dir():
-                if not (path / MANIFEST_NAME).exists():
-                    raise FileNotFoundError(f"{path} is a directory without {MANIFEST_NAME}: name its shards instead")
-                out += [(str(path / s["url"]), s) for s in read_manifest(path)["shards"]]
-                continue
-            entry = None
-            if "://" not in url and not url.startswith("pipe:") and (path.parent / MANIFEST_NAME).exists():
-                if path.parent not in manifests:
-                    manifests[path.parent] = {s["url"]: s for s in read_manifest(path.parent)["shards"]}
-                entry = manifests[path.parent].get(path.name)
-            out.append((url, entry))
+    for url in expand_urls(urls):
+        entry = None
+        if not is_remote(url) and (Path(url).parent / MANIFEST_NAME).exists():
+            directory = Path(url).parent
+            if directory not in manifests:
+                manifests[directory] = {s["url"]: s for s in read_manifest(directory)["shards"]}
+            entry = manifests[directory].get(Path(url).name)
+        out.append((url, entry))
     return out
 
 
 def _open_tar(url: str) -> tarfile.TarFile:
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         from webdataset.gopen import gopen  # remote / piped shards stream through webdataset's opener
 
         return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
@@ -151,7 +144,7 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
 
 def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = False) -> dict[str, Any]:
     """Report on a shard set. With manifests (and not `scan`) only the tars needed for the examples are read."""
-    entries = expand_urls(urls)
+    entries = with_manifest_entries(urls)
     shards, examples = [], []
     for url, entry in entries:
         if entry is not None and not scan:
@@ -178,29 +171,23 @@ def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = Fa
             per_sample.update(s["images_per_sample"])
         report["extensions"] = dict(sorted(totals.items()))
         report["images_per_sample"] = dict(sorted(per_sample.items(), key=lambda kv: int(kv[0])))
-    report["skipped_by_reason"] = _skips(urls)
+    report["skipped_by_reason"] = _skips([url for url, _ in entries])
     if "images_per_sample" not in report:  # not scanned: the build's own counts
-        report["images_per_sample"] = _skips(urls, "images_per_sample")
+        report["images_per_sample"] = _skips([url for url, _ in entries], "images_per_sample")
     errors = [s for s in shards if "error" in s]
     if errors:
         report["errors"] = [{"url": s["url"], "error": s["error"]} for s in errors]
     return report
 
 
-def _skips(urls: str | list[str], field: str = "skipped_by_reason") -> dict[str, int]:
-    """Build-time skips (or another count of the build: `field`) summed over the manifests of the directories
-    involved."""
-    dirs: list[Path] = []
-    for pattern in [urls] if isinstance(urls, str) else urls:
-        for url in braceexpand(pattern):
-            if "://" in url or url.startswith("pipe:"):
-                continue
-            d = Path(url) if Path(url).is_dir() else Path(url).parent
-            if d not in dirs and (d / MANIFEST_NAME).exists():
-                dirs.append(d)
+def _skips(urls: list[str], field: str = "skipped_by_reason") -> dict[str, int]:
+    """Build-time skips (or another count of the build: `field`) summed over the manifests of the shards'
+    directories."""
+    dirs = dict.fromkeys(Path(u).parent for u in urls if not is_remote(u))
     total: Counter[str] = Counter()
     for d in dirs:
-        total.update(read_manifest(d).get(field, {}))
+        if (d / MANIFEST_NAME).exists():
+            total.update(read_manifest(d).get(field, {}))
     return dict(sorted(total.items()))
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pretrain.data.convert import Job, Skip
 from pretrain.data.errors import (
     BAD_CONVERSATION,
     BAD_IMAGE_COUNT,
@@ -26,7 +25,8 @@ from pretrain.data.errors import (
     MISSING_TEXT,
     SampleError,
 )
-from pretrain.data.image_check import IMAGE_SUFFIXES
+from pretrain.shards.build import Job, Skip
+from pretrain.shards.image_check import IMAGE_SUFFIXES
 
 BAD_ROW = "bad_row"  # a CSV row whose field count does not match the header
 IMAGE_TOKEN = "<image>"

@@ -4,9 +4,10 @@ The check is as cheap as the format allows, because a converter runs it over eve
 - PNG: `Image.verify()` walks the chunks and checks their CRCs (catches truncation and corruption, no pixel decode).
 - JPEG: the header is parsed and the end-of-image marker must be present (catches the common truncated download).
   Corrupt entropy-coded data inside a complete JPEG is only found by `full_decode=True`.
-- Anything else we accept (WebP, GIF, BMP, TIFF) is rare in VLM data: it is fully decoded.
-Formats a trainer cannot use (SVG, HEIC, ...) are reported as unsupported rather than corrupt, so the user knows a
-conversion step would save them.
+- Anything else we accept (WebP, GIF, BMP, TIFF, AVIF, ...) is rare in VLM data: it is fully decoded.
+What is accepted is `pretrain.data.image_formats.ACCEPTED`, the runtime decoder's table. Formats a trainer cannot use
+(SVG, HEIC, EPS, ...) are reported as unsupported rather than corrupt, so the user knows a conversion step would save
+them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import io
 import re
 import warnings
 
-import numpy as np
 from PIL import Image
 
 from pretrain.data.errors import (
@@ -25,39 +25,26 @@ from pretrain.data.errors import (
     UNSUPPORTED_IMAGE,
     SampleError,
 )
+from pretrain.data.image_formats import (
+    ACCEPTED,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    REFUSED_EXTENSIONS,
+    STREAMED_FORMATS,
+    PastEndReader,
+    failure_reason,
+    sniff_refused,
+    to_rgb,
+)
 
-# Pillow format name -> the WebDataset extension the shard stores the bytes under.
-FORMAT_EXTENSIONS = {
-    "JPEG": "jpg",
-    "MPO": "jpg",
-    "PNG": "png",
-    "WEBP": "webp",
-    "GIF": "gif",
-    "BMP": "bmp",
-    "TIFF": "tiff",
-}
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tiff")
-# File suffixes the folder converter treats as images (svg/heic included so they are reported, not silently ignored).
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".svg", ".heic", ".heif", ".avif"}
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold; the same default as data.max_image_pixels
+# File suffixes the folder converter treats as images (refused ones included so they are reported, not ignored).
+IMAGE_SUFFIXES = {f".{ext}" for ext in (*IMAGE_EXTENSIONS, *REFUSED_EXTENSIONS)}
 REENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 def _message(e: Exception) -> str:
     """An error message without object addresses, so manifests stay byte-identical between runs."""
     return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", f"{type(e).__name__}: {e}")
-
-
-def _sniff_unsupported(data: bytes) -> str | None:
-    """Name a known-but-unsupported format from its leading bytes (Pillow cannot identify these)."""
-    head = data[:4096].lstrip().lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
-        return "svg"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"avif", b"avis"):
-        return data[8:12].decode()
-    if head.startswith(b"%pdf"):
-        return "pdf"
-    return None
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -76,20 +63,22 @@ def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: 
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise SampleError(DECOMPRESSION_BOMB, _message(e)) from None
-        except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, OSError, ValueError...
-            kind = _sniff_unsupported(data)
+        except Image.UnidentifiedImageError as e:
+            kind = sniff_refused(data)
             if kind:
                 raise SampleError(UNSUPPORTED_IMAGE, kind) from None
             raise SampleError(CORRUPT_IMAGE, _message(e)) from None
+        except Exception as e:  # Pillow's plugins raise SyntaxError, OSError, ValueError... on malformed headers
+            raise SampleError(failure_reason(e, data), _message(e)) from None
         fmt, (width, height) = image.format, image.size
-        if fmt not in FORMAT_EXTENSIONS:
+        if fmt not in ACCEPTED:
             raise SampleError(UNSUPPORTED_IMAGE, str(fmt))
         if width * height > max_pixels:
             raise SampleError(DECOMPRESSION_BOMB, f"{width}x{height} > {max_pixels} pixels")
         if width < 1 or height < 1:
             raise SampleError(CORRUPT_IMAGE, f"size {width}x{height}")
         _verify(data, image, fmt, full_decode)
-    return FORMAT_EXTENSIONS[fmt], width, height
+    return ACCEPTED[fmt], width, height
 
 
 def _verify(data: bytes, image: Image.Image, fmt: str, full_decode: bool) -> None:
@@ -99,28 +88,14 @@ def _verify(data: bytes, image: Image.Image, fmt: str, full_decode: bool) -> Non
         if fmt == "PNG" and not full_decode:
             image.verify()
         elif fmt not in ("JPEG", "MPO") or full_decode:
-            Image.open(io.BytesIO(data)).load()  # verify() leaves the image unusable: decode from a fresh open
+            reader = PastEndReader(data)  # verify() leaves the image unusable: decode from a fresh open
+            Image.open(reader).load()
+            if reader.past_end and fmt in STREAMED_FORMATS:  # the decoder's reading, as at training time
+                raise SampleError(TRUNCATED_IMAGE, f"{fmt} data ends before the image does")
     except SampleError:
         raise
     except Exception as e:
-        message = _message(e)
-        reason = TRUNCATED_IMAGE if "truncat" in message.lower() else CORRUPT_IMAGE
-        raise SampleError(reason, message) from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for re-encoding: alpha is composited onto white, 16-bit and float greyscale are scaled to 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        raise SampleError(failure_reason(e, data), _message(e)) from None
 
 
 def reencode(data: bytes, ext: str, quality: int = 95, max_side: int | None = None) -> bytes:
@@ -129,6 +104,8 @@ def reencode(data: bytes, ext: str, quality: int = 95, max_side: int | None = No
         raise ValueError(f"cannot re-encode to {ext!r}; valid: {sorted(REENCODE_FORMATS)}")
     try:
         image = to_rgb(Image.open(io.BytesIO(data)))
+    except SampleError:  # a colour mode that has no RGB form
+        raise
     except Exception as e:
         raise SampleError(CORRUPT_IMAGE, _message(e)) from None
     if max_side and max(image.size) > max_side:

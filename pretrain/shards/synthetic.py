@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pretrain.data.shard_writer import ShardWriter, clear_shard_dir, write_manifest
+from pretrain.shards.writer import ShardWriter, clear_shard_dir, write_manifest
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")

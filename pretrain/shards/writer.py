@@ -20,11 +20,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.data.urls import MANIFEST_NAME  # the name the runtime looks for
+
 if TYPE_CHECKING:
     from webdataset.writer import TarWriter
 
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 DEFAULT_SAMPLES_PER_SHARD = 1000
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # 1 GiB: large enough to stream well, small enough to spread over many workers
@@ -106,10 +107,6 @@ class ShardWriter:
             self.close()
         else:
             self._abort()
-
-    @property
-    def total_samples(self) -> int:
-        return sum(s["samples"] for s in self.shards) + self._count
 
     def write(self, sample: Mapping[str, Any]) -> None:
         """Append one sample; opens a new shard first when this one would pass the count or byte limit."""
@@ -231,9 +228,3 @@ def write_manifest(
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """Load `out_dir/manifest.json` (raises FileNotFoundError when the directory has none)."""
     return json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-
-
-def shard_urls(out_dir: str | Path, manifest: Mapping[str, Any] | None = None) -> list[str]:
-    """Paths of a shard directory's shards, in manifest order."""
-    manifest = manifest if manifest is not None else read_manifest(out_dir)
-    return [str(Path(out_dir) / s["url"]) for s in manifest["shards"]]
