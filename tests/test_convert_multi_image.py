@@ -50,8 +50,8 @@ def test_llava_several_images_in_placeholder_order(tmp_path: Path, capsys: pytes
     manifest, members = _run(["shards", "llava", "--json", str(json_path), "--image-root", str(images)],
                              tmp_path / "out")
     assert [(s["input"], s["reason"]) for s in manifest["skipped"]] == [
-        ("data.json#4", "bad_conversation"), ("data.json#5", "bad_conversation"), ("data.json#6", "missing_image"),
-        ("data.json#7", "corrupt_image"), ("data.json#8", "bad_conversation")]
+        ("data.json#4", "image_count_mismatch"), ("data.json#5", "image_count_mismatch"),
+        ("data.json#6", "missing_image"), ("data.json#7", "corrupt_image"), ("data.json#8", "bad_conversation")]
     assert "2 <image> placeholders for 1 image(s)" in manifest["skipped"][1]["detail"]
     assert manifest["num_samples"] == 4 and manifest["images_per_sample"] == {"1": 2, "2": 1, "3": 1}
     assert sorted(members) == [
@@ -83,7 +83,7 @@ def test_jsonl_image_list(tmp_path: Path) -> None:
     path = write(tmp_path / "data.jsonl", "\n".join(json.dumps(r) for r in rows))
     manifest, members = _run(["shards", "jsonl", "--file", str(path), "--image-root", str(images)], tmp_path / "out")
     assert [(s["input"], s["reason"]) for s in manifest["skipped"]] == [
-        ("data.jsonl:2", "bad_image_count"), ("data.jsonl:4", "bad_conversation")]
+        ("data.jsonl:2", "image_count_mismatch"), ("data.jsonl:4", "image_count_mismatch")]
     assert sorted(members) == ["000000000.0.jpg", "000000000.1.webp", "000000000.json", "000000002.jpg",
                                "000000002.json", "000000002.txt"]
     assert members["000000000.1.webp"] == (images / "c.webp").read_bytes()

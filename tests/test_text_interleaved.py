@@ -3,6 +3,7 @@ never cut by data.max_length, bad documents skipped with their reason."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -103,6 +104,11 @@ def test_sample_processor_reads_documents(processor, tokenizer, image_id):
     long_text = " ".join(["word"] * 5)  # about 24 tokens: the second text is cut before the second image
     cut = processor({**two, "json": _doc([long_text, None, long_text, None], [None, "a.png", None, "b.jpg"])})
     assert cut.truncated and cut.pixel_values.shape[0] == 1 and cut.input_ids.count(image_id) == 16
+    # Per-image token counts from the processor where it has them (AnyRes: from each image's size).
+    varied = copy.copy(processor)
+    varied.image_token_count = lambda height, width: width // 10
+    sample = varied(two)
+    assert _image_blocks(sample.input_ids, image_id) == [4, 5]  # 40 and 50 pixels wide, in document order
     text_only = processor({"json": _doc(["Just text."], [None])})
     assert text_only.pixel_values is None and image_id not in text_only.input_ids
     for parts, reason in [

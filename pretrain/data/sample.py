@@ -75,8 +75,8 @@ class SampleProcessor:
     def __call__(self, parts: dict[str, bytes]) -> ProcessedSample:
         meta = read_metadata(parts)
         if is_interleaved(meta):  # text and images in document order
-            tokens, pixels = process_document(self, meta, parts)
-            return ProcessedSample(tokens.input_ids, tokens.labels, pixels, tokens.truncated)
+            doc = process_document(self, meta, parts)
+            return ProcessedSample(doc.tokens.input_ids, doc.tokens.labels, doc.pixels, doc.tokens.truncated)
         data = image_bytes(parts)
         if data is None and meta.get("image"):
             raise SampleError(errors.MISSING_IMAGE, str(meta.get("image")))

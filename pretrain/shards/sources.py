@@ -17,10 +17,10 @@ from typing import Any
 
 from pretrain.data.errors import (
     BAD_CONVERSATION,
-    BAD_IMAGE_COUNT,
     BAD_JSON,
     BAD_UTF8,
     EMPTY_TEXT,
+    IMAGE_COUNT_MISMATCH,
     MISSING_IMAGE,
     MISSING_TEXT,
     SampleError,
@@ -61,7 +61,7 @@ def check_conversations(conversations: Any, n_images: int) -> None:
         raise SampleError(BAD_CONVERSATION, "no assistant turn")
     # Placeholders and images pair up in order: exactly as many of one as of the other.
     if images != n_images:
-        raise SampleError(BAD_CONVERSATION, f"{images} {IMAGE_TOKEN} placeholders for {n_images} image(s)")
+        raise SampleError(IMAGE_COUNT_MISMATCH, f"{images} {IMAGE_TOKEN} placeholders for {n_images} image(s)")
 
 
 def _image_field(value: Any) -> list[str]:
@@ -182,7 +182,7 @@ def table_job(
         if not images:
             raise SampleError(MISSING_IMAGE, f"no {columns['image']} for a caption sample")
         if len(images) > 1:
-            raise SampleError(BAD_IMAGE_COUNT, f"{len(images)} images for a caption (conversations pair several "
+            raise SampleError(IMAGE_COUNT_MISMATCH, f"{len(images)} images for a caption (conversations pair several "
                               f"images with {IMAGE_TOKEN} placeholders)")
         image = images[0]
         used = (columns["image"], caption_column, columns["conversations"] or "")
