@@ -13,6 +13,7 @@ item after it (an image is never cut), the sample counts as truncated, and one w
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ def numbered_images(parts: dict[str, bytes]) -> list[bytes]:
         if match and match.group(2) in IMAGE_EXTENSIONS:
             index = int(match.group(1))
             if index in found:
-                raise SampleError(errors.BAD_IMAGE_COUNT, f"two images numbered {index}")
+                raise SampleError(errors.IMAGE_COUNT_MISMATCH, f"two images numbered {index}")
             found[index] = data
     if sorted(found) != list(range(len(found))):
         raise SampleError(errors.MISSING_IMAGE, f"image numbers {sorted(found)} have a gap")
@@ -104,16 +105,33 @@ def tokenize_document(tok: PreTrainedTokenizerBase, items: list[str | None], ima
     return TokenizedText(ids, labels, truncated=cut), kept
 
 
-def process_document(processor: Any, meta: dict, parts: dict[str, bytes]) -> tuple[TokenizedText, torch.Tensor | None]:
-    """(tokens, pixels of the kept images stacked as (images, 3, H, W) or None) for the SampleProcessor."""
+@dataclass
+class Document:
+    """A processed document: its tokens and its kept images' pixels, (tiles, 3, H, W) (one tile per image without
+    tiling), with each image's tile count and original (height, width)."""
+
+    tokens: TokenizedText
+    pixels: torch.Tensor | None
+    image_tiles: list[int]
+    image_sizes: list[tuple[int, int]]
+
+
+def process_document(processor: Any, meta: dict, parts: dict[str, bytes]) -> Document:
+    """A document through the SampleProcessor's image path (`image_transform`, and `image_token_count(height,
+    width)` where the processor has one, else the fixed `text.image_tokens` per image)."""
     items = document_items(meta)
     images = numbered_images(parts)
     if len(images) != items.count(None):
         raise SampleError(errors.MISSING_IMAGE, f"{len(images)} images stored for {items.count(None)} in the text")
-    # Every image is decoded, the dropped ones too: a corrupt image is a bad sample wherever it sits.
-    pixels = [processor.image_transform(decode_image(data, max_pixels=processor.max_image_pixels,
-                                                     draft_size=processor.draft_size)) for data in images]
-    counts = [processor.text.image_tokens] * len(pixels)  # decoder positions per image
+    count_for = getattr(processor, "image_token_count", None)
+    pixels, sizes, counts = [], [], []
+    for data in images:  # all decoded, the dropped ones too: a corrupt image is a bad sample wherever it sits
+        image = decode_image(data, max_pixels=processor.max_image_pixels, draft_size=processor.draft_size)
+        px = processor.image_transform(image)
+        pixels.append(px[None] if px.dim() == 3 else px)
+        sizes.append((image.height, image.width))
+        counts.append(count_for(image.height, image.width) if count_for else processor.text.image_tokens)
     text = processor.text
     tokens, kept = tokenize_document(text.tok, items, text.image_token_id, counts, text.max_length)
-    return tokens, torch.stack(pixels[:kept]) if kept else None
+    stacked = torch.cat(pixels[:kept]) if kept else None
+    return Document(tokens, stacked, [p.shape[0] for p in pixels[:kept]], sizes[:kept])
