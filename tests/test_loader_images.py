@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from itertools import islice
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoImageProcessor
 
 from pretrain.data.batching import Batcher, vision_cost
 from pretrain.data.image import ImageTransform
-from pretrain.data.loader import LoaderSpec, ResumableLoader
+from pretrain.data.loader import LoaderSpec, ResumableLoader, merge_states
 from pretrain.data.sample import ProcessedSample, SampleProcessor
 from pretrain.data.text import TextProcessor
 
@@ -127,3 +128,23 @@ def test_exact_resume_with_documents_under_the_budget(processor, mixed_shards, p
     stats = epoch.stats()
     assert too_many > 0 and stats["skipped"][0] == {"too_many_images": too_many}
     assert stats["ok"][0] == 36 - too_many
+
+
+def test_elastic_resume_with_documents_under_the_budget(processor, mixed_shards):
+    """2 ranks stop mid-epoch with documents in their batchers; resumed on 1 rank, every usable sample of the epoch
+    is trained exactly once and no batch passes the budget."""
+    urls, too_many = mixed_shards
+    head, states = [], []
+    for rank in range(2):
+        loader = _loader(processor, urls, packing=True, rank=rank, world_size=2)
+        for batch in islice(loader, 3):
+            head += batch["sample_keys"]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert any(slot["pending"] for s in states for slot in s["slots"].values())  # carried samples to hand over
+    tail = []
+    for batch in islice(_loader(processor, urls, state=merge_states(states), packing=True), 30):
+        assert batch["pixel_values"] is None or batch["pixel_values"].shape[0] <= BUDGET
+        tail += batch["sample_keys"]
+    epoch0 = Counter(k["key"] for k in head + tail if k["epoch"] == 0)
+    assert set(epoch0.values()) == {1} and len(epoch0) == 36 - too_many
+    assert any(k.startswith("doc") for k in epoch0) and max(k["epoch"] for k in tail) >= 1  # past the epoch
