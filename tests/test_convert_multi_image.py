@@ -61,7 +61,8 @@ def test_llava_several_images_in_placeholder_order(tmp_path: Path, capsys: pytes
     assert members["000000000.0.png"] == (images / "b.png").read_bytes()  # placeholder order, original bytes
     assert members["000000000.1.jpg"] == (images / "a.jpg").read_bytes()
     two = json.loads(members["000000000.json"])
-    assert two["image"] == ["b.png", "a.jpg"] and two["image_sizes"] == [[20, 50], [40, 30]]
+    assert two["image"] == ["b.png", "a.jpg"] and two["image_sizes"] == [{"width": 20, "height": 50},
+                                                                {"width": 40, "height": 30}]
     assert two["conversations"] == records[0]["conversations"]
     assert json.loads(members["000000002.json"])["image"] == "c.webp"  # one image keeps the KEY.ext layout
 
@@ -124,7 +125,8 @@ def test_interleaved_converter(tmp_path: Path) -> None:
     assert members["000000000.1.png"] == (images / "b.png").read_bytes()
     doc = json.loads(members["000000000.json"])
     assert doc["texts"] == _documents()[0]["texts"] and doc["images"] == _documents()[0]["images"]
-    assert doc["image_sizes"] == [[40, 30], [20, 50]] and doc["url"] == "https://example.com/cats"
+    assert [(s["width"], s["height"]) for s in doc["image_sizes"]] == [(40, 30), (20, 50)]
+    assert doc["url"] == "https://example.com/cats"
     # The same bytes whatever the worker count.
     _run(["shards", "interleaved", "--file", str(path), "--image-root", str(images), "--workers", "2"],
          tmp_path / "out2")

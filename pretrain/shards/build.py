@@ -120,8 +120,8 @@ def process(item: Job | Skip, options: ConvertOptions) -> dict[str, Any] | Skip:
             for i, path in enumerate(item.image_paths):
                 ext, data, width, height = _checked_image(path, options)
                 sample[f"{i}.{ext}"] = data
-                sizes.append([width, height])
-            meta["image_sizes"] = sizes  # [width, height] per image, in KEY.i order
+                sizes.append({"width": width, "height": height})
+            meta["image_sizes"] = sizes  # per image, in KEY.i order
         if item.caption:
             sample["txt"] = meta["caption"]
         sample["json"] = _dumps(meta)
