@@ -81,6 +81,9 @@ class DataConfig(Section):
     val: list[DataSource] = Field(default_factory=list)
     max_length: int = Field(default=2048, ge=16)
     packing: bool = False
+    # Images (tiles, with AnyRes) per micro-batch: a batch ends before a sample that would pass it, so the vision
+    # tower's work per rank is bounded; a sample alone over it is skipped (too_many_images). None: no limit.
+    max_images_per_batch: int | None = Field(default=None, ge=1)
     # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.setup).
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 2
     shuffle_buffer: int = Field(default=1000, ge=1)

@@ -16,7 +16,7 @@ _SCRIPT = """
 import json, sys
 from pretrain.cli import COMMANDS, build_parser, main
 helps = [[]] + [[c] for c in COMMANDS if c != "verify"] + [["shards", s] for s in
-         ("synthetic", "llava", "jsonl", "folder", "inspect", "verify")]
+         ("synthetic", "llava", "jsonl", "folder", "interleaved", "inspect", "verify")]
 shown = {}
 for words in helps:
     try:
@@ -32,7 +32,7 @@ def test_help_imports_no_library_code():
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result["shown"].values()) == {0} and len(result["shown"]) == 17, result["shown"]
+    assert set(result["shown"].values()) == {0} and len(result["shown"]) == 18, result["shown"]
     assert "plan" in result["shown"] and "shards verify" in result["shown"]
     assert result["heavy"] == [], result["heavy"]
     assert "a100-40gb" in subprocess.run([sys.executable, "-m", "pretrain", "plan", "--help"], capture_output=True,

@@ -106,3 +106,23 @@ def test_unreadable_input_is_an_error(capsys, config, tmp_path, shapes):
     assert code == 2 and "data.nope: unknown key" in err and "no such shard" not in err
     code, _, err = _verify(capsys, expand_urls(shapes["val"]["urls"])[0], "--config", config, "data.nope=1")
     assert code == 2 and "data.nope: unknown key" in err
+
+
+def test_documents_counted_by_images(capsys, config, tmp_path):
+    """Interleaved documents through the training path: samples counted by the images they give the tower."""
+    png = image_bytes("PNG", (30, 30))
+
+    def doc(texts: list, images: list, **stored: bytes) -> dict[str, bytes]:
+        return {"json": json.dumps({"texts": texts, "images": images}).encode(), **stored}
+
+    samples = [
+        ("two", doc(["A.", None, "B.", None], [None, "a", None, "b"], **{"0.png": png, "1.png": png})),
+        ("one", doc([None, "Under it."], ["a", None], **{"0.png": png})),
+        ("none", doc(["Text only."], [None])),
+        ("lost", doc(["A.", None, "B.", None], [None, "a", None, "b"], **{"0.png": png})),
+        ("cap", {"png": png, "json": CAPTION}),
+    ]
+    shard = write_tar(tmp_path / "docs-000000.tar", samples)
+    code, lines, _ = _verify(capsys, shard, "--config", config)
+    assert code == 0 and json.loads(lines[-1]) == {"ok": 4, "skipped": {"missing_image": 1}}
+    assert "ok samples by images (or tiles) per sample: 0: 1, 1: 2, 2: 1" in lines

@@ -84,6 +84,7 @@ def _ours(cfg: Config, processing: DataProcessing, urls: list[str], workers: int
     spec = LoaderSpec(sources=[urls], weights=[1.0], num_workers=workers, seed=cfg.run.seed, shuffle=True,
                       shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
                       max_length=cfg.data.max_length, packing=cfg.data.packing,
+                      max_images_per_batch=cfg.data.max_images_per_batch,
                       pad_id=processing.tokenizer.pad_token_id)
 
     def run() -> Iterator[tuple[int, int]]:

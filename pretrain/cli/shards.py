@@ -20,12 +20,13 @@ from pretrain.shards.writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_
 def register(subparsers: Any) -> Any:
     """Add `shards` to the top-level sub-commands; returns the `shards` sub-command action (the hook for `verify`)."""
     parser = subparsers.add_parser("shards", help="build and inspect WebDataset shards")
-    sub = parser.add_subparsers(dest="shards_command", metavar="{synthetic,llava,jsonl,folder,inspect,...}")
+    sub = parser.add_subparsers(dest="shards_command", metavar="{synthetic,llava,jsonl,folder,interleaved,inspect,...}")
     sub.required = True
     _add_synthetic(sub)
     _add_llava(sub)
     _add_jsonl(sub)
     _add_folder(sub)
+    _add_interleaved(sub)
     _add_inspect(sub)
     parser.set_defaults(_shards_subcommands=sub)
     return sub
@@ -91,6 +92,15 @@ def _add_folder(sub: Any) -> None:
     p.add_argument("--images", required=True, help="folder searched recursively")
     _add_conversion_options(p)
     p.set_defaults(handler=cmd_folder)
+
+
+def _add_interleaved(sub: Any) -> None:
+    p = sub.add_parser("interleaved", help='interleaved documents (JSON lines of {"texts": [...], "images": [...]}, '
+                       "null where the other list holds the item, as OBELICS / MMC4 store them) -> shards")
+    p.add_argument("--file", required=True, help="the .jsonl file of documents")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
+    _add_conversion_options(p)
+    p.set_defaults(handler=cmd_interleaved)
 
 
 def _add_inspect(sub: Any) -> None:
@@ -178,6 +188,13 @@ def cmd_folder(args: argparse.Namespace) -> int:
     from pretrain.shards.sources import read_folder
 
     return _convert(args, "folder", lambda: read_folder(args.images), {"input": args.images})
+
+
+def cmd_interleaved(args: argparse.Namespace) -> int:
+    from pretrain.shards.sources import read_interleaved
+
+    extra = {"input": args.file, "image_root": args.image_root}
+    return _convert(args, "interleaved", lambda: read_interleaved(args.file, args.image_root), extra)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -49,7 +49,8 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": attention_mask,
-        "pixel_values": torch.stack(pixels) if pixels else None,
+        # A sample's pixels are one image (3, H, W) or several / tiles (n, 3, H, W): one (images, 3, H, W) tensor.
+        "pixel_values": torch.cat([p if p.dim() == 4 else p[None] for p in pixels]) if pixels else None,
         "sample_lengths": sample_lengths,
         "n_samples": sum(len(row) for row in rows),
         "packed": any(len(row) > 1 for row in rows),
@@ -69,33 +70,53 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows * labels.shape[1] + cols, labels[rows, cols + 1]
 
 
+def vision_cost(sample: ProcessedSample) -> int:
+    """Images (or tiles) the vision tower runs for a sample: pixels are None, one (3, H, W) image, or (n, 3, H, W)."""
+    pixels = sample.pixel_values
+    return 0 if pixels is None else (pixels.shape[0] if pixels.dim() == 4 else 1)
+
+
 class Batcher:
     """Greedy row filling. `push` returns a finished micro-batch (list of rows) or None. A sample that does not fit
-    the current row starts the next one; the sample that overflows a full micro-batch is carried to the next."""
+    the current row starts the next one; the sample that overflows a full micro-batch is carried to the next.
 
-    def __init__(self, rows_per_batch: int, max_length: int, packing: bool) -> None:
+    With `max_images`, a micro-batch also ends before the sample whose images (tiles) would take it past that many,
+    so the vision tower's work per step is bounded; such a batch has fewer rows. The caller skips a sample that
+    alone costs more (it could never fit)."""
+
+    def __init__(self, rows_per_batch: int, max_length: int, packing: bool, max_images: int | None = None) -> None:
         self.rows_per_batch, self.max_length, self.packing = rows_per_batch, max_length, packing
+        self.max_images = max_images
         self.rows: list[list] = []
         self.current: list = []
         self.current_len = 0
+        self.images = 0  # vision cost of the batch being filled (rows and the open row)
 
-    def push(self, item, length: int) -> list[list] | None:
+    def push(self, item, length: int, images: int = 0) -> list[list] | None:
+        over = self.max_images is not None and self.images + images > self.max_images
         if not self.packing:
+            # rows_per_batch 1 empties the rows at every push, so a budget cut never leaves them full here.
+            batch = self._take() if over and self.rows else None
             self.rows.append([item])
-            return self._take() if len(self.rows) == self.rows_per_batch else None
-        if self.current and self.current_len + length > self.max_length:
+            self.images += images
+            if batch is None and len(self.rows) == self.rows_per_batch:
+                batch = self._take()
+            return batch
+        if self.current and (over or self.current_len + length > self.max_length):
             self.rows.append(self.current)
             self.current, self.current_len = [], 0
-            if len(self.rows) == self.rows_per_batch:
+            if over or len(self.rows) == self.rows_per_batch:
                 batch = self._take()
-                self.current, self.current_len = [item], length
+                self.current, self.current_len, self.images = [item], length, images
                 return batch
         self.current.append(item)
         self.current_len += length
+        self.images += images
         return None
 
     def _take(self) -> list[list]:
         rows, self.rows = self.rows, []
+        self.images = 0
         return rows
 
     def pending(self) -> list:

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data import elastic
-from pretrain.data.batching import Batcher, collate
+from pretrain.data import elastic, errors
+from pretrain.data.batching import Batcher, collate, vision_cost
 from pretrain.data.elastic import source_fingerprint
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor
@@ -55,6 +55,7 @@ class LoaderSpec:
     rows_per_batch: int = 1
     max_length: int = 2048
     packing: bool = False
+    max_images_per_batch: int | None = None  # images / tiles per micro-batch; None: no limit
     pad_id: int = 0
     epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
     single_pass: bool = False  # one epoch of every source, then the last (partial) batch and the end (validation)
@@ -94,7 +95,7 @@ class SlotPipeline:
         self.ok = list(st.ok) or [0] * n
         self.skipped = [dict(d) for d in st.skipped] or [{} for _ in range(n)]
         self.truncated, self.batches = st.truncated, st.batches
-        self.batcher = Batcher(spec.rows_per_batch, spec.max_length, spec.packing)
+        self.batcher = Batcher(spec.rows_per_batch, spec.max_length, spec.packing, spec.max_images_per_batch)
         self._done: set[int] = set()  # sources whose single pass is complete
         self._restore(st)
 
@@ -108,7 +109,7 @@ class SlotPipeline:
             raw.epoch = epoch
         for (src, _, _), raw in zip(st.pending, raws):
             sample = self.processor(raw.parts)
-            self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample))
+            self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample), vision_cost(sample))
         for (src, _, _), raw in zip(st.buffer, raws[len(st.pending):]):
             self.buffer.items.append((src, raw))
 
@@ -161,12 +162,16 @@ class SlotPipeline:
         src, raw = item
         try:
             sample = self.processor(raw.parts)
+            cost = vision_cost(sample)
+            budget = self.spec.max_images_per_batch
+            if budget is not None and cost > budget:
+                raise SampleError(errors.TOO_MANY_IMAGES, f"{cost} images or tiles > {budget} per micro-batch")
         except SampleError as err:
             self.skipped[src][err.reason] = self.skipped[src].get(err.reason, 0) + 1
             return None
         self.ok[src] += 1
         self.truncated += int(sample.truncated)
-        return self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample))
+        return self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample), cost)
 
     def _batch(self, rows: list[list]) -> dict:
         self.batches += 1
@@ -187,7 +192,9 @@ def layout(spec: LoaderSpec) -> dict:
     return {"world_size": spec.world_size, "num_workers": spec.num_workers, "seed": spec.seed,
             "shuffle": spec.shuffle, "epoch_size": spec.epoch_size,
             "sources": [source_fingerprint(urls) for urls in spec.sources],
-            "batching": [spec.rows_per_batch, spec.max_length, spec.packing]}
+            # The image budget only when set: positions saved before it existed still resume in place.
+            "batching": [spec.rows_per_batch, spec.max_length, spec.packing]
+            + ([spec.max_images_per_batch] if spec.max_images_per_batch is not None else [])}
 
 
 def resumes_in_place(state: dict, spec: LoaderSpec) -> bool:

@@ -17,6 +17,7 @@ from pretrain.data import errors
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
 from pretrain.data.image_formats import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
+from pretrain.data.interleaved import is_interleaved, process_document
 from pretrain.data.text import TextProcessor
 
 
@@ -46,7 +47,7 @@ def read_metadata(parts: dict[str, bytes]) -> dict:
             raise SampleError(errors.BAD_JSON, str(err)) from None
         if not isinstance(meta, dict):
             raise SampleError(errors.BAD_JSON, "not an object")
-        if "caption" in meta or "conversations" in meta:
+        if "caption" in meta or "conversations" in meta or "texts" in meta:  # "texts": an interleaved document
             return meta
     if "txt" in parts:
         return {"caption": _utf8(parts["txt"])}
@@ -73,6 +74,9 @@ class SampleProcessor:
 
     def __call__(self, parts: dict[str, bytes]) -> ProcessedSample:
         meta = read_metadata(parts)
+        if is_interleaved(meta):  # text and images in document order
+            doc = process_document(self, meta, parts)
+            return ProcessedSample(doc.tokens.input_ids, doc.tokens.labels, doc.pixels, doc.tokens.truncated)
         data = image_bytes(parts)
         if data is None and meta.get("image"):
             raise SampleError(errors.MISSING_IMAGE, str(meta.get("image")))

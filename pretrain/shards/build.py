@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pretrain.data.errors import BAD_UTF8, EMPTY_TEXT, MISSING_IMAGE, MISSING_TEXT, SampleError
+from pretrain.data.image_formats import IMAGE_EXTENSIONS
 from pretrain.shards.image_check import DEFAULT_MAX_PIXELS, check_image, reencode
 from pretrain.shards.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -41,6 +42,7 @@ class Job:
     image_path: str | None = None
     caption_path: str | None = None  # read in the worker into meta["caption"]
     caption: bool = False  # a caption sample: also write KEY.txt
+    image_paths: tuple[str, ...] = ()  # several images: written as KEY.0.ext, KEY.1.ext, ... in this order
 
 
 @dataclass(frozen=True)
@@ -110,19 +112,32 @@ def process(item: Job | Skip, options: ConvertOptions) -> dict[str, Any] | Skip:
             meta["caption"] = read_caption_file(item.caption_path)
         sample: dict[str, Any] = {"__key__": sample_key(item.index)}
         if item.image_path is not None:
-            data = _read_image(item.image_path)
-            ext, width, height = check_image(data, options.max_pixels, options.full_decode)
-            if options.reencode:
-                data = reencode(data, options.reencode, options.reencode_quality, options.max_side)
-                ext = options.reencode
+            ext, data, width, height = _checked_image(item.image_path, options)
             sample[ext] = data
             meta.update(width=width, height=height)
+        if item.image_paths:
+            sizes = []
+            for i, path in enumerate(item.image_paths):
+                ext, data, width, height = _checked_image(path, options)
+                sample[f"{i}.{ext}"] = data
+                sizes.append({"width": width, "height": height})
+            meta["image_sizes"] = sizes  # per image, in KEY.i order
         if item.caption:
             sample["txt"] = meta["caption"]
         sample["json"] = _dumps(meta)
         return sample
     except SampleError as e:
         return Skip(item.index, item.input, e.reason, e.detail)
+
+
+def _checked_image(path: str, options: ConvertOptions) -> tuple[str, bytes, int, int]:
+    """(extension, bytes, width, height) of one image as it goes into the shard; SampleError if it is unusable."""
+    data = _read_image(path)
+    ext, width, height = check_image(data, options.max_pixels, options.full_decode)
+    if options.reencode:
+        data = reencode(data, options.reencode, options.reencode_quality, options.max_side)
+        ext = options.reencode
+    return ext, data, width, height
 
 
 def _dumps(meta: dict[str, Any]) -> str:
@@ -177,6 +192,7 @@ def run_conversion(
     out_dir = Path(out_dir)
     clear_shard_dir(out_dir, overwrite=options.overwrite)
     skipped: list[dict[str, str]] = []
+    images: Counter[int] = Counter()  # written samples by their number of images
     bar = tqdm(total=total, desc=f"shards {source}", unit="sample", disable=not options.progress, mininterval=0.5)
     with (
         bar,
@@ -189,9 +205,10 @@ def run_conversion(
                 skipped.append(result.record())
             else:
                 writer.write(result)
+                images[sum(ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for ext in result)] += 1
             bar.update()
             bar.set_postfix(skipped=len(skipped), refresh=False)
-    extra = {"source": source, **options.extra}
+    extra = {"source": source, **options.extra, "images_per_sample": {str(k): n for k, n in sorted(images.items())}}
     if options.reencode:
         extra["reencode"] = {
             "format": options.reencode,

@@ -12,13 +12,14 @@ import json
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from pretrain.data.urls import MANIFEST_NAME, expand_urls, is_remote
+from pretrain.shards.image_check import IMAGE_SUFFIXES
 from pretrain.shards.writer import read_manifest
 
 # webdataset's own split of a member name into sample key and extension: the key ends at the first dot of the
@@ -70,17 +71,23 @@ def iter_samples(url: str, read_limit: int = 0) -> Iterator[tuple[str, dict[str,
             yield key, members
 
 
+def image_count(extensions: Iterable[str]) -> int:
+    """Images of one sample: `KEY.jpg`, or `KEY.0.jpg`, `KEY.1.png`, ... for several."""
+    return sum("." + ext.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES for ext in extensions)
+
+
 def describe_sample(key: str, members: dict[str, bytes | None]) -> dict[str, Any]:
     """A short, printable summary of one sample: its extensions, image format/size, caption or first turns."""
-    out: dict[str, Any] = {"key": key, "extensions": sorted(members)}
+    out: dict[str, Any] = {"key": key, "extensions": sorted(members), "images": image_count(members)}
     for ext, data in sorted(members.items()):
         if data is None or ext in ("json", "txt"):
             continue
         try:
             with Image.open(io.BytesIO(data)) as image:
-                out["image"] = f"{ext} {image.width}x{image.height} {image.mode}, {len(data)} bytes"
+                described = f"{ext} {image.width}x{image.height} {image.mode}, {len(data)} bytes"
         except Exception as e:  # a sample the trainer would skip: show why, do not stop inspecting
-            out["image"] = f"{ext} undecodable ({type(e).__name__}), {len(data)} bytes"
+            described = f"{ext} undecodable ({type(e).__name__}), {len(data)} bytes"
+        out["image"] = described if "image" not in out else out["image"] + "; " + described
     meta = _load_json(members.get("json"))
     if isinstance(meta.get("conversations"), list):
         out["turns"] = [
@@ -113,12 +120,14 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
     """Count a shard's samples and extensions from its headers; describe up to `examples_left` samples.
     Without `count` it stops as soon as it has the examples."""
     extensions: Counter[str] = Counter()
+    images: Counter[int] = Counter()  # samples by their number of images
     examples: list[dict[str, Any]] = []
     samples, error = 0, None
     try:
         for key, members in iter_samples(url, read_limit=examples_left):
             samples += 1
             extensions.update(members.keys())
+            images[image_count(members)] += 1
             if len(examples) < examples_left:
                 examples.append({"url": url, **describe_sample(key, members)})
             elif not count:
@@ -126,7 +135,8 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
     except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or missing shard is reported, not fatal
         error = f"{type(e).__name__}: {e}"
     size = Path(url).stat().st_size if Path(url).is_file() else None
-    shard = {"url": url, "samples": samples, "bytes": size, "extensions": dict(sorted(extensions.items()))}
+    shard = {"url": url, "samples": samples, "bytes": size, "extensions": dict(sorted(extensions.items())),
+             "images_per_sample": {str(n): c for n, c in sorted(images.items())}}
     if error:
         shard["error"] = error
     return shard, examples
@@ -155,23 +165,29 @@ def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = Fa
     scanned = [s for s in shards if "extensions" in s]
     if scanned:
         totals: Counter[str] = Counter()
+        per_sample: Counter[str] = Counter()
         for s in scanned:
             totals.update(s["extensions"])
+            per_sample.update(s["images_per_sample"])
         report["extensions"] = dict(sorted(totals.items()))
+        report["images_per_sample"] = dict(sorted(per_sample.items(), key=lambda kv: int(kv[0])))
     report["skipped_by_reason"] = _skips([url for url, _ in entries])
+    if "images_per_sample" not in report:  # not scanned: the build's own counts
+        report["images_per_sample"] = _skips([url for url, _ in entries], "images_per_sample")
     errors = [s for s in shards if "error" in s]
     if errors:
         report["errors"] = [{"url": s["url"], "error": s["error"]} for s in errors]
     return report
 
 
-def _skips(urls: list[str]) -> dict[str, int]:
-    """Build-time skips summed over the manifests of the shards' directories."""
+def _skips(urls: list[str], field: str = "skipped_by_reason") -> dict[str, int]:
+    """Build-time skips (or another count of the build: `field`) summed over the manifests of the shards'
+    directories."""
     dirs = dict.fromkeys(Path(u).parent for u in urls if not is_remote(u))
     total: Counter[str] = Counter()
     for d in dirs:
         if (d / MANIFEST_NAME).exists():
-            total.update(read_manifest(d).get("skipped_by_reason", {}))
+            total.update(read_manifest(d).get(field, {}))
     return dict(sorted(total.items()))
 
 
@@ -182,6 +198,8 @@ def format_report(report: dict[str, Any], max_shards: int = 10) -> str:
     ]
     if "extensions" in report:
         lines.append("keys: " + ", ".join(f".{ext} x{n}" for ext, n in report["extensions"].items()))
+    if report["images_per_sample"]:
+        lines.append("samples by images: " + ", ".join(f"{k}: {n}" for k, n in report["images_per_sample"].items()))
     if report["skipped_by_reason"]:
         lines.append("skipped at build: " + ", ".join(f"{r} {n}" for r, n in report["skipped_by_reason"].items()))
     for s in report["shards"][:max_shards]:

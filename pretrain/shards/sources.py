@@ -1,4 +1,5 @@
-"""Source readers for the converters: LLaVA JSON, JSON lines / CSV, and image folders with caption files.
+"""Source readers for the converters: LLaVA JSON, JSON lines / CSV, image folders with caption files, and
+interleaved documents (OBELICS / MMC4 style JSON lines).
 
 Each reader yields `Job`s and `Skip`s in input order (see convert.py). Everything that can be decided from the
 input file alone (a broken JSON line, an empty caption, a malformed conversation) is decided here; reading and
@@ -19,6 +20,7 @@ from pretrain.data.errors import (
     BAD_JSON,
     BAD_UTF8,
     EMPTY_TEXT,
+    IMAGE_COUNT_MISMATCH,
     MISSING_IMAGE,
     MISSING_TEXT,
     SampleError,
@@ -32,12 +34,13 @@ USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 ROLES = USER_ROLES + ASSISTANT_ROLES + ("system",)
 # Keys we set in KEY.json; a user column or record field with one of these names is not copied over them.
-RESERVED = ("caption", "conversations", "image", "source", "width", "height")
+RESERVED = ("caption", "conversations", "image", "source", "width", "height", "image_sizes")
 CAPTION_COLUMNS = ("caption", "text")
 
 
-def check_conversations(conversations: Any, has_image: bool) -> None:
-    """Raise SampleError unless `conversations` is a usable LLaVA conversation for a sample with/without an image."""
+def check_conversations(conversations: Any, n_images: int) -> None:
+    """Raise SampleError unless `conversations` is a usable LLaVA conversation for a sample with `n_images` images
+    (one `<image>` placeholder per image)."""
     if conversations is None:
         raise SampleError(MISSING_TEXT, "no conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -56,19 +59,19 @@ def check_conversations(conversations: Any, has_image: bool) -> None:
             answered = True
     if not answered:
         raise SampleError(BAD_CONVERSATION, "no assistant turn")
-    # One image per sample: exactly one placeholder where there is an image, none where there is not.
-    if images != (1 if has_image else 0):
-        raise SampleError(BAD_CONVERSATION, f"{images} {IMAGE_TOKEN} placeholders for {int(has_image)} image(s)")
+    # Placeholders and images pair up in order: exactly as many of one as of the other.
+    if images != n_images:
+        raise SampleError(IMAGE_COUNT_MISMATCH, f"{images} {IMAGE_TOKEN} placeholders for {n_images} image(s)")
 
 
-def _image_field(value: Any) -> str | None:
+def _image_field(value: Any) -> list[str]:
+    """A record's image paths: one path, or a list of them (in placeholder order)."""
     if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        return value[0]
-    if not isinstance(value, str):
-        raise SampleError(BAD_CONVERSATION, f"image must be one path, got {value!r:.80}")
-    return value
+        return []
+    paths = value if isinstance(value, list) else [value]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise SampleError(BAD_CONVERSATION, f"image must be a path or a list of paths, got {value!r:.80}")
+    return paths
 
 
 def _resolve(image: str, image_root: Path) -> str:
@@ -86,15 +89,18 @@ def llava_job(index: int, where: str, record: Any, image_root: Path, source: str
     try:
         if not isinstance(record, dict):
             raise SampleError(BAD_JSON, f"record is a {type(record).__name__}, not an object")
-        image = _image_field(record.get("image"))
-        check_conversations(record.get("conversations"), image is not None)
+        images = _image_field(record.get("image"))
+        check_conversations(record.get("conversations"), len(images))
         meta = {"conversations": record["conversations"], "source": source, **_copy_fields(record, ())}
         if "source" in record:
             meta["original_source"] = record["source"]
-        if image is None:
+        if not images:
             return Job(index, where, meta)
-        meta["image"] = image
-        return Job(index, where, meta, image_path=_resolve(image, image_root))
+        if len(images) > 1:  # stored as KEY.0.ext, KEY.1.ext, ...
+            meta["image"] = images
+            return Job(index, where, meta, image_paths=tuple(_resolve(i, image_root) for i in images))
+        meta["image"] = images[0]
+        return Job(index, where, meta, image_path=_resolve(images[0], image_root))
     except SampleError as e:
         return Skip(index, where, e.reason, e.detail)
 
@@ -157,7 +163,7 @@ def table_job(
     try:
         if not isinstance(row, dict):
             raise SampleError(BAD_JSON, f"line is a {type(row).__name__}, not an object")
-        image = _image_field(row.get(columns["image"]))
+        images = _image_field(row.get(columns["image"]))
         conversations = row.get(columns["conversations"] or "")
         if conversations not in (None, ""):
             if from_csv and isinstance(conversations, str):
@@ -165,7 +171,7 @@ def table_job(
                     conversations = json.loads(conversations)
                 except json.JSONDecodeError as e:
                     raise SampleError(BAD_JSON, f"conversations column: {e}") from None
-            record = {**row, "image": image, "conversations": conversations}
+            record = {**row, "image": images, "conversations": conversations}
             return llava_job(index, where, record, image_root, source="jsonl")
         caption_column = columns["caption"] or next((c for c in CAPTION_COLUMNS if c in row), None)
         caption = row.get(caption_column) if caption_column else None
@@ -173,8 +179,12 @@ def table_job(
             raise SampleError(MISSING_TEXT, f"no {caption_column or ' or '.join(CAPTION_COLUMNS)} and no conversations")
         if not isinstance(caption, str) or not caption.strip():
             raise SampleError(EMPTY_TEXT, f"{caption_column} is empty")
-        if image is None:
+        if not images:
             raise SampleError(MISSING_IMAGE, f"no {columns['image']} for a caption sample")
+        if len(images) > 1:
+            raise SampleError(IMAGE_COUNT_MISMATCH, f"{len(images)} images for a caption (conversations pair several "
+                              f"images with {IMAGE_TOKEN} placeholders)")
+        image = images[0]
         used = (columns["image"], caption_column, columns["conversations"] or "")
         meta = {"caption": caption.strip(), "image": image, "source": "jsonl", **_copy_fields(row, used)}
         return Job(index, where, meta, image_path=_resolve(image, image_root), caption=True)
@@ -237,5 +247,47 @@ def read_folder(images: str | Path) -> tuple[Iterator[Job | Skip], int]:
                 continue
             meta = {"image": rel, "source": "folder"}
             yield Job(index, rel, meta, image_path=str(path), caption_path=str(path.with_suffix(".txt")), caption=True)
+
+    return jobs(), len(entries)
+
+
+def interleaved_job(index: int, where: str, record: Any, image_root: Path) -> Job | Skip:
+    """An OBELICS / MMC4 style document ({"texts": [...], "images": [...]}, null in one list where the other holds
+    the item) -> a Job keeping both lists as given; its images are stored as KEY.0.ext, KEY.1.ext, ... in order."""
+    try:
+        if not isinstance(record, dict):
+            raise SampleError(BAD_JSON, f"line is a {type(record).__name__}, not an object")
+        texts, images = record.get("texts"), record.get("images")
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise SampleError(MISSING_TEXT, "an interleaved document needs 'texts' and 'images' lists")
+        if len(texts) != len(images):
+            raise SampleError(BAD_JSON, f"{len(texts)} texts but {len(images)} images: the lists must align")
+        for i, (text, image) in enumerate(zip(texts, images)):
+            if (text is None) == (image is None):
+                raise SampleError(BAD_JSON, f"item {i}: exactly one of texts[{i}] and images[{i}] must be null")
+            if not isinstance(text if image is None else image, str):
+                raise SampleError(BAD_JSON, f"item {i}: not a string")
+        if not any(t and t.strip() for t in texts):
+            raise SampleError(EMPTY_TEXT, "no text in the document")
+        paths = [_resolve(image, image_root) for image in images if image is not None]
+        meta = {"texts": texts, "images": images, "source": "interleaved", **_copy_fields(record, ("texts", "images"))}
+        return Job(index, where, meta, image_paths=tuple(paths))
+    except SampleError as e:
+        return Skip(index, where, e.reason, e.detail)
+
+
+def read_interleaved(file: str | Path, image_root: str | Path | None = None) -> tuple[Iterator[Job | Skip], int]:
+    """Jobs for a JSON lines file of interleaved documents; image paths are relative to `image_root` (default: the
+    file's folder)."""
+    path = Path(file)
+    root = Path(image_root) if image_root is not None else path.parent
+    entries = list(_json_lines(path))
+
+    def jobs() -> Iterator[Job | Skip]:
+        for index, (where, record) in enumerate(entries):
+            if isinstance(record, SampleError):
+                yield Skip(index, where, record.reason, record.detail)
+            else:
+                yield interleaved_job(index, where, record, root)
 
     return jobs(), len(entries)

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from pretrain.data import errors
+from pretrain.data.batching import vision_cost
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import ShardReader, TarShardError
@@ -27,6 +28,7 @@ class ShardReport:
     ok: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated_text: int = 0  # kept samples whose text was cut to data.max_length
+    images: Counter = field(default_factory=Counter)  # kept samples by the images (tiles) they give the tower
     problem: str | None = None  # why the shard ended early (truncated tar, failed pipe)
     notes: list[str] = field(default_factory=list)
 
@@ -44,6 +46,13 @@ class VerifyReport:
         total: Counter = Counter()
         for s in self.shards:
             total.update(s.skipped)
+        return dict(sorted(total.items()))
+
+    @property
+    def images_per_sample(self) -> dict[int, int]:
+        total: Counter = Counter()
+        for s in self.shards:
+            total.update(s.images)
         return dict(sorted(total.items()))
 
     def summary(self) -> dict:
@@ -68,6 +77,7 @@ def verify_shard(url: str, processor: SampleProcessor) -> ShardReport:
                 continue
             report.ok += 1
             report.truncated_text += int(sample.truncated)
+            report.images[vision_cost(sample)] += 1
     except TarShardError as err:
         # As the loader counts it: one per shard that ends early; the samples after the cut cannot be counted.
         report.skipped[errors.TRUNCATED_TAR] += 1

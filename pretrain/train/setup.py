@@ -110,6 +110,7 @@ def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcess
         seed=cfg.run.seed, shuffle=train,
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
         max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id,
+        max_images_per_batch=cfg.data.max_images_per_batch,
         epoch_size=cfg.data.epoch_size if train else None, single_pass=not train)
     for i, urls in enumerate(spec.sources):
         if not urls:
