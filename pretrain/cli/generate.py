@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"pretrain generate: {problem}")
         return 2
-    from pretrain.export.generate import Captioner, load_image
+    from pretrain.export.inference import Captioner, load_image
 
     captioner = Captioner(args.hf_dir)
     images = [load_image(p) for p in args.image]
