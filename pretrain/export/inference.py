@@ -38,12 +38,12 @@ def user_content(n_images: int, prompt: str) -> list[dict]:
     without markers the images come first, as training puts a single image."""
     pieces = prompt.split(IMAGE)
     if len(pieces) == 1:
-        pieces = [""] * n_images + [prompt.lstrip("\n")]
+        pieces = [""] * n_images + [prompt]
     elif len(pieces) != n_images + 1:
         raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE} markers for {n_images} image(s)")
     content: list[dict] = []
     for i, text in enumerate(pieces):
-        text = text.lstrip("\n") if i else text  # an image item renders as its own placeholder line
+        text = text.lstrip() if i else text  # an image item renders as its own placeholder line
         if text:
             content.append({"type": "text", "text": text})
         if i < n_images:
