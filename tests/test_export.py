@@ -190,6 +190,42 @@ def test_generate_together_answers_about_several_images_through_the_typed_chat_t
     assert "1 <image> markers for 2 image(s)" in capsys.readouterr().out
 
 
+def test_eval_reads_the_checkpoint_without_an_export_and_scores_what_the_export_scores(run, tmp_path,
+                                                                                       monkeypatch):
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    from pretrain.eval import loading
+    from pretrain.eval.run import EvalOptions, evaluate
+
+    cfg, tag = run_config(run), resolve_checkpoint(run)
+    opts = EvalOptions(samples=6, retrieval_samples=6, batch_size=4, max_new_tokens=4, device="cpu")
+    exported = convert(run, tmp_path / "hf", "fp32")  # what eval loaded before: a full fp32 export, read back
+
+    def from_export(*_):
+        return LlavaForConditionalGeneration.from_pretrained(exported, dtype=torch.float32).eval()
+
+    def refuse(*_, **__):
+        raise AssertionError("eval wrote an export")
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr("pretrain.export.hf.write_weights", refuse)
+    monkeypatch.setattr("pretrain.export.hf.convert", refuse)
+    direct = loading.load_llava(tag, torch.device("cpu"), torch.float32)
+    for (name, a), (_, b) in zip(from_export().state_dict().items(), direct.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    now = evaluate(cfg, run, opts)
+    assert not any(scratch.iterdir())
+    monkeypatch.setattr(loading, "load_llava", from_export)
+    before = evaluate(cfg, run, opts)
+    now.pop("seconds"), before.pop("seconds")
+    assert now == before
+    assert now["val"]["loss"] > 0 and now["captioning"]["n"] == 6 and now["retrieval"] is not None
+
+
 def _odd_mode_images(tmp_path) -> dict[str, object]:
     """A picture with 37% transparent pixels as RGBA, LA and palette PNGs, and a CMYK JPEG."""
     import numpy as np
