@@ -3,15 +3,17 @@
 No export is written: the model is built in the compute dtype on the evaluation device, and the tensors the export
 would write are copied into it as they stream from DeepSpeed's shards (the export's own plan: fp32 master weights
 for trained tensors, frozen ones from the checkpoint or the run's sources, tied weights once; export/zero.py reads
-them piece by piece), so evaluation scores what a user of the export gets without ~2 bytes x parameters x 2 on a
-local disk. The alignment heads (`alignment.*`: contrastive projections, temperature, ITM head), which the export
-leaves out, are read the same way. The tokenizer and image processor are the run's (the checkpoint's hf_meta), and
-the sample processor is the one training builds (pretrain.data.pipeline), so evaluation preprocesses as training did.
+them piece by piece), so evaluation scores what a user of the export gets without first writing a full fp32 copy
+to a local disk (4 bytes per parameter: ~28 GB for a 7B model). The alignment heads (`alignment.*`: contrastive
+projections, temperature, ITM head), which the export leaves out, are read the same way. The tokenizer and image
+processor are the run's (the checkpoint's hf_meta), and the sample processor is the one training builds
+(pretrain.data.pipeline), so evaluation preprocesses as training did.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from pretrain.config import Config
 from pretrain.data.image import ImageTransform
 from pretrain.data.pipeline import sample_processor
 from pretrain.data.sample import SampleProcessor
+from pretrain.export.hf import PREFIX, _Sources, plan, resolve_checkpoint, run_model_config
+from pretrain.export.layout import export_layout
 from pretrain.export.zero import ZeroCheckpoint
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train import checkpoint as ckpt
@@ -43,7 +47,7 @@ class EvalModel:
         return self.module._device()
 
 
-def _copy_pieces(target: torch.Tensor, pieces, name: str) -> None:
+def _copy_pieces(target: torch.Tensor, pieces: Iterable[torch.Tensor], name: str) -> None:
     """Fill `target` (any dtype and device) from a stream of flat pieces, in order."""
     flat, offset = target.view(-1), 0
     for piece in pieces:
@@ -55,10 +59,8 @@ def _copy_pieces(target: torch.Tensor, pieces, name: str) -> None:
 
 @torch.no_grad()
 def load_llava(tag_dir: Path, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """The Llava model of a checkpoint, built on `device` in `dtype`, holding the weights the export would write."""
-    from pretrain.export.hf import PREFIX, _Sources, plan, run_model_config
-    from pretrain.export.layout import export_layout
-
+    """The Llava model of a checkpoint, built on `device` in `dtype`, holding the weights the export would write
+    (the export's own plan and lazily opened sources, so both read the same tensors from the same places)."""
     config = LlavaConfig.from_pretrained(tag_dir / ckpt.HF_META)
     config.use_cache = config.text_config.use_cache = True  # as the export sets it: generation wants the cache
     zero = ZeroCheckpoint(tag_dir)
@@ -89,8 +91,6 @@ def _load_heads(module: VLMForTraining, tag_dir: Path) -> None:
 
 
 def load_eval_model(cfg: Config, checkpoint: str | Path, device: str | torch.device | None = None) -> EvalModel:
-    from pretrain.export.hf import resolve_checkpoint
-
     tag_dir = resolve_checkpoint(checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else torch.float32
