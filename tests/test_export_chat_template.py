@@ -142,3 +142,22 @@ def test_an_export_without_the_wrapper_keeps_loading_and_is_wrapped_once(tokeniz
     text = captioner.processor.apply_chat_template(typed()[:1], add_generation_prompt=True)
     assert text == "<s><|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
     assert len(captioner([_picture(0)], "What is it?", max_new_tokens=2)) == 1
+
+
+def test_generate_picks_the_device_and_dtype_and_runs_in_bf16(tokenizer, assets, llava_config, tmp_path):
+    from pretrain.export.inference import Captioner, resolve_device
+
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu", "auto") == (cpu, torch.float32)  # this machine has no GPU: fp32 on the CPU
+    assert resolve_device("cpu", "bf16") == (cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_device("cpu", "fp16")
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(llava_config).save_pretrained(hf)
+    _export_processor(_tokenizer(tokenizer, "auto", tmp_path), assets, llava_config, hf)
+    captioner = Captioner(hf, dtype=torch.bfloat16, device=cpu)
+    inputs = captioner.inputs([_picture(0), _picture(1)], "Compare <image> and <image>")
+    assert captioner.model.dtype == inputs["pixel_values"].dtype == torch.bfloat16
+    assert int((inputs["input_ids"] == llava_config.image_token_id).sum()) == 2 * llava_config.image_seq_length
+    assert isinstance(captioner.together([_picture(0), _picture(1)], "Compare <image> and <image>", 2), str)

@@ -56,9 +56,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     captioner = Captioner(args.hf_dir, dtype=dtype, device=device)
     images = [load_image(p) for p in args.image]
-    if args.together:
-        print(f"{','.join(args.image)}\t{captioner.together(images, args.prompt, args.max_new_tokens)}")
-        return 0
-    for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens), strict=True):
-        print(f"{path}\t{text}")
+    try:
+        if args.together:
+            print(f"{','.join(args.image)}\t{captioner.together(images, args.prompt, args.max_new_tokens)}")
+            return 0
+        for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens), strict=True):
+            print(f"{path}\t{text}")
+    except ValueError as err:  # e.g. a prompt for an export without a chat template
+        print(f"pretrain generate: {err}")
+        return 2
     return 0

@@ -23,7 +23,7 @@ MARKER = "{#- pretrain: typed content rendered as training's text -#}"
 _PROLOGUE = (
     "{%- set typed = namespace(messages=[], text='') -%}"
     "{%- for m in messages -%}"
-    "{%- if m['content'] is string or m['content'] is not defined -%}"
+    "{%- if m['content'] is not defined or m['content'] is none or m['content'] is string -%}"
     "{%- set typed.messages = typed.messages + [m] -%}"
     "{%- else -%}{%- set typed.text = '' -%}"
     "{%- for part in m['content'] -%}"

@@ -67,6 +67,8 @@ class Captioner:
     def prompt_text(self, prompt: str | None, n_images: int = 1) -> str:
         if prompt is None:
             return (self.tok.bos_token or "") + IMAGE * n_images
+        if self.processor.chat_template is None:
+            raise ValueError("this export has no chat template to put a prompt in; without --prompt it captions")
         messages = [{"role": "user", "content": user_content(n_images, prompt)}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
