@@ -57,7 +57,7 @@ def read_samples(url_dir: Path, n: int) -> list[tuple[Image.Image, dict]]:
 
 def caption_report(hf_dir: Path, val_dir: Path, n: int) -> dict:
     """Generate captions for `n` validation images; print them beside the truth; return attribute accuracy."""
-    from pretrain.export.generate import Captioner
+    from pretrain.export.inference import Captioner
 
     samples = read_samples(val_dir, n)
     captions = Captioner(hf_dir)([img for img, _ in samples])

@@ -107,7 +107,7 @@ def tiny(assets, tokenizer):
 
 
 def test_greedy_generate_equals_transformers_generate(tiny):
-    from pretrain.eval.generate import caption_prompt, greedy_generate, question_prompt
+    from pretrain.eval.greedy import caption_prompt, greedy_generate, question_prompt
 
     module, tok = tiny
     cfg = module.vlm.config
@@ -128,7 +128,7 @@ def test_greedy_generate_equals_transformers_generate(tiny):
 
 
 def test_likelihood_similarity_equals_the_training_loss(tiny):
-    from pretrain.eval.generate import caption_prompt
+    from pretrain.eval.greedy import caption_prompt
     from pretrain.eval.retrieval import image_features, likelihood_similarity
 
     module, tok = tiny

@@ -147,6 +147,85 @@ def test_generate_cli_on_an_export(z2_export, tmp_path):
         assert text == tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_generate_together_answers_about_several_images_through_the_typed_chat_template(z2_export, tmp_path,
+                                                                                        capsys):
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from pretrain.cli import main
+    from pretrain.export.inference import Captioner, load_image
+
+    _, exported = z2_export
+    paths = []
+    for i, parts in enumerate(val_samples(2)):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.open(io.BytesIO(parts["png"])).save(paths[-1])
+    images = ["--image", str(paths[0]), "--image", str(paths[1])]
+    args = ["generate", str(exported), *images, "--together", "--max-new-tokens", "6", "--device", "auto"]
+    assert main([*args, "--prompt", "Is <image> like <image>?"]) == 0
+    path, text = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
+    assert path == f"{paths[0]},{paths[1]}"
+    # What a transformers user runs: typed messages with both pictures, tokenized by the export's processor.
+    processor, model = AutoProcessor.from_pretrained(exported), load_export(exported)
+    content = [{"type": "text", "text": "Is "}, {"type": "image", "path": str(paths[0])},
+               {"type": "text", "text": "like "}, {"type": "image", "path": str(paths[1])},
+               {"type": "text", "text": "?"}]
+    inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == 2 * model.config.image_seq_length and inputs["pixel_values"].shape[0] == 2
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert text == processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    # The tiny model's answer hardly depends on its input: check what generate was given, too.
+    captioner, given = Captioner(exported), {}
+    original = captioner.model.generate
+    captioner.model.generate = lambda **kw: given.update(kw) or original(**kw)
+    captioner.together([load_image(p) for p in paths], "Is <image> like <image>?", max_new_tokens=2)
+    assert torch.equal(given["input_ids"], inputs["input_ids"])
+    assert torch.equal(given["pixel_values"], inputs["pixel_values"])
+    # Markers that do not match the images: one clear line, before any model is loaded.
+    assert main([*args, "--prompt", "Only <image>?"]) == 2
+    assert "1 <image> markers for 2 image(s)" in capsys.readouterr().out
+
+
+def test_eval_reads_the_checkpoint_without_an_export_and_scores_what_the_export_scores(run, tmp_path,
+                                                                                       monkeypatch):
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    from pretrain.eval import loading
+    from pretrain.eval.run import EvalOptions, evaluate
+
+    cfg, tag = run_config(run), resolve_checkpoint(run)
+    opts = EvalOptions(samples=6, retrieval_samples=6, batch_size=4, max_new_tokens=4, device="cpu")
+    exported = convert(run, tmp_path / "hf", "fp32")  # what eval loaded before: a full fp32 export, read back
+
+    def from_export(*_):
+        return LlavaForConditionalGeneration.from_pretrained(exported, dtype=torch.float32).eval()
+
+    def refuse(*_, **__):
+        raise AssertionError("eval wrote an export")
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr("pretrain.export.hf.write_weights", refuse)
+    monkeypatch.setattr("pretrain.export.hf.convert", refuse)
+    direct = loading.load_llava(tag, torch.device("cpu"), torch.float32)
+    for (name, a), (_, b) in zip(from_export().state_dict().items(), direct.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    now = evaluate(cfg, run, opts)
+    assert not any(scratch.iterdir())
+    monkeypatch.setattr(loading, "load_llava", from_export)
+    before = evaluate(cfg, run, opts)
+    now.pop("seconds"), before.pop("seconds")
+    assert now == before
+    assert now["val"]["loss"] > 0 and now["captioning"]["n"] == 6 and now["retrieval"] is not None
+
+
 def _odd_mode_images(tmp_path) -> dict[str, object]:
     """A picture with 37% transparent pixels as RGBA, LA and palette PNGs, and a CMYK JPEG."""
     import numpy as np
@@ -171,7 +250,7 @@ def test_generate_sees_the_pixels_training_saw_and_names_a_run_directory(z2_expo
     from pretrain.cli import main
     from pretrain.data.image import ImageTransform
     from pretrain.data.pipeline import image_processor_for
-    from pretrain.export.generate import Captioner, load_image
+    from pretrain.export.inference import Captioner, load_image
 
     run, exported = z2_export
     training = ImageTransform.from_processor(image_processor_for(run_config(run).model))

@@ -1,4 +1,5 @@
-"""`pretrain generate HF_DIR --image PATH [--prompt TEXT]`: caption or answer with an exported model."""
+"""`pretrain generate HF_DIR --image PATH [--image PATH ...] [--prompt TEXT]`: caption or answer with an exported
+model: each image on its own, or all of them in one turn with --together. On the GPU in bf16 when there is one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, action="append", help="image path (repeat for several)")
     p.add_argument("--prompt", default=None, help="a question; without it the model captions")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--together", action="store_true",
+                   help="all images in one user turn, one answer (the prompt's <image> markers place them)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
     p.set_defaults(handler=run)
 
 
@@ -39,10 +45,24 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"pretrain generate: {problem}")
         return 2
-    from pretrain.export.generate import Captioner, load_image
+    from pretrain.export.inference import Captioner, load_image, resolve_device, user_content
 
-    captioner = Captioner(args.hf_dir)
+    try:
+        if args.prompt is not None:  # <image> markers that do not match the images: say so before loading
+            user_content(len(args.image) if args.together else 1, args.prompt)
+        device, dtype = resolve_device(args.device, args.dtype)
+    except (ValueError, RuntimeError) as err:
+        print(f"pretrain generate: {err}")
+        return 2
+    captioner = Captioner(args.hf_dir, dtype=dtype, device=device)
     images = [load_image(p) for p in args.image]
-    for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens), strict=True):
-        print(f"{path}\t{text}")
+    try:
+        if args.together:
+            print(f"{','.join(args.image)}\t{captioner.together(images, args.prompt, args.max_new_tokens)}")
+            return 0
+        for path, text in zip(args.image, captioner(images, args.prompt, args.max_new_tokens), strict=True):
+            print(f"{path}\t{text}")
+    except ValueError as err:  # e.g. a prompt for an export without a chat template
+        print(f"pretrain generate: {err}")
+        return 2
     return 0

@@ -30,6 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor
 
 from pretrain.config import ModelConfig
+from pretrain.export.chat_template import export_chat_template
 from pretrain.export.layout import ExportLayout, ExportTensor, export_layout
 from pretrain.export.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from pretrain.export.sources import SourceWeights
@@ -61,6 +62,7 @@ def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> Mod
 
 def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
     tokenizer = AutoTokenizer.from_pretrained(meta)
+    tokenizer.chat_template = export_chat_template(tokenizer.chat_template)  # typed messages -> training's text
     image_processor = AutoImageProcessor.from_pretrained(meta)
     vision = config.vision_config
     has_cls = vision.model_type == "clip_vision_model"
