@@ -9,8 +9,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.data.image import decode_image, to_rgb
+from pretrain.tokens import IMAGE_TOKEN
 
-IMAGE = "<image>"
+IMAGE = IMAGE_TOKEN
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.data.text import IGNORE
+from pretrain.tokens import IGNORE
 
 
 @dataclass

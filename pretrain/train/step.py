@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from pretrain.data.text import IGNORE
 from pretrain.model.flops import VLMShape, peak_flops, step_flops
+from pretrain.tokens import IGNORE
 from pretrain.train import dist
 from pretrain.train.faults import Faults
 

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor, image_bytes
 from pretrain.data.stream import ShardReader, TarShardError, expand_urls
-from pretrain.data.text import IGNORE
+from pretrain.tokens import IGNORE
 from pretrain.train import dist
 from pretrain.train.metrics import MetricsWriter
 from pretrain.train.setup import make_loader
