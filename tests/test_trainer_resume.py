@@ -14,8 +14,8 @@ from _trainer_fixtures import may_mount, probe_resume, small_tmpfs
 from conftest import launch, losses, metrics, write_config
 from test_train import _reference_run
 
+from pretrain.exit_codes import EXIT_PREEMPTED
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.dist import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

@@ -83,8 +83,8 @@ def _engine(args: argparse.Namespace, world: int):
 
 
 def run_rank(args: argparse.Namespace) -> None:
+    from pretrain import distributed as dist
     from pretrain.data.batching import collate
-    from pretrain.train import dist
 
     rank, world, _ = dist.init(args.collective_timeout_minutes)
     engine, cfg = _engine(args, world)

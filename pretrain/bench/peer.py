@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from pretrain import distributed as dist
 from pretrain.bench.common_practice import IGNORE, LlavaShardDataset, LlavaStyleSample, llava_collate
 from pretrain.config import Config
 from pretrain.data.stream import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
-from pretrain.train import dist
 from pretrain.train.setup import loader_workers
 
 

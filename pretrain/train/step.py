@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from pretrain import distributed as dist
 from pretrain.model.flops import VLMShape, peak_flops, step_flops
 from pretrain.tokens import IGNORE
-from pretrain.train import dist
 from pretrain.train.faults import Faults
 
 
