@@ -37,8 +37,8 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     """The loss of the first step after a resume on 1 rank, computed without DeepSpeed: a plain model holding
     `weights`, on the micro-batches the resumed loader hands out first (the rest of the epoch, split anew)."""
     from pretrain.config import load_config
-    from pretrain.data.pipeline import build_processing
     from pretrain.model.build import build_model
+    from pretrain.model.processing import build_processing
     from pretrain.model.vlm import VLMForTraining
     from pretrain.train.setup import make_loader
     from pretrain.train.universal import merge_loader_states

@@ -109,8 +109,8 @@ def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int,
                callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Train `steps` optimizer steps; returns what rank 0 writes to result.json. `callbacks`: more of
     transformers' TrainerCallback (a sync counter)."""
-    from pretrain.data.pipeline import image_processor_for, vlm_config_for
     from pretrain.model.build import ZeroContext, build_model, load_tokenizer
+    from pretrain.model.processing import image_processor_for, vlm_config_for
     from pretrain.model.stages import apply_stage
 
     args = training_arguments(cfg, out_dir, batch, steps)  # first: it makes the model build under zero.Init

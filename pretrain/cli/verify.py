@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         urls = _shard_urls(patterns)
     except FileNotFoundError as err:
         return _error(str(err))
-    from pretrain.data.pipeline import build_processing
     from pretrain.data.verify import verify_shards
+    from pretrain.model.processing import build_processing
 
     try:
         processing = build_processing(cfg)
