@@ -9,9 +9,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.data.image import decode_image, to_rgb
-from pretrain.tokens import IMAGE_TOKEN
 
-IMAGE = IMAGE_TOKEN
+IMAGE = "<image>"
 
 
 def load_image(path: str | Path) -> Image.Image:
