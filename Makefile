@@ -25,10 +25,12 @@ slurm:
 
 test: $(STAMP) slurm
 	$(VENV)/bin/ruff check pretrain launch tools tests
+	$(VENV)/bin/lint-imports  # the import layers in pyproject.toml
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

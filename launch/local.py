@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.train.dist import EXIT_CONFIG, EXIT_PREEMPTED
+from pretrain.distributed import free_port
+from pretrain.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 # Time the workers get to finish their step and commit a checkpoint after a signal, before torchrun kills them
 # (torchrun's own default, 30 s, is short for a large model's checkpoint).
 SHUTDOWN_TIMEOUT = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def default_nproc() -> int:
@@ -71,7 +65,7 @@ def launch_local(config: str, nproc: int | None, overrides: list[str], master_po
     env = dict(os.environ)
     # Without this, each CPU rank spawns a thread per core and 2 ranks on 2 cores thrash.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = torchrun_command(config, nproc, overrides, master_port or _free_port(), shutdown_timeout)
+    cmd = torchrun_command(config, nproc, overrides, master_port or free_port(), shutdown_timeout)
     marker = Path(cfg.run.output_dir) / "PREEMPTED"
     marker.unlink(missing_ok=True)
     code = _run_forwarding_signals(cmd, env)

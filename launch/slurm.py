@@ -1,15 +1,19 @@
-"""Slurm: render the sbatch script of a run (slurm/train.sbatch) and submit it, alone or as a --chain of dependent
-jobs.
+"""Slurm: render the sbatch script of a run (launch/templates/train.sbatch) and submit it, alone or as a --chain of
+dependent jobs.
 
 Safety of the rendered script: every value that reaches a shell line is `shlex.quote`d here, before the template
 sees it, so the template only places finished shell words; values in `#SBATCH` lines (parsed by sbatch, not the
 shell) are restricted to names Slurm accepts or double-quoted for sbatch's own parser, and control characters are
 refused everywhere, since a newline in a directive would start a shell line.
+
+The template is package data, read through importlib.resources, so an installed package (not only a source
+checkout) finds it; slurm/train.sbatch is a link to it for users who start their own from it.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.resources
 import os
 import re
 import shlex
@@ -20,8 +24,10 @@ from pathlib import Path
 
 import jinja2
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
-PREEMPTED_EXIT = 75
+from pretrain.exit_codes import EXIT_PREEMPTED
+
+TEMPLATE = importlib.resources.files("launch") / "templates" / "train.sbatch"
+
 _NAME = re.compile(r"^[A-Za-z0-9_.+,-]+$")  # partition (a list is allowed), account and QOS names
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -171,13 +177,13 @@ def train_command(spec: SlurmJobSpec) -> list[str]:
 
 
 def render_script(spec: SlurmJobSpec, template: str | Path | None = None) -> str:
-    """The sbatch script for `spec` (validated first), from `template` (default slurm/train.sbatch)."""
+    """The sbatch script for `spec` (validated first), from `template` (default: the packaged train.sbatch)."""
     spec.validate()
     for value in [spec.output_dir, spec.workdir, spec.config_path, *spec.overrides, *spec.env.values()]:
         _check_plain(value, "value")
     if "\\" in spec.output_dir + spec.workdir:  # a backslash turns off Slurm's %j etc. in the log file names
         raise SlurmSpecError(f"run.output_dir {spec.output_dir!r} / working directory: no backslashes, please")
-    text = Path(template or TEMPLATE).read_text()
+    text = Path(template).read_text() if template else TEMPLATE.read_text()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
     step_log = _slurm_path(os.path.join(spec.run_dir, "slurm")) + f"/{spec.job_name}-%j.restart"
@@ -193,7 +199,7 @@ def render_script(spec: SlurmJobSpec, template: str | Path | None = None) -> str
         "directives": _directives(spec),
         "output_dir": shlex.quote(spec.run_dir),
         "requeue": int(spec.requeue),
-        "preempted_exit": PREEMPTED_EXIT,
+        "preempted_exit": EXIT_PREEMPTED,
         "max_restarts": spec.max_restarts,
         "setup_lines": _setup_lines(spec),
         "env_lines": [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()],

@@ -76,6 +76,11 @@ class DataSource(Section):
     weight: float = Field(default=1.0, gt=0)
 
 
+# Conversation formats `data.chat_template` may name (their templates: pretrain/data/chat_formats.py).
+CHAT_FORMATS = ("vicuna_v1", "plain", "llama2", "mistral", "chatml")
+CHAT_FORMAT_CHOICES = ("auto", *CHAT_FORMATS, "a path to a .jinja file")
+
+
 class DataConfig(Section):
     train: list[DataSource] = Field(min_length=1)
     val: list[DataSource] = Field(default_factory=list)
@@ -104,10 +109,8 @@ class DataConfig(Section):
     @field_validator("chat_template")
     @classmethod
     def _known_format(cls, name: str) -> str:
-        from pretrain.data.chat_formats import CHOICES, FORMATS
-
-        if name != "auto" and name not in FORMATS and not name.endswith(".jinja"):
-            raise ValueError(f"{name!r} is not a conversation format; valid: {', '.join(CHOICES)}")
+        if name != "auto" and name not in CHAT_FORMATS and not name.endswith(".jinja"):
+            raise ValueError(f"{name!r} is not a conversation format; valid: {', '.join(CHAT_FORMAT_CHOICES)}")
         return name
 
 

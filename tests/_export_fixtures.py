@@ -11,9 +11,9 @@ from conftest import launch, write_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.config import Config, load_config
-from pretrain.data import pipeline
 from pretrain.data.batching import collate
 from pretrain.data.sample import SampleProcessor
+from pretrain.model import processing
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.vlm import VLMForTraining
 from pretrain.shards.synthetic import make_sample
@@ -36,7 +36,7 @@ def run_config(run_dir: Path) -> Config:
 
 def sample_processor(cfg: Config, tokenizer, vlm_config) -> SampleProcessor:
     """What the trainer builds (train/setup.py build_engine) to turn raw samples into model inputs."""
-    return pipeline.sample_processor(cfg, tokenizer, vlm_config, pipeline.image_processor_for(cfg.model))
+    return processing.sample_processor(cfg, tokenizer, vlm_config, processing.image_processor_for(cfg.model))
 
 
 def val_samples(n: int = 2) -> list[dict]:

@@ -45,9 +45,9 @@ def compare(model, reference: dict[str, torch.Tensor]) -> dict:
 
 
 def main(spec_path: str) -> None:
+    from pretrain import distributed as dist
     from pretrain.config import ModelConfig
     from pretrain.model.build import load_tokenizer
-    from pretrain.train import dist
 
     spec = json.loads(open(spec_path).read())
     rank, world, _ = dist.init(5)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from pretrain.train import dist, shared_fs
+from pretrain import distributed as dist
+from pretrain.train import shared_fs
 
 TIMEOUT_S = 2.0
 SLOW_S = 2.5 * TIMEOUT_S

@@ -120,7 +120,7 @@ PROBE = r"""
 import json, os, sys, torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from pretrain.config import load_config
-from pretrain.train import dist
+from pretrain import distributed as dist
 from pretrain.train.trainer import Trainer
 
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]))

@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pretrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "tools" / "install_slurm.sh"
@@ -83,12 +84,6 @@ class SlurmError(RuntimeError):
     """A cluster that would not start, or a client command that failed; the message carries the daemon logs."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SlurmCluster:
     """Start/stop the daemons and drive jobs with the real client commands (every call has a timeout)."""
 
@@ -143,10 +138,10 @@ class SlurmCluster:
         self.stop()
 
     def _write_config(self) -> None:
-        nodes = "\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} Port={_free_port()} "
+        nodes = "\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} Port={free_port()} "
                           f"CPUs={self.cpus_per_node} State=UNKNOWN" for n, addr in self.nodes)
         self.conf.write_text(SLURM_CONF.format(
-            root=self.root, ctl_port=_free_port(), first_job_id=random.randrange(1000, 60000),
+            root=self.root, ctl_port=free_port(), first_job_id=random.randrange(1000, 60000),
             nodes=nodes, node_names=",".join(n for n, _ in self.nodes)))
         hosts = "127.0.0.1 localhost\n" + "".join(f"{addr} {n}\n" for n, addr in self.nodes)
         (self.root / "etc" / "hosts").write_text(hosts)

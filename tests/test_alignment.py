@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from pretrain.config import ConfigError, ObjectivesConfig, build_config
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
+from pretrain.distributed import free_port
 from pretrain.model.alignment import batch_pairs, contrastive_loss, gather_with_grad, hard_negatives, itm_pairs
 
 IMG = 7  # image token id in the hand-made batches
@@ -217,11 +218,7 @@ def test_cross_rank_gather_gives_the_global_gradient():
     """Each rank's loss is the mean over its own pairs against the gathered global batch. After backward, each rank's
     features must hold the gradient of the SUM of all ranks' losses (the gather's backward brings the other ranks'
     terms home); DeepSpeed's average over ranks then divides by the world size. Ranks may hold unequal counts."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_gather_worker, args=(2, port, queue), nprocs=2, join=True, start_method="spawn")
     got = sorted(queue.get(timeout=60) for _ in range(2 * len(CASES)))

@@ -16,8 +16,8 @@ from pretrain.bench.peer import llava_ds_config
 from pretrain.bench.train import summarize
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.data.pipeline import build_processing
 from pretrain.model.flops import flops_per_sample, peak_flops
+from pretrain.model.processing import build_processing
 from pretrain.plan.shapes import model_shape
 
 SIZES = "72x48,48x64"

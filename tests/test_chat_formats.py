@@ -11,7 +11,8 @@ from transformers import AutoImageProcessor, AutoProcessor, LlavaConfig
 
 from pretrain.config import ConfigError
 from pretrain.data.chat_formats import CHATML_SYSTEM, LLAMA2_SYSTEM, VICUNA_SYSTEM, apply_chat_format
-from pretrain.data.text import IGNORE, TextProcessor
+from pretrain.data.text import TextProcessor
+from pretrain.tokens import IGNORE
 
 TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
          {"from": "human", "value": "Its colour?"}, {"from": "gpt", "value": "Grey."}]

@@ -249,8 +249,8 @@ def test_generate_sees_the_pixels_training_saw_and_names_a_run_directory(z2_expo
 
     from pretrain.cli import main
     from pretrain.data.image import ImageTransform
-    from pretrain.data.pipeline import image_processor_for
     from pretrain.export.inference import Captioner, load_image
+    from pretrain.model.processing import image_processor_for
 
     run, exported = z2_export
     training = ImageTransform.from_processor(image_processor_for(run_config(run).model))

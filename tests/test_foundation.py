@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, losses, write_config
+
+from pretrain.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +31,7 @@ def test_train_alone_at_world_size_one(tmp_path, assets, shapes):
 
 def test_train_under_plain_torchrun(tmp_path, assets, shapes):
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"train.max_steps": 2})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "-m", "pretrain", "train", str(cfg)])
     assert out.returncode == 0, out.stdout + out.stderr

@@ -17,8 +17,8 @@ from conftest import ROOT, write_config
 
 from launch.local import FORWARDED, torchrun_command
 from pretrain.cli import main
+from pretrain.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.dist import EXIT_CONFIG, EXIT_PREEMPTED
 
 
 @pytest.mark.parametrize(("argv", "message"), [

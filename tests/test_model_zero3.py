@@ -148,7 +148,7 @@ def _full_run(tmp_path, assets, shapes, urls, nproc, grad_accum, steps):
 def _images_per_rank(config) -> list[int]:
     """Images in each rank's first micro-batch, from the run's own config through the trainer's loader."""
     from pretrain.config import load_config
-    from pretrain.data.pipeline import build_processing
+    from pretrain.model.processing import build_processing
     from pretrain.train.setup import make_loader
 
     cfg = load_config(config)

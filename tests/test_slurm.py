@@ -255,7 +255,7 @@ def test_gloo_all_reduce_across_two_nodes(slurm_cluster, tmp_path):
 BINDINGS = {"all": "export CUDA_VISIBLE_DEVICES=0,1,2,3; ",
             "one": "export CUDA_VISIBLE_DEVICES=$((SLURM_LOCALID + 2)); "}
 GPU_PROBE = ("import os\n"
-             "from pretrain.train import dist\n"
+             "from pretrain import distributed as dist\n"
              "dist.environment_from_slurm_or_alone()\n"
              "local = os.environ['LOCAL_RANK']\n"
              "gpu = dist.bind_gpu()\n"

@@ -28,11 +28,11 @@ def test_the_step_synchronises_once_per_optimizer_step(tmp_path, assets, shapes)
     for n in (2, 4):
         assert per_step[n - 1].get("step", 0) <= 2, (n, per_step[n - 1], report["where"].get("step"))
     ours = report["where"]["step"]
-    assert all(site.startswith(("pretrain/train/dist.py", "pretrain/train/step.py")) for site in ours), ours
+    assert all(site.startswith(("pretrain/distributed.py", "pretrain/train/step.py")) for site in ours), ours
     # The model's forward and backward (our loss, our masks) read nothing back either.
     for n in (2, 3, 4, 5):
         assert per_step[n - 1].get("model", 0) == 0, (n, per_step[n - 1], report["where"].get("model"))
     # The counter is not blind: it sees DeepSpeed's own synchronisations in the same steps, and the step's one read
     # back through the layer.
     assert per_step[2].get("deepspeed", 0) > 0
-    assert per_step[2]["step"] == 1 and any("dist.py" in site for site in ours)
+    assert per_step[2]["step"] == 1 and any("pretrain/distributed.py" in site for site in ours)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pretrain.data.errors import SampleError
-from pretrain.data.text import IGNORE, TextProcessor
+from pretrain.data.text import TextProcessor
+from pretrain.tokens import IGNORE
 
 
 @pytest.fixture()

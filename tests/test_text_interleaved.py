@@ -15,7 +15,8 @@ from pretrain.data.errors import SampleError
 from pretrain.data.image import ImageTransform, decode_image
 from pretrain.data.interleaved import PARAGRAPH, tokenize_document
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.text import IGNORE, TextProcessor
+from pretrain.data.text import TextProcessor
+from pretrain.tokens import IGNORE
 
 ITEMS = ["A red circle.", None, "Two blue squares.", "On the left.", None, "The end."]
 

@@ -10,8 +10,8 @@ import pytest
 from _trainer_fixtures import assert_resumed
 from conftest import launch, losses, metrics, write_config
 
+from pretrain.exit_codes import EXIT_PREEMPTED
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.dist import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

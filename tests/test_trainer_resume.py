@@ -14,8 +14,8 @@ from _trainer_fixtures import may_mount, probe_resume, small_tmpfs
 from conftest import launch, losses, metrics, write_config
 from test_train import _reference_run
 
+from pretrain.exit_codes import EXIT_PREEMPTED
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.dist import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     """The loss of the first step after a resume on 1 rank, computed without DeepSpeed: a plain model holding
     `weights`, on the micro-batches the resumed loader hands out first (the rest of the epoch, split anew)."""
     from pretrain.config import load_config
-    from pretrain.data.pipeline import build_processing
     from pretrain.model.build import build_model
+    from pretrain.model.processing import build_processing
     from pretrain.model.vlm import VLMForTraining
     from pretrain.train.setup import make_loader
     from pretrain.train.universal import merge_loader_states

@@ -23,8 +23,8 @@ from _trainer_fixtures import (
 )
 from conftest import launch, losses, metrics, write_config
 
+from pretrain.exit_codes import EXIT_PREEMPTED
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.dist import EXIT_PREEMPTED
 from pretrain.train.signals import REPEAT_WINDOW_S
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,10 @@ from pretrain.config import ConfigError, build_config
 from pretrain.data.image import ImageTransform
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.text import IGNORE, TextProcessor
+from pretrain.data.text import TextProcessor
 from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
+from pretrain.tokens import IGNORE
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.ds_config import build_ds_config, optimizer_offloaded
 from pretrain.train.schedule import lr_lambda

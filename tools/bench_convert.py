@@ -57,27 +57,20 @@ def run_config(run: Path, tok_dir: Path, size: str):
 
 def make_template(work: Path, nproc: int) -> Path:
     from pretrain.demo import tokenizer_corpus
+    from pretrain.distributed import free_port
     from pretrain.model.tiny import build_tokenizer
 
     build_tokenizer(tokenizer_corpus(), vocab_size=400).save_pretrained(work / "tokenizer")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), __file__, "_rank", str(work / "template"), str(work / "tokenizer")]
+           str(free_port()), __file__, "_rank", str(work / "template"), str(work / "tokenizer")]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return work / "template" / "checkpoints" / TAG
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(run: Path, tok_dir: Path) -> None:
     """One rank of the template run: the trainer's builder and DeepSpeed's save, as Trainer.save does it."""
+    from pretrain import distributed as dist
     from pretrain.train import checkpoint as ckpt
-    from pretrain.train import dist
     from pretrain.train.ds_config import build_ds_config
     from pretrain.train.setup import build_engine
 

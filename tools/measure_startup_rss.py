@@ -50,8 +50,9 @@ def _config(args: argparse.Namespace, tokenizer_dir: str):
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from pretrain import distributed as dist
     from pretrain.model.tiny import build_tokenizer
-    from pretrain.train import dist, setup
+    from pretrain.train import setup
     from pretrain.train.ds_config import build_ds_config
 
     tok_dir = tempfile.mkdtemp()

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _samples(cfg, rank: int, case: str, args: argparse.Namespace) -> list:
     """Two samples (one per row) for this rank and case: token ids drawn from the vocabulary."""
     from pretrain.data.sample import ProcessedSample
-    from pretrain.data.text import IGNORE
+    from pretrain.tokens import IGNORE
 
     g = torch.Generator().manual_seed(100 * rank + len(case))
     text_cfg, size = cfg.text_config, cfg.vision_config.image_size
@@ -83,8 +83,8 @@ def _engine(args: argparse.Namespace, world: int):
 
 
 def run_rank(args: argparse.Namespace) -> None:
+    from pretrain import distributed as dist
     from pretrain.data.batching import collate
-    from pretrain.train import dist
 
     rank, world, _ = dist.init(args.collective_timeout_minutes)
     engine, cfg = _engine(args, world)

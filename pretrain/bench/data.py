@@ -23,7 +23,7 @@ import torch
 from pretrain.bench.common_practice import LlavaStyleSample, batches, webdataset_loader
 from pretrain.config import Config
 from pretrain.data.loader import LoaderSpec, ResumableLoader
-from pretrain.data.pipeline import DataProcessing, sample_processor
+from pretrain.model.processing import DataProcessing, sample_processor
 
 PATHS = ("ours", "ours-fast", "common")
 LABELS = {"ours": "ours (exact)", "ours-fast": "ours (fast_image_decode)",

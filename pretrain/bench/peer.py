@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from pretrain import distributed as dist
 from pretrain.bench.common_practice import IGNORE, LlavaShardDataset, LlavaStyleSample, llava_collate
 from pretrain.config import Config
 from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
-from pretrain.train import dist
 from pretrain.train.setup import loader_workers
 
 
@@ -109,8 +109,8 @@ def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int,
                callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Train `steps` optimizer steps; returns what rank 0 writes to result.json. `callbacks`: more of
     transformers' TrainerCallback (a sync counter)."""
-    from pretrain.data.pipeline import image_processor_for, vlm_config_for
     from pretrain.model.build import ZeroContext, build_model, load_tokenizer
+    from pretrain.model.processing import image_processor_for, vlm_config_for
     from pretrain.model.stages import apply_stage
 
     args = training_arguments(cfg, out_dir, batch, steps)  # first: it makes the model build under zero.Init

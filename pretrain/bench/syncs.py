@@ -71,15 +71,19 @@ def bucket_of(filename: str) -> str:
 
 
 def _site(frame: Any) -> tuple[str, str]:
-    """(bucket, file:line) of the innermost frame that is not torch's or this module's."""
-    here = os.path.abspath(__file__)
+    """(bucket, file:line) of the innermost frame that is not torch's or this module's. A read inside the
+    communication layer (pretrain/distributed.py) keeps that site but counts in its caller's bucket."""
+    here, layer = os.path.abspath(__file__), os.path.join(_ROOT, "pretrain", "distributed.py")
+    site = None
     while frame is not None:
         name = frame.f_code.co_filename
         if not name.startswith(_TORCH) and os.path.abspath(name) != here and "/torch/" not in name:
             short = os.path.relpath(name, _ROOT) if name.startswith(_ROOT) else name.split("site-packages/")[-1]
-            return bucket_of(name), f"{short}:{frame.f_lineno}"
+            site = site or f"{short}:{frame.f_lineno}"
+            if os.path.abspath(name) != layer:
+                return bucket_of(name), site
         frame = frame.f_back
-    return "other", "?"
+    return "other", site or "?"
 
 
 class SyncCounter(TorchDispatchMode):
@@ -150,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.max_steps)")
     p.add_argument("--batch", type=int, default=None, help="peer: samples per micro-batch (default: ours)")
     args = p.parse_args(argv)
+    from pretrain import distributed as dist
+    from pretrain import exit_codes
     from pretrain.config import load_config
-    from pretrain.train import dist
 
     cfg = load_config(args.config, [f"train.max_steps={args.steps}"] if args.steps else [])
     out = Path(args.out)
@@ -161,18 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             report = count_ours(cfg)
         else:
             dist.environment_from_slurm_or_alone()
-            if not torch.cuda.is_available():  # as dist.init: skip DeepSpeed's shm op build it never uses
-                import importlib
-
-                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+            dist.skip_shm_op_build()  # as dist.init does
             report = count_peer(cfg, out, args.batch or cfg.train.micro_batch_size, cfg.train.max_steps)
         if int(os.environ.get("RANK", "0")) == 0:
             out.write_text(json.dumps(report, indent=1) + "\n")
     except Exception as err:
         traceback.print_exc()
         print(f"error: sync count stopped: {err}", flush=True)
-        dist.finish(dist.EXIT_ERROR, synchronize=False)
-    dist.finish(dist.EXIT_OK)
+        dist.finish(exit_codes.EXIT_ERROR, synchronize=False)
+    dist.finish(exit_codes.EXIT_OK)
     return 0
 
 

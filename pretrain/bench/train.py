@@ -14,26 +14,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from pretrain.config import Config, save_config
+from pretrain.distributed import free_port
 from pretrain.model.flops import peak_flops
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, extra: list[str] = ()) -> None:
     """One torchrun job of the bench worker; raises RuntimeError with the tail of its log if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "pretrain.bench.worker", role, str(config), "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                                          // nproc)))}

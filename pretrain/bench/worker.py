@@ -54,17 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from pretrain.train import dist
+    from pretrain import distributed as dist
+    from pretrain import exit_codes
 
     try:
         if args.role == "ours":
             result = _run_ours(cfg, out)
         else:
             dist.environment_from_slurm_or_alone()
-            if not torch.cuda.is_available():  # as dist.init: skip DeepSpeed's 45-s shm op build it never uses
-                import importlib
-
-                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+            dist.skip_shm_op_build()  # as dist.init does
             from pretrain.bench.peer import train_peer
 
             result = train_peer(cfg, out, args.batch, args.steps)
@@ -76,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         traceback.print_exc()
         print(f"error: bench {args.role} stopped: {err}", flush=True)
-        dist.finish(dist.EXIT_ERROR, synchronize=False)
-    dist.finish(0)
+        dist.finish(exit_codes.EXIT_ERROR, synchronize=False)
+    dist.finish(exit_codes.EXIT_OK)
     return 0
 
 

@@ -123,7 +123,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     try:
         cfg, urls = _prepare(args)
-        from pretrain.data.pipeline import build_processing
+        from pretrain.model.processing import build_processing
 
         processing = build_processing(cfg)
     except (ConfigError, OSError, ValueError) as err:

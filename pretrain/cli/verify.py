@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         urls = _shard_urls(patterns)
     except FileNotFoundError as err:
         return _error(str(err))
-    from pretrain.data.pipeline import build_processing
+    from pretrain.model.processing import build_processing
     from pretrain.shards.verify import verify_shards
 
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.data.sample import ProcessedSample
-from pretrain.data.text import IGNORE
+from pretrain.tokens import IGNORE
 
 
 def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = 8) -> dict:

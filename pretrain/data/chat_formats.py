@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from pretrain.config import ConfigError
+from pretrain.config import CHAT_FORMAT_CHOICES, CHAT_FORMATS, ConfigError
 
 # One message's content as text: a string as it is, typed parts joined (an image as its placeholder line).
 _CONTENT = (
@@ -82,8 +82,9 @@ CHATML = _CONTENT + _system_default(CHATML_SYSTEM) + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-FORMATS = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "llama2": LLAMA2, "mistral": MISTRAL, "chatml": CHATML}
-CHOICES = ("auto", *FORMATS, "a path to a .jinja file")
+# The names are the config's (validated when the config is read); the templates are here, one for each name.
+FORMATS = dict(zip(CHAT_FORMATS, (VICUNA_V1, PLAIN, LLAMA2, MISTRAL, CHATML), strict=True))
+CHOICES = CHAT_FORMAT_CHOICES
 
 
 def template_for(name: str) -> str | None:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pretrain.data.loader_spec import LoaderSpec
 from pretrain.data.stream import ShardReader, SourceStream
 from pretrain.data.urls import is_remote
-
-if TYPE_CHECKING:
-    from pretrain.data.loader import LoaderSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from pretrain.data import errors
 from pretrain.data.errors import SampleError
 from pretrain.data.image import decode_image
 from pretrain.data.image_formats import IMAGE_EXTENSIONS
-from pretrain.data.text import IGNORE, TokenizedText
+from pretrain.data.text import TokenizedText
+from pretrain.tokens import IGNORE
 
 PARAGRAPH = "\n\n"  # between two text segments that follow each other
 _NUMBERED = re.compile(r"^(\d+)\.([a-z0-9]+)$")

@@ -35,30 +35,12 @@ from pretrain.data import elastic, errors
 from pretrain.data.batching import Batcher, collate, vision_cost
 from pretrain.data.elastic import source_fingerprint
 from pretrain.data.errors import SampleError
+from pretrain.data.loader_spec import LoaderSpec
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
 from pretrain.data.urls import is_remote
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoaderSpec:
-    sources: list[list[str]]
-    weights: list[float]
-    rank: int = 0
-    world_size: int = 1
-    num_workers: int = 0
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_buffer: int = 1000
-    rows_per_batch: int = 1
-    max_length: int = 2048
-    packing: bool = False
-    max_images_per_batch: int | None = None  # images / tiles per micro-batch; None: no limit
-    pad_id: int = 0
-    epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
-    single_pass: bool = False  # one epoch of every source, then the last (partial) batch and the end (validation)
 
 
 @dataclass

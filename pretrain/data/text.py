@@ -16,10 +16,10 @@ from transformers import PreTrainedTokenizerBase
 from pretrain.config import ConfigError
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
+from pretrain.tokens import IGNORE, IMAGE_TOKEN
 
-IGNORE = -100
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN
 
 
 @dataclass

@@ -7,7 +7,7 @@ them piece by piece), so evaluation scores what a user of the export gets withou
 to a local disk (4 bytes per parameter: ~28 GB for a 7B model). The alignment heads (`alignment.*`: contrastive
 projections, temperature, ITM head), which the export leaves out, are read the same way. The tokenizer and image
 processor are the run's (the checkpoint's hf_meta), and the sample processor is the one training builds
-(pretrain.data.pipeline), so evaluation preprocesses as training did.
+(pretrain.model.processing), so evaluation preprocesses as training did.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from transformers.initialization import no_init_weights
 
 from pretrain.config import Config
 from pretrain.data.image import ImageTransform
-from pretrain.data.pipeline import sample_processor
 from pretrain.data.sample import SampleProcessor
 from pretrain.export.hf import PREFIX, _Sources, plan, resolve_checkpoint, run_model_config
 from pretrain.export.layout import export_layout
 from pretrain.export.zero import ZeroCheckpoint
+from pretrain.model.processing import sample_processor
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train import checkpoint as ckpt
 

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 
 import torch
 
+from pretrain import distributed as dist
 from pretrain.eval.metrics import retrieval_metrics
 from pretrain.model.alignment import batch_pairs, gather_with_grad
 from pretrain.model.vlm import VLMForTraining
-from pretrain.train import dist
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -35,6 +35,7 @@ from pretrain.export.layout import ExportLayout, ExportTensor, export_layout
 from pretrain.export.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from pretrain.export.sources import SourceWeights
 from pretrain.export.zero import ZeroCheckpoint
+from pretrain.tokens import IMAGE_TOKEN
 from pretrain.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
         patch_size=vision.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1 if has_cls else 0, image_token="<image>")
+        num_additional_image_tokens=1 if has_cls else 0, image_token=IMAGE_TOKEN)
 
 
 @dataclass

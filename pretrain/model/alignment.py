@@ -18,15 +18,14 @@ softmax(similarity) (positives and identical texts excluded): 1 positive and 2 n
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.data.text import IGNORE
+from pretrain import distributed as dist
+from pretrain.tokens import IGNORE
 
 
 @dataclass
@@ -104,28 +103,18 @@ def gather_with_grad(local: torch.Tensor, keys: torch.Tensor | None = None
     """All ranks' rows (ranks may hold different counts): (all rows, all keys if given, offset of this rank's rows).
     Rows are padded to the largest count for the collective and the padding dropped after; the gather is
     differentiable, so each rank's features receive the gradient of every rank's loss."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    rank, world = dist.rank_and_world()
+    if world == 1:
         return local, keys, 0
-    from torch.distributed.nn.functional import all_gather
-
-    world, rank = dist.get_world_size(), dist.get_rank()
     count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
+    counts = [int(c) for c in dist.to_host(torch.cat(dist.all_gather(count)))]  # the one read back: row counts
     pad = max(max(counts), 1) - local.shape[0]
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates it (every call) for a private functional-collectives API; it is still the public,
-        # autograd-aware all_gather that the gradient contract above relies on.
-        warnings.simplefilter("ignore", FutureWarning)
-        rows = all_gather(torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local)
+    rows = dist.all_gather_with_grad(torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local)
     # `out` stays in the graph of the gather even when it is empty, so every rank runs its backward collective.
     out = torch.cat([r[:c] for r, c in zip(rows, counts)])
     out_keys = None
     if keys is not None:
-        padded = torch.cat([keys, keys.new_zeros(pad)]) if pad else keys
-        key_rows = [torch.zeros_like(padded) for _ in range(world)]
-        dist.all_gather(key_rows, padded)
+        key_rows = dist.all_gather(torch.cat([keys, keys.new_zeros(pad)]) if pad else keys)
         out_keys = torch.cat([k[:c] for k, c in zip(key_rows, counts)])
     return out, out_keys, sum(counts[:rank])
 

@@ -35,6 +35,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model.attention import AttentionChoice, resolve_attention
 from pretrain.model.projector import ACTIVATION, is_linear, load_projector, projector_activation, set_identity
+from pretrain.tokens import IMAGE_TOKEN, PAD_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,6 @@ def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
     )
 
 
-IMAGE_TOKEN = "<image>"
 # Grown vocabularies are padded to a multiple of this (as LLaVA-1.5's HF checkpoints are): tensor-core friendly.
 VOCAB_MULTIPLE = 64
 
@@ -280,7 +280,7 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
     if IMAGE_TOKEN not in tok.get_vocab():
         added["additional_special_tokens"] = [IMAGE_TOKEN]
     if tok.pad_token is None:
-        added["pad_token"] = "<pad>"
+        added["pad_token"] = PAD_TOKEN
     if added:
         tok.add_special_tokens(added, replace_extra_special_tokens=False)
     return tok

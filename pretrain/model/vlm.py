@@ -29,9 +29,7 @@ The alignment path runs every step on every rank, with a dummy row where a micro
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +38,13 @@ from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
 from pretrain.data.batching import label_positions
-from pretrain.data.text import IGNORE
+from pretrain.fault_switch import fault_spec
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 from pretrain.model.attention import decode_rows
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
+from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
-# The test switch that breaks the image path (features zeroed), so tests can prove they detect it; the same JSON
-# variable as the trainer's fault injection (pretrain.train.faults), empty in any real run.
-FAULTS_ENV = "PRETRAIN_TEST_FAULTS"
 
 
 class VLMForTraining(nn.Module):
@@ -64,8 +60,8 @@ class VLMForTraining(nn.Module):
             self.alignment = AlignmentHeads(vlm.config.text_config.hidden_size, o.embed_dim, o.temperature_init,
                                             o.learnable_temperature, o.max_logit_scale, o.itm_weight > 0, seed)
         self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
-        faults = json.loads(os.environ.get(FAULTS_ENV, "") or "{}")
-        self.zero_image_features = bool(faults.get("zero_image_features"))
+        # The test switch that breaks the image path (features zeroed), so tests can prove they detect it.
+        self.zero_image_features = bool(fault_spec().get("zero_image_features"))
         self._warned_no_pairs = False
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
 

@@ -2,27 +2,27 @@
 torn by a kill inside DeepSpeed's save, a full disk, a slow step, a slow commit, a rank whose run directory is not
 the others').
 
-Read from the PRETRAIN_TEST_FAULTS environment variable (JSON); empty in any real run. Kept in one place so the
-trainer's own code stays free of test branches.
+Read from the PRETRAIN_TEST_FAULTS environment variable (JSON, through pretrain.fault_switch, which the model's one
+test switch reads too); empty in any real run. Kept in one place so the trainer's own code stays free of test
+branches.
 """
 
 from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import signal
 import time
 
 import torch
 
-ENV = "PRETRAIN_TEST_FAULTS"
+from pretrain.fault_switch import fault_spec
 
 
 class Faults:
     def __init__(self) -> None:
-        spec = json.loads(os.environ.get(ENV, "") or "{}")
+        spec = fault_spec()
         self.nan_steps = set(spec.get("nan_steps", []))
         self.die = spec.get("die")  # {"rank": r, "step": s}
         self.enospc_in_save = spec.get("enospc_in_save")  # {"rank": r, "step": s}: ENOSPC at the trainer-state write

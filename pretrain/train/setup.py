@@ -13,11 +13,11 @@ from transformers import PreTrainedTokenizerBase
 
 from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
-from pretrain.data.pipeline import image_processor_for, run_tokenizer, sample_processor
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.urls import expand_urls
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
+from pretrain.model.processing import image_processor_for, run_tokenizer, sample_processor
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train.ds_config import optimizer_offloaded

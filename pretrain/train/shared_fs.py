@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pretrain import distributed as dist
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import dist
 
 TOKEN = ".run_token"
 # How long a rank keeps looking for rank 0's token: a shared file system may show a new file a little late.

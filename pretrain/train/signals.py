@@ -21,7 +21,7 @@ import signal
 import time
 from pathlib import Path
 
-from pretrain.train.dist import EXIT_PREEMPTED
+from pretrain.exit_codes import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from pretrain.data.text import IGNORE
+from pretrain import distributed as dist
 from pretrain.model.flops import VLMShape, peak_flops, step_flops
-from pretrain.train import dist
+from pretrain.tokens import IGNORE
 from pretrain.train.faults import Faults
 
 

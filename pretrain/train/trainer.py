@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from pretrain import distributed as dist
+from pretrain import exit_codes
 from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import dist, shared_fs, universal
+from pretrain.train import shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.faults import Faults
@@ -176,7 +178,7 @@ class Trainer:
             recorder = SampleRecorder(self.run_dir, self.rank, self.world, self.step)
         it = iter(self.loader)
         window = _Window()
-        code = dist.EXIT_OK
+        code = exit_codes.EXIT_OK
         try:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
@@ -207,12 +209,12 @@ class Trainer:
                 if signalled or sliced or (every and self.step % every == 0) or self.step == t.max_steps:
                     self.save()
                 if signalled:
-                    code = dist.EXIT_PREEMPTED
+                    code = exit_codes.EXIT_PREEMPTED
                     self._mark("PREEMPTED")
                     break
                 if sliced:
                     break
-            if code == dist.EXIT_OK and self.step >= t.max_steps:
+            if code == exit_codes.EXIT_OK and self.step >= t.max_steps:
                 self._mark("DONE")
         finally:
             writer.close()

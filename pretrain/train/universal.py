@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pretrain import distributed as dist
 from pretrain.data.loader import merge_states
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import dist
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pretrain import distributed as dist
 from pretrain.config import Config
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor, image_bytes
 from pretrain.data.stream import ShardReader, TarShardError
-from pretrain.data.text import IGNORE
 from pretrain.data.urls import expand_urls
-from pretrain.train import dist
+from pretrain.tokens import IGNORE
 from pretrain.train.metrics import MetricsWriter
 from pretrain.train.setup import make_loader
 from pretrain.train.step import to_device

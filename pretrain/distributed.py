@@ -4,10 +4,11 @@ Set-up and tear-down: works under torchrun (`pretrain launch`), under srun (SLUR
 size 1). On CPU DeepSpeed picks gloo by itself. `finish` is the exit path every run takes: barrier, destroy the
 group, flush, then os._exit, because ~4% of 2-rank DeepSpeed runs otherwise abort one rank at interpreter exit.
 
-Communication: every collective the project issues is a function here (all_reduce, all_reduce_values,
-broadcast_object, all_gather_object, barrier). Each places its tensors on the process group's communication device
-(CUDA under NCCL, CPU under gloo), returns tensors on the caller's device or Python numbers, and runs whenever a
-group exists, world size 1 included. No other module calls torch.distributed (a test reads the sources).
+Communication: every collective the project issues is a function here (all_reduce, all_reduce_values, all_gather,
+all_gather_with_grad, broadcast_object, all_gather_object, barrier). Each places its tensors on the process group's
+communication device (CUDA under NCCL, CPU under gloo), returns tensors on the caller's device or Python numbers,
+and runs whenever a group exists, world size 1 included. No other module calls torch.distributed (a test reads the
+sources). It sits below the data and the model (the import layers in pyproject.toml), so both may use it.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Exit codes a launcher or an sbatch script can act on.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on a signal; resume me.
 
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that was free a moment ago (a rendezvous port for a local group or a test)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def skip_shm_op_build() -> None:
+    """On a host without CUDA, stop DeepSpeed from compiling its shared-memory comm op (~45 s on first use) at
+    init_distributed: nothing of ours uses it. Call before deepspeed.init_distributed."""
+    if not torch.cuda.is_available():
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def environment_from_slurm_or_alone() -> None:
@@ -53,7 +56,7 @@ def environment_from_slurm_or_alone() -> None:
         return
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init(timeout_minutes: float) -> tuple[int, int, int]:
@@ -63,9 +66,7 @@ def init(timeout_minutes: float) -> tuple[int, int, int]:
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* deprecated")
     import deepspeed
 
-    if not torch.cuda.is_available():
-        # DeepSpeed builds a shared-memory comm op (~45 s compile) on CPU at init; training never uses it.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    skip_shm_op_build()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(bind_gpu())
@@ -157,6 +158,45 @@ def to_host(t: torch.Tensor) -> list[float]:
     """A device tensor's values as Python floats: a device-to-host copy, i.e. a synchronisation (an explicit copy,
     so tools that count synchronisations see it on a CPU-only machine too)."""
     return t.to("cpu", copy=True).reshape(-1).tolist()
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """(this rank, world size) of a group; (0, 1) without a process group."""
+    if not active():
+        return 0, 1
+    import torch.distributed as tdist
+
+    return tdist.get_rank(group), tdist.get_world_size(group)
+
+
+def all_gather(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """Every rank's `t` (the same shape on every rank), in rank order, on `t`'s device; not differentiable. No read
+    back to the host. Without a process group: [t]."""
+    if not active():
+        return [t]
+    import torch.distributed as tdist
+
+    work = t.to(comm_device(t.device, group)).contiguous()
+    out = [torch.empty_like(work) for _ in range(tdist.get_world_size(group))]
+    tdist.all_gather(out, work, group=group)
+    return [o.to(t.device) for o in out]
+
+
+def all_gather_with_grad(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """As all_gather, but differentiable: the backward brings each rank the gradient of every rank's use of its
+    rows (torch.distributed.nn's autograd-aware gather; the moves to and from the group's device are in the graph
+    too). No read back to the host. Without a process group: [t]."""
+    if not active():
+        return [t]
+    import torch.distributed as tdist
+    from torch.distributed.nn.functional import all_gather as autograd_all_gather
+
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates it (every call) for a private functional-collectives API; it is still the public,
+        # autograd-aware all_gather.
+        warnings.simplefilter("ignore", FutureWarning)
+        rows = autograd_all_gather(t.to(comm_device(t.device, group)), group=group or tdist.group.WORLD)
+    return [r.to(t.device) for r in rows]
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
