@@ -81,7 +81,7 @@ class DataConfig(Section):
     val: list[DataSource] = Field(default_factory=list)
     max_length: int = Field(default=2048, ge=16)
     packing: bool = False
-    # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.setup).
+    # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.engine).
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 2
     shuffle_buffer: int = Field(default=1000, ge=1)
     # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pretrain.eval import metrics as M
+from pretrain.eval import scores as M
 
 
 def test_cider_d_matches_the_coco_reference_code():

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.data.stream import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
 from pretrain.train import dist
-from pretrain.train.setup import loader_workers
+from pretrain.train.engine import loader_workers
 
 
 def llava_ds_config(cfg: Config) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 SampleProcessor the loader runs, without building the model or a DeepSpeed engine.
 
 `pretrain shards verify` and the benchmarks use it so they run exactly the training path; it makes the same objects
-as `pretrain.train.setup.build_engine` (image tokens per image and the image token id come from the same Llava
+as `pretrain.train.engine.build_engine` (image tokens per image and the image token id come from the same Llava
 config the model is built from).
 """
 

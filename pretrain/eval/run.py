@@ -22,7 +22,7 @@ import torch
 from pretrain.config import Config
 from pretrain.data.batching import collate
 from pretrain.data.errors import SampleError
-from pretrain.eval import metrics as M
+from pretrain.eval import scores as M
 from pretrain.eval.generate import caption_prompt, greedy_generate, question_prompt, stop_ids
 from pretrain.eval.loading import EvalModel, load_eval_model
 from pretrain.eval.retrieval import contrastive_similarity, image_features, likelihood_similarity

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pretrain.eval.metrics import retrieval_metrics
+from pretrain.eval.scores import retrieval_metrics
 from pretrain.model.alignment import batch_pairs, gather_with_grad
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train import dist

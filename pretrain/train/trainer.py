@@ -2,7 +2,7 @@
 
 What happens where: step.py (one optimizer step, loss normalisation, model FLOPs), checkpoint.py (commit marker,
 `latest`, retention), universal.py (resume on another number of ranks), validation.py (val loss, captions),
-signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), metrics.py (metrics.jsonl, TensorBoard, progress bar).
+signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), run_log.py (metrics.jsonl, TensorBoard, progress bar).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
+from pretrain.train.engine import build_engine, make_loader
 from pretrain.train.faults import Faults
-from pretrain.train.metrics import MetricsWriter
 from pretrain.train.preflight import preflight
+from pretrain.train.run_log import MetricsWriter
 from pretrain.train.samples import SampleRecorder
-from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
 from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
 from pretrain.train.validation import Validator

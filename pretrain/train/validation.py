@@ -25,8 +25,8 @@ from pretrain.data.sample import SampleProcessor, image_bytes
 from pretrain.data.stream import ShardReader, TarShardError, expand_urls
 from pretrain.data.text import IGNORE
 from pretrain.train import dist
-from pretrain.train.metrics import MetricsWriter
-from pretrain.train.setup import make_loader
+from pretrain.train.engine import make_loader
+from pretrain.train.run_log import MetricsWriter
 from pretrain.train.step import to_device
 
 log = logging.getLogger(__name__)
