@@ -31,6 +31,7 @@ PEAK_FLOPS: dict[str, float] = {
     "h200": 989e12, "l40s": 362e12, "mi300x": 1307e12, "b200": 2250e12,
 }
 
+# What each `train.stage` trains: the one table, read by the cost model here and by freezing (pretrain.model.stages).
 STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "align": frozenset({"projector"}),
     "finetune": frozenset({"projector", "llm"}),
