@@ -23,11 +23,11 @@ from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import expand_urls
 from pretrain.data.text import IGNORE, TextProcessor
-from pretrain.model.flops import VLMShape, step_flops
+from pretrain.model.flops import VLMShape, mfu, step_flops
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.ds_config import build_ds_config, optimizer_offloaded
 from pretrain.train.schedule import lr_lambda
-from pretrain.train.step import FlopsMeter, label_tokens, mfu
+from pretrain.train.step import FlopsMeter, label_tokens
 from pretrain.train.universal import ResumeError, merge_loader_states, needs_universal
 
 # LLaVA's scripts/zero3.json, as LLaVA users bring it (HF Trainer "auto" values).

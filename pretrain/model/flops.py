@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from the vendors' data sheets (SXM / OAM parts unless named).
-# The one table of peaks: MFU here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
+# The one table of peaks: mfu() here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
 # (`a100`) also match device names ("NVIDIA A100-SXM4-80GB") in peak_flops().
 PEAK_FLOPS: dict[str, float] = {
     "a100": 312e12, "a100-40gb": 312e12, "a100-80gb": 312e12, "h100": 989e12, "h100-pcie": 756e12,
@@ -379,11 +379,24 @@ def flops_per_sample(shape: VLMShape, sample_len: int, images: int = 1, logit_to
     return step_flops(shape, [sample_len], images, logit_tokens, stage, causal)
 
 
-def mfu(flops_per_step: float, step_time_s: float, n_gpus: int, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the dense peak of all GPUs."""
-    if step_time_s <= 0 or n_gpus <= 0 or peak_flops <= 0:
-        raise ValueError("step_time_s, n_gpus and peak_flops must be positive")
-    return flops_per_step / (step_time_s * n_gpus * peak_flops)
+def mfu(flops: float, seconds: float, n_gpus: int, peak: float | str | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the dense peak of all GPUs; the one formula that the
+    trainer's metrics, `pretrain bench train` and `pretrain plan` use.
+
+    `peak`: FLOP/s per GPU, or a GPU named as peak_flops() takes it. None where there is nothing to divide by: no
+    accelerator (`peak` None, as on CPU), a device of unknown peak, or no model FLOPs counted (no FLOPs model)."""
+    if seconds <= 0 or n_gpus <= 0:
+        raise ValueError(f"seconds and n_gpus must be positive (got {seconds}, {n_gpus})")
+    if isinstance(peak, str):
+        try:
+            peak = peak_flops(peak)
+        except ValueError:
+            return None
+    if peak is None or flops <= 0:
+        return None
+    if peak <= 0:
+        raise ValueError(f"peak must be positive (got {peak})")
+    return flops / (seconds * n_gpus * peak)
 
 
 def peak_flops(gpu: str) -> float:

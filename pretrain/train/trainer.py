@@ -20,6 +20,7 @@ from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
+from pretrain.model.flops import mfu
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import dist, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
@@ -30,7 +31,7 @@ from pretrain.train.preflight import preflight
 from pretrain.train.run_log import MetricsWriter
 from pretrain.train.samples import SampleRecorder
 from pretrain.train.signals import StopRequest
-from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
+from pretrain.train.step import FlopsMeter, StepResult, device_name, train_step
 from pretrain.train.validation import Validator
 
 log = logging.getLogger(__name__)
