@@ -19,7 +19,8 @@ from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.text import TextProcessor
-from pretrain.model.build import IMAGE_TOKEN, build_llava_config, load_component_config, load_tokenizer
+from pretrain.model.build import IMAGE_TOKEN, build_llava_config, load_tokenizer
+from pretrain.model.components import load_component_config
 
 log = logging.getLogger(__name__)
 

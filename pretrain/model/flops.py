@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from pretrain.model.components import VISION_TYPES
+
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from the vendors' data sheets (SXM / OAM parts unless named).
 # The one table of peaks: mfu() here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
 # (`a100`) also match device names ("NVIDIA A100-SXM4-80GB") in peak_flops().
@@ -38,7 +40,6 @@ STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "full": frozenset({"vision", "projector", "llm"}),
 }
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear", "mlp3x_gelu")
 
 Tensors = list[tuple[str, int]]  # (parameter name, numel), the shapes of what a real module would hold
