@@ -339,12 +339,13 @@ class StepFlops:
 
 def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None = None,
                logit_tokens: int | None = None, stage: str | Iterable[str] = "full", causal: bool = False,
-               recompute_fraction: float = 0.0) -> StepFlops:
+               recompute_fraction: float = 0.0, image_tokens: int | None = None) -> StepFlops:
     """FLOPs of one forward+backward over samples of decoder lengths `sample_lens` (image tokens included).
 
     `images` defaults to one per sample; `logit_tokens` (positions where the LM head runs) to every token, pass the
     label count when logits are computed only there. `recompute_fraction`: share of the decoder (and, when it
-    trains, vision) layers under activation checkpointing, reported as `recompute`.
+    trains, vision) layers under activation checkpointing, reported as `recompute`. `image_tokens`: decoder
+    positions per image through the projector, `shape.image_tokens` unless the caller knows better.
     """
     parts = trainable_parts(stage)
     n_img = len(sample_lens) if images is None else images
@@ -364,7 +365,7 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
 
     vision, vision_attention = _vision_costs(shape, n_img, vis_tr)
 
-    feat = n_img * shape.image_tokens
+    feat = n_img * (shape.image_tokens if image_tokens is None else image_tokens)
     proj = [2.0 * feat * n for n in _linear_weights(shape.projector_tensors())]
     # Weight gradients when it trains; input gradients of the first layer only for a training tower upstream.
     proj_bwd = sum(proj) * proj_tr + proj[0] * vis_tr + sum(proj[1:]) * (proj_tr or vis_tr)
