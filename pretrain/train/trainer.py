@@ -275,10 +275,6 @@ class Trainer:
                     f"({bad[i] / seen:.1%} > data.max_bad_fraction={d.max_bad_fraction}); reasons: "
                     f"{reasons[i]}. Run `pretrain shards verify` on it.")
 
-    def validate(self) -> float:
-        """Validation loss over train.val_batches batches per rank (collective)."""
-        return self.validator.loss()
-
 
 class _Window:
     """Counters of the steps since the last log line."""
