@@ -40,7 +40,7 @@ STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "full": frozenset({"vision", "projector", "llm"}),
 }
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-PROJECTOR_KINDS = ("mlp2x_gelu", "linear", "mlp3x_gelu")
+PROJECTOR_DEPTH = {"mlp2x_gelu": 2, "linear": 1, "mlp3x_gelu": 3}  # linear layers of each projector kind
 
 Tensors = list[tuple[str, int]]  # (parameter name, numel), the shapes of what a real module would hold
 
@@ -189,9 +189,9 @@ class VisionShape:
 
 def projector_tensors(kind: str, n_in: int, n_out: int, bias: bool = True) -> Tensors:
     """`linear`: one layer; `mlp2x_gelu` (LLaVA-1.5, transformers' Llava): in->out, GELU, out->out; `mlp3x_gelu`."""
-    depth = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}.get(kind)
+    depth = PROJECTOR_DEPTH.get(kind)
     if depth is None:
-        raise ValueError(f"unknown projector {kind!r} (valid: {', '.join(PROJECTOR_KINDS)})")
+        raise ValueError(f"unknown projector {kind!r} (valid: {', '.join(PROJECTOR_DEPTH)})")
     out: Tensors = []
     for k in range(depth):
         out += _linear(f"linear_{k + 1}", n_in if k == 0 else n_out, n_out, bias)

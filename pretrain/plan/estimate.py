@@ -19,7 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pretrain.config import DeepSpeedConfig, batch_split
-from pretrain.model.flops import PEAK_FLOPS, StepFlops, VLMShape, count_params, mfu, step_flops, trainable_parts
+from pretrain.model.flops import (
+    PEAK_FLOPS,
+    PROJECTOR_DEPTH,
+    StepFlops,
+    VLMShape,
+    count_params,
+    mfu,
+    step_flops,
+    trainable_parts,
+)
 
 GIB = 1024**3
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
@@ -181,7 +190,7 @@ def activation_bytes(work: Workload) -> float:
         g = shape.vision_grad_layers
         v_ckpt = math.ceil(g * ckpt / llm.layers)
         vision += images * vis.seq * a * (v_ckpt * vis.hidden + (g - v_ckpt) * v_layer + v_layer)
-    depth = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}[shape.projector]
+    depth = PROJECTOR_DEPTH[shape.projector]
     projector = images * shape.image_tokens * a * (shape.projector_in + 2 * (depth - 1) * h + h)
     return decoder + logits + vision + projector
 
