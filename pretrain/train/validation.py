@@ -129,8 +129,8 @@ def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
 def shuffled_images(batch: dict) -> dict:
     """The batch with its images rolled by one place (unchanged when it has fewer than two)."""
     px = batch.get("pixel_values")
-    if px is None or px.shape[0] < 2:
-        return batch
+    if px is None or px.shape[0] < 2 or any(t != 1 for t in batch.get("image_tiles") or []):
+        return batch  # tiled images differ in token counts, so they cannot swap places
     return {**batch, "pixel_values": px.roll(1, dims=0)}
 
 
