@@ -89,7 +89,7 @@ class DataConfig(Section):
     # Images (tiles, with AnyRes) per micro-batch: a batch ends before a sample that would pass it, so the vision
     # tower's work per rank is bounded; a sample alone over it is skipped (too_many_images). None: no limit.
     max_images_per_batch: int | None = Field(default=None, ge=1)
-    # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.setup).
+    # Loader worker processes per rank; `auto`: the CPUs given to the rank minus its main process (train.engine).
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 2
     shuffle_buffer: int = Field(default=1000, ge=1)
     # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.

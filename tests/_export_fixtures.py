@@ -35,7 +35,7 @@ def run_config(run_dir: Path) -> Config:
 
 
 def sample_processor(cfg: Config, tokenizer, vlm_config) -> SampleProcessor:
-    """What the trainer builds (train/setup.py build_engine) to turn raw samples into model inputs."""
+    """What the trainer builds (train/engine.py build_engine) to turn raw samples into model inputs."""
     return processing.sample_processor(cfg, tokenizer, vlm_config, processing.image_processor_for(cfg.model))
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pretrain.eval import metrics as M
+from pretrain.eval import scores as M
 
 
 def test_cider_d_matches_the_coco_reference_code():
@@ -165,3 +165,38 @@ def test_eval_command_reports_usage_errors(tmp_path, capsys):
     assert "unknown ['bleu']" in capsys.readouterr().out
     assert main(["eval", str(cfg), "--checkpoint", str(tmp_path), "objectives.itm_weight=-1"]) == 2
     assert "objectives.itm_weight" in capsys.readouterr().out
+
+
+def test_the_validation_loop_sums_token_losses_over_batches_and_measures_the_image_gap(tiny):
+    from pretrain.train.validation import validation_metrics
+
+    module, tok = tiny
+    cfg = module.vlm.config
+    prompt = [tok.bos_token_id] + [cfg.image_token_id] * cfg.image_seq_length
+    torch.manual_seed(2)
+    batches = []
+    for words in (("one red circle.", "two blue squares at the top."), ("a green star.", "three small dots."),
+                  ("never read: past max_batches.", "never read either.")):
+        texts = [tok(w, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for w in words]
+        width = len(prompt) + max(len(t) for t in texts)
+        ids, labels = torch.full((2, width), tok.pad_token_id), torch.full((2, width), -100)
+        mask = torch.zeros((2, width), dtype=torch.long)
+        for row, t in enumerate(texts):
+            ids[row, : len(prompt) + len(t)] = torch.tensor(prompt + t)
+            labels[row, len(prompt) : len(prompt) + len(t)] = torch.tensor(t)
+            mask[row, : len(prompt) + len(t)] = 1
+        px = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px})
+    module.train()
+    got = validation_metrics(module, iter(batches), torch.device("cpu"), max_batches=2, image_ablation=True)
+    assert module.training  # put back in the mode it was in
+    module.eval()
+    with torch.no_grad():
+        sums = [module(b) for b in batches[:2]]
+        rolled = [module({**b, "pixel_values": b["pixel_values"].roll(1, dims=0)})[0] for b in batches[:2]]
+    count = sum(int(n) for _, n in sums)
+    assert got["batches"] == 2 and count > 4
+    assert got["loss"] == pytest.approx(sum(s.item() for s, _ in sums) / count, rel=1e-6)  # a mean over tokens
+    assert got["loss_shuffled_images"] == pytest.approx(sum(r.item() for r in rolled) / count, rel=1e-6)
+    assert got["image_gap"] == pytest.approx(got["loss_shuffled_images"] - got["loss"]) and got["image_gap"] != 0
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))

@@ -18,7 +18,7 @@ from pretrain.export.hf import convert, resolve_checkpoint
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train import checkpoint as ckpt
-from pretrain.train.setup import make_loader
+from pretrain.train.engine import make_loader
 
 pytestmark = pytest.mark.slow
 

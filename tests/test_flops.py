@@ -210,3 +210,11 @@ def test_unsupported_shapes_are_refused():
         DecoderShape.from_config(AutoConfig.for_model("gpt2"))
     with pytest.raises(ValueError, match="stage"):
         step_flops(tiny_shape(), [40], stage="pretrain")
+
+
+def test_image_tokens_per_image_are_the_callers_to_give():
+    h = hand_forward()
+    # 40 decoder positions per image (e.g. several tiles) instead of the shape's 16: the projector scales with them.
+    f = step_flops(tiny_shape(), LENS, images=2, logit_tokens=LOGITS, stage="full", image_tokens=40)
+    assert f.projector.forward == h["projector"] * 40 / 16
+    assert f.decoder.forward == h["decoder"]  # decoder lengths already count the image positions

@@ -16,7 +16,7 @@ from pretrain.config import DataConfig, load_config
 from pretrain.data.loader import ResumableLoader
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.processing import image_processor_for, sample_processor
-from pretrain.train.setup import VAL_WORKERS, cpus_for_rank, loader_workers, make_loader
+from pretrain.train.engine import VAL_WORKERS, cpus_for_rank, loader_workers, make_loader
 
 CPUS = len(os.sched_getaffinity(0))
 

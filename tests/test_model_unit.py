@@ -375,7 +375,7 @@ def test_image_and_pad_tokens_are_added_and_embeddings_grow_from_the_mean(tmp_pa
 
 
 def test_model_is_built_on_the_host_in_the_training_precision(tokenizer):
-    from pretrain.train.setup import host_dtype
+    from pretrain.train.engine import host_dtype
 
     # A decoder vocabulary smaller than the tokenizer's: the build grows the embeddings.
     llm = {**DECODER_SHAPES["llama"], "vocab_size": 64}

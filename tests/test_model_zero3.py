@@ -149,7 +149,7 @@ def _images_per_rank(config) -> list[int]:
     """Images in each rank's first micro-batch, from the run's own config through the trainer's loader."""
     from pretrain.config import load_config
     from pretrain.model.processing import build_processing
-    from pretrain.train.setup import make_loader
+    from pretrain.train.engine import make_loader
 
     cfg = load_config(config)
     processing = build_processing(cfg)

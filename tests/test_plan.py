@@ -13,10 +13,10 @@ from transformers import AutoConfig
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, DeepSpeedConfig, load_config
+from pretrain.model.components import KNOWN_CONFIGS
 from pretrain.model.flops import count_params
 from pretrain.plan import (
     GPUS,
-    KNOWN_CONFIGS,
     Cluster,
     Workload,
     estimate_step,

@@ -40,7 +40,7 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     from pretrain.model.build import build_model
     from pretrain.model.processing import build_processing
     from pretrain.model.vlm import VLMForTraining
-    from pretrain.train.setup import make_loader
+    from pretrain.train.engine import make_loader
     from pretrain.train.universal import merge_loader_states
 
     cfg = load_config(cfg_path)

@@ -21,7 +21,7 @@ def _val_batches_per_rank(cfg_path, rank: int) -> int:
     """Batches of one single pass over the val shards for `rank` of 2, as the Validator's loader makes them."""
     from pretrain.config import load_config
     from pretrain.model.processing import build_processing
-    from pretrain.train.setup import make_loader
+    from pretrain.train.engine import make_loader
 
     cfg = load_config(cfg_path)
     p = build_processing(cfg)

@@ -72,7 +72,7 @@ def _rank_main(run: Path, tok_dir: Path) -> None:
     from pretrain import distributed as dist
     from pretrain.train import checkpoint as ckpt
     from pretrain.train.ds_config import build_ds_config
-    from pretrain.train.setup import build_engine
+    from pretrain.train.engine import build_engine
 
     cfg = run_config(run, tok_dir, "tiny")
     rank, world, _ = dist.init(30)

@@ -1,10 +1,10 @@
 """Start-up host memory of one training process on CPU: RSS after the model build and peak RSS after
 deepspeed.initialize, for a ~1B config-built Llama (random weights) + a small CLIP tower, built in fp32 (what the
-trainer did before) or in the training precision, bf16 (what pretrain.train.setup.host_dtype does now).
+trainer did before) or in the training precision, bf16 (what pretrain.train.engine.host_dtype does now).
 
     .venv/bin/python tools/measure_startup_rss.py [--hidden 2048 --layers 16 --stage 2]
 
-Each case runs in a fresh process (world size 1, gloo) through pretrain.train.setup.build_engine; the table is
+Each case runs in a fresh process (world size 1, gloo) through pretrain.train.engine.build_engine; the table is
 printed last. The fp32 case replaces host_dtype for that process only.
 """
 
@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
 
     from pretrain import distributed as dist
     from pretrain.model.tiny import build_tokenizer
-    from pretrain.train import setup
+    from pretrain.train import engine as setup
     from pretrain.train.ds_config import build_ds_config
 
     tok_dir = tempfile.mkdtemp()

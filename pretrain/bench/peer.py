@@ -23,7 +23,7 @@ from pretrain.bench.common_practice import IGNORE, LlavaShardDataset, LlavaStyle
 from pretrain.config import Config
 from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
-from pretrain.train.setup import loader_workers
+from pretrain.train.engine import loader_workers
 
 
 def llava_ds_config(cfg: Config) -> dict[str, Any]:

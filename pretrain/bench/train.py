@@ -21,7 +21,7 @@ from typing import Any
 
 from pretrain.config import Config, save_config
 from pretrain.distributed import free_port
-from pretrain.model.flops import peak_flops
+from pretrain.model.flops import mfu
 
 
 def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, extra: list[str] = ()) -> None:
@@ -58,11 +58,8 @@ def summarize(records: list[dict], warmup: int, nproc: int, device: str) -> dict
     out = {"steps": len(steps), "step_time_s": time_s / len(steps), "tokens_per_s": tokens / time_s,
            "samples_per_s": samples / time_s, "samples_per_step": samples / len(steps),
            "data_wait_frac": wait / time_s, "mfu": None}
-    if all(r.get("flops") for r in steps) and device != "cpu":
-        try:
-            out["mfu"] = sum(r["flops"] for r in steps) / (time_s * nproc * peak_flops(device))
-        except ValueError:  # a device without a known peak
-            pass
+    if all(r.get("flops") for r in steps):  # a device without a known peak (a CPU) gives None
+        out["mfu"] = mfu(sum(r["flops"] for r in steps), time_s, nproc, device)
     elif all(r.get("mfu") is not None for r in steps):  # ours: the trainer computes it per logged window
         out["mfu"] = sum(r["mfu"] * r["step_time_s"] for r in steps) / time_s
     return out

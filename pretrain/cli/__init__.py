@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain LLaVA-style vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pretrain.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"pretrain.cli.{name}":
-                continue  # not built yet in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(f"pretrain.cli.{name}").register(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """`pretrain eval`: one checkpoint, the first N validation samples, every metric the data supports, one JSON object.
 
-- loss / perplexity / image-ablation gap: the training preprocessing of the same samples (validation.py);
+- loss / perplexity / image-ablation gap: the training preprocessing of the same samples, through the training-time
+  validation loop (pretrain.train.validation);
 - captioning (samples with a caption): greedy captions in the pretraining format, BLEU-4 and CIDEr-D against the
   reference caption, and for the synthetic shapes set the attribute accuracy of the generated captions;
 - VQA (samples with `qa` pairs): greedy answers to each question in the chat format, exact match;
@@ -22,12 +23,12 @@ import torch
 from pretrain.config import Config
 from pretrain.data.batching import collate
 from pretrain.data.errors import SampleError
-from pretrain.eval import metrics as M
+from pretrain.eval import scores as M
 from pretrain.eval.greedy import caption_prompt, greedy_generate, question_prompt, stop_ids
 from pretrain.eval.loading import EvalModel, load_eval_model
 from pretrain.eval.retrieval import contrastive_similarity, image_features, likelihood_similarity
 from pretrain.eval.samples import EvalSample, read_eval_samples
-from pretrain.eval.validation import validation_metrics
+from pretrain.train.validation import validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def loss_metrics(em: EvalModel, samples: list[EvalSample], batch_size: int) -> d
             continue
     pad = em.tokenizer.pad_token_id
     batches = (collate([[p] for p in chunk], pad) for chunk in _batched(processed, batch_size))
-    return validation_metrics(em.module, batches, em.device, retrieval=False)
+    return validation_metrics(em.module, batches, em.device, image_ablation=True)
 
 
 def generate_texts(em: EvalModel, images: list, prompts: list[list[int]], opts: EvalOptions) -> list[str]:

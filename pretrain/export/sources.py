@@ -23,7 +23,7 @@ from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from pretrain.config import ModelConfig
 from pretrain.export.safetensors_stream import DTYPE_CODES
-from pretrain.model.build import load_component_config
+from pretrain.model.components import load_component_config
 
 log = logging.getLogger(__name__)
 

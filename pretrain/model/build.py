@@ -22,7 +22,6 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     LlavaConfig,
@@ -34,15 +33,11 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model.attention import AttentionChoice, resolve_attention
+from pretrain.model.components import load_component_config
 from pretrain.model.projector import ACTIVATION, is_linear, load_projector, projector_activation, set_identity
 from pretrain.tokens import IMAGE_TOKEN, PAD_TOKEN
 
 log = logging.getLogger(__name__)
-
-VISION_TYPES = {"clip_vision_model", "siglip_vision_model"}
-# Full two-tower checkpoints (openai/clip-*, google/siglip-*): the vision half is taken.
-TWO_TOWER_TYPES = {"clip", "siglip"}
-
 
 @dataclass
 class ZeroContext:
@@ -75,24 +70,6 @@ class ZeroContext:
 
 def _is_local_or_hub(spec: str | dict) -> bool:
     return isinstance(spec, str)
-
-
-def load_component_config(spec: str | dict[str, Any], *, vision: bool) -> PretrainedConfig:
-    """A component's config from an inline dict (`model_type` + fields), a local directory or a hub id."""
-    if isinstance(spec, dict):
-        fields = dict(spec)
-        model_type = fields.pop("model_type", None)
-        if not model_type:
-            raise ConfigError(f"model.{'vision' if vision else 'llm'}: an inline config needs a `model_type`")
-        cfg = AutoConfig.for_model(model_type, **fields)
-    else:
-        cfg = AutoConfig.from_pretrained(spec)
-    if vision and cfg.model_type in TWO_TOWER_TYPES:
-        cfg = cfg.vision_config
-    if vision and cfg.model_type not in VISION_TYPES:
-        raise ConfigError(f"model.vision: model_type {cfg.model_type!r} is not a supported vision tower "
-                          f"(valid: {sorted(VISION_TYPES | TWO_TOWER_TYPES)})")
-    return cfg
 
 
 def select_strategy(mcfg: ModelConfig, vision_cfg: PretrainedConfig) -> str:

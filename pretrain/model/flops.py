@@ -23,22 +23,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from pretrain.model.components import VISION_TYPES
+
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from the vendors' data sheets (SXM / OAM parts unless named).
-# The one table of peaks: MFU here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
+# The one table of peaks: mfu() here and `pretrain plan --gpu` (pretrain/plan/estimate.py) both read it. Short keys
 # (`a100`) also match device names ("NVIDIA A100-SXM4-80GB") in peak_flops().
 PEAK_FLOPS: dict[str, float] = {
     "a100": 312e12, "a100-40gb": 312e12, "a100-80gb": 312e12, "h100": 989e12, "h100-pcie": 756e12,
     "h200": 989e12, "l40s": 362e12, "mi300x": 1307e12, "b200": 2250e12,
 }
 
+# What each `train.stage` trains: the one table, read by the cost model here and by freezing (pretrain.model.stages).
 STAGE_TRAINABLE: dict[str, frozenset[str]] = {
     "align": frozenset({"projector"}),
     "finetune": frozenset({"projector", "llm"}),
     "full": frozenset({"vision", "projector", "llm"}),
 }
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-PROJECTOR_KINDS = ("mlp2x_gelu", "linear", "mlp3x_gelu")
+PROJECTOR_DEPTH = {"mlp2x_gelu": 2, "linear": 1, "mlp3x_gelu": 3}  # linear layers of each projector kind
 
 Tensors = list[tuple[str, int]]  # (parameter name, numel), the shapes of what a real module would hold
 
@@ -187,9 +189,9 @@ class VisionShape:
 
 def projector_tensors(kind: str, n_in: int, n_out: int, bias: bool = True) -> Tensors:
     """`linear`: one layer; `mlp2x_gelu` (LLaVA-1.5, transformers' Llava): in->out, GELU, out->out; `mlp3x_gelu`."""
-    depth = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}.get(kind)
+    depth = PROJECTOR_DEPTH.get(kind)
     if depth is None:
-        raise ValueError(f"unknown projector {kind!r} (valid: {', '.join(PROJECTOR_KINDS)})")
+        raise ValueError(f"unknown projector {kind!r} (valid: {', '.join(PROJECTOR_DEPTH)})")
     out: Tensors = []
     for k in range(depth):
         out += _linear(f"linear_{k + 1}", n_in if k == 0 else n_out, n_out, bias)
@@ -337,12 +339,13 @@ class StepFlops:
 
 def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None = None,
                logit_tokens: int | None = None, stage: str | Iterable[str] = "full", causal: bool = False,
-               recompute_fraction: float = 0.0) -> StepFlops:
+               recompute_fraction: float = 0.0, image_tokens: int | None = None) -> StepFlops:
     """FLOPs of one forward+backward over samples of decoder lengths `sample_lens` (image tokens included).
 
     `images` defaults to one per sample; `logit_tokens` (positions where the LM head runs) to every token, pass the
     label count when logits are computed only there. `recompute_fraction`: share of the decoder (and, when it
-    trains, vision) layers under activation checkpointing, reported as `recompute`.
+    trains, vision) layers under activation checkpointing, reported as `recompute`. `image_tokens`: decoder
+    positions per image through the projector, `shape.image_tokens` unless the caller knows better.
     """
     parts = trainable_parts(stage)
     n_img = len(sample_lens) if images is None else images
@@ -362,7 +365,7 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
 
     vision, vision_attention = _vision_costs(shape, n_img, vis_tr)
 
-    feat = n_img * shape.image_tokens
+    feat = n_img * (shape.image_tokens if image_tokens is None else image_tokens)
     proj = [2.0 * feat * n for n in _linear_weights(shape.projector_tensors())]
     # Weight gradients when it trains; input gradients of the first layer only for a training tower upstream.
     proj_bwd = sum(proj) * proj_tr + proj[0] * vis_tr + sum(proj[1:]) * (proj_tr or vis_tr)
@@ -378,11 +381,24 @@ def flops_per_sample(shape: VLMShape, sample_len: int, images: int = 1, logit_to
     return step_flops(shape, [sample_len], images, logit_tokens, stage, causal)
 
 
-def mfu(flops_per_step: float, step_time_s: float, n_gpus: int, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the dense peak of all GPUs."""
-    if step_time_s <= 0 or n_gpus <= 0 or peak_flops <= 0:
-        raise ValueError("step_time_s, n_gpus and peak_flops must be positive")
-    return flops_per_step / (step_time_s * n_gpus * peak_flops)
+def mfu(flops: float, seconds: float, n_gpus: int, peak: float | str | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the dense peak of all GPUs; the one formula that the
+    trainer's metrics, `pretrain bench train` and `pretrain plan` use.
+
+    `peak`: FLOP/s per GPU, or a GPU named as peak_flops() takes it. None where there is nothing to divide by: no
+    accelerator (`peak` None, as on CPU), a device of unknown peak, or no model FLOPs counted (no FLOPs model)."""
+    if seconds <= 0 or n_gpus <= 0:
+        raise ValueError(f"seconds and n_gpus must be positive (got {seconds}, {n_gpus})")
+    if isinstance(peak, str):
+        try:
+            peak = peak_flops(peak)
+        except ValueError:
+            return None
+    if peak is None or flops <= 0:
+        return None
+    if peak <= 0:
+        raise ValueError(f"peak must be positive (got {peak})")
+    return flops / (seconds * n_gpus * peak)
 
 
 def peak_flops(gpu: str) -> float:

@@ -2,7 +2,7 @@
 SampleProcessor the loader runs, without building the model or a DeepSpeed engine.
 
 `pretrain shards verify` and the benchmarks use it so they run exactly the training path; it makes the same objects
-as `pretrain.train.setup.build_engine` (image tokens per image and the image token id come from the same Llava
+as `pretrain.train.engine.build_engine` (image tokens per image and the image token id come from the same Llava
 config the model is built from). It lives with the model, as a Hugging Face model's processor does, because it reads
 the model's Llava config; the data layer below it takes the numbers (image tokens, token ids) as arguments.
 """
@@ -20,7 +20,8 @@ from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.text import TextProcessor
-from pretrain.model.build import build_llava_config, load_component_config, load_tokenizer
+from pretrain.model.build import build_llava_config, load_tokenizer
+from pretrain.model.components import load_component_config
 from pretrain.tokens import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)

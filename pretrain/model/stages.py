@@ -11,9 +11,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from pretrain.model.flops import trainable_parts
 from pretrain.model.projector import frozen_names
-
-TRAINABLE = {"align": ("projector",), "finetune": ("projector", "llm"), "full": ("projector", "llm", "vision")}
 
 
 def component_of(name: str) -> str:
@@ -28,13 +27,12 @@ def component_of(name: str) -> str:
 
 def apply_stage(model: LlavaForConditionalGeneration, stage: str) -> dict[str, int]:
     """Freeze by stage; returns trainable parameter counts per component (ZeRO-3 aware)."""
-    if stage not in TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r} (valid: {', '.join(TRAINABLE)})")
+    trainable = trainable_parts(stage)  # the one stage table, shared with the cost model
     fixed = frozen_names(model.config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         comp = component_of(name)
-        p.requires_grad_(comp in TRAINABLE[stage] and not name.endswith(fixed))
+        p.requires_grad_(comp in trainable and not name.endswith(fixed))
         if p.requires_grad:
             counts[comp] = counts.get(comp, 0) + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
     return counts

@@ -3,7 +3,7 @@ model and an MFU, communication per step, and the time to train T tokens on 8 to
 
 from pretrain.plan.estimate import GPUS, Cluster, GPUSpec, Memory, StepEstimate, Workload, estimate_step, memory_per_gpu
 from pretrain.plan.planner import SCALE, Plan, make_plan, workload
-from pretrain.plan.shapes import KNOWN_CONFIGS, component_config, model_shape
+from pretrain.plan.shapes import model_shape
 
-__all__ = ["GPUS", "KNOWN_CONFIGS", "SCALE", "Cluster", "GPUSpec", "Memory", "Plan", "StepEstimate", "Workload",
-           "component_config", "estimate_step", "make_plan", "memory_per_gpu", "model_shape", "workload"]
+__all__ = ["GPUS", "SCALE", "Cluster", "GPUSpec", "Memory", "Plan", "StepEstimate", "Workload", "estimate_step",
+           "make_plan", "memory_per_gpu", "model_shape", "workload"]

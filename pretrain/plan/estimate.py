@@ -19,7 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pretrain.config import DeepSpeedConfig, batch_split
-from pretrain.model.flops import PEAK_FLOPS, StepFlops, VLMShape, count_params, step_flops, trainable_parts
+from pretrain.model.flops import (
+    PEAK_FLOPS,
+    PROJECTOR_DEPTH,
+    StepFlops,
+    VLMShape,
+    count_params,
+    mfu,
+    step_flops,
+    trainable_parts,
+)
 
 GIB = 1024**3
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
@@ -28,11 +37,16 @@ LOGIT_CHUNK_TOKENS = 1024  # chunked/fused cross-entropy: fp32 logits live for t
 
 @dataclass(frozen=True)
 class GPUSpec:
+    key: str  # its row in pretrain.model.flops.PEAK_FLOPS, the one table of peaks
     name: str
-    peak_flops: float  # dense bf16 FLOP/s
     memory_bytes: int  # what the driver reports as total
     nvlink_Bps: float  # achievable intra-node all-reduce bus bandwidth per GPU, bytes/s (assumption)
     pcie_Bps: float  # achievable host<->GPU copy bandwidth, bytes/s (assumption)
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense bf16 FLOP/s."""
+        return PEAK_FLOPS[self.key]
 
 
 # name, memory the driver reports (MiB), achievable intra-node all-reduce bus bandwidth and host copy bandwidth
@@ -46,7 +60,7 @@ _GPU_TABLE: dict[str, tuple[str, int, float, float]] = {
     "mi300x": ("MI300X 192GB", 196608, 300e9, 50e9),
     "b200": ("B200 180GB", 183359, 720e9, 50e9),
 }
-GPUS: dict[str, GPUSpec] = {key: GPUSpec(name, PEAK_FLOPS[key], mib * 2**20, link, host)
+GPUS: dict[str, GPUSpec] = {key: GPUSpec(key, name, mib * 2**20, link, host)
                             for key, (name, mib, link, host) in _GPU_TABLE.items()}
 GPUS["a100"] = GPUS["a100-80gb"]  # the name earlier versions took
 
@@ -176,7 +190,7 @@ def activation_bytes(work: Workload) -> float:
         g = shape.vision_grad_layers
         v_ckpt = math.ceil(g * ckpt / llm.layers)
         vision += images * vis.seq * a * (v_ckpt * vis.hidden + (g - v_ckpt) * v_layer + v_layer)
-    depth = {"linear": 1, "mlp2x_gelu": 2, "mlp3x_gelu": 3}[shape.projector]
+    depth = PROJECTOR_DEPTH[shape.projector]
     projector = images * shape.image_tokens * a * (shape.projector_in + 2 * (depth - 1) * h + h)
     return decoder + logits + vision + projector
 
@@ -230,7 +244,8 @@ class StepEstimate:
         return self.tokens_per_step / self.step_s / self.n_gpus
 
     def effective_mfu(self, peak: float) -> float:
-        return self.flops_per_gpu / (self.step_s * peak)
+        """MFU of the whole step, communication and offload included (compute alone runs at Cluster.mfu)."""
+        return mfu(self.flops_per_gpu, self.step_s, 1, peak)
 
     def hours_for(self, tokens: float) -> float:
         return tokens / self.tokens_per_step * self.step_s / 3600

@@ -31,7 +31,8 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         w = self.work
         return {
-            "gpu": asdict(self.gpu), "n_gpus": self.n_gpus, "tokens": self.tokens, "mfu": self.cluster.mfu,
+            "gpu": asdict(self.gpu) | {"peak_flops": self.gpu.peak_flops}, "n_gpus": self.n_gpus,
+            "tokens": self.tokens, "mfu": self.cluster.mfu,
             "assumptions": {k: v for k, v in asdict(self.cluster).items() if k != "gpu"},
             "stage": w.stage, "zero_stage": self.ds.zero_stage, "offload_optimizer": self.ds.offload_optimizer,
             "offload_params": self.ds.offload_params,

@@ -98,7 +98,7 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) 
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
-        # The client optimizer is ours: torch AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded (setup.py).
+        # The client optimizer is ours: torch AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded (engine.py).
         "zero_force_ds_cpu_optimizer": False,
     })
     if load_universal:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.train.metrics import _drop_after as drop_steps_after
+from pretrain.train.run_log import _drop_after as drop_steps_after
 
 
 def samples_path(run_dir: Path, rank: int) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pretrain import distributed as dist
-from pretrain.model.flops import VLMShape, peak_flops, step_flops
+from pretrain.model.flops import VLMShape, step_flops
 from pretrain.tokens import IGNORE
 from pretrain.train.faults import Faults
 
@@ -153,18 +153,6 @@ class FlopsMeter:
     def take(self) -> float:
         flops, self.flops = self.flops, 0.0
         return flops
-
-
-def mfu(total_flops: float, elapsed_s: float, world: int, device_name: str | None) -> float | None:
-    """Model FLOPs (summed over ranks) over elapsed time x the dense bf16 peak of every device; None without a
-    known accelerator (CPU) or a FLOPs model."""
-    if device_name is None or total_flops <= 0 or elapsed_s <= 0:
-        return None
-    try:
-        peak = peak_flops(device_name)
-    except ValueError:
-        return None
-    return total_flops / (elapsed_s * world * peak)
 
 
 def device_name() -> str | None:

@@ -2,7 +2,7 @@
 
 What happens where: step.py (one optimizer step, loss normalisation, model FLOPs), checkpoint.py (commit marker,
 `latest`, retention), universal.py (resume on another number of ranks), validation.py (val loss, captions),
-signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), metrics.py (metrics.jsonl, TensorBoard, progress bar).
+signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), run_log.py (metrics.jsonl, TensorBoard, progress bar).
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
+from pretrain.model.flops import mfu
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
+from pretrain.train.engine import build_engine, make_loader
 from pretrain.train.faults import Faults
-from pretrain.train.metrics import MetricsWriter
 from pretrain.train.preflight import preflight
+from pretrain.train.run_log import MetricsWriter
 from pretrain.train.samples import SampleRecorder
-from pretrain.train.setup import build_engine, make_loader
 from pretrain.train.signals import StopRequest
-from pretrain.train.step import FlopsMeter, StepResult, device_name, mfu, train_step
+from pretrain.train.step import FlopsMeter, StepResult, device_name, train_step
 from pretrain.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,6 @@ class Trainer:
                     f"data source {i} ({d.train[i].urls}): {int(bad[i])} of {int(seen)} samples skipped "
                     f"({bad[i] / seen:.1%} > data.max_bad_fraction={d.max_bad_fraction}); reasons: "
                     f"{reasons[i]}. Run `pretrain shards verify` on it.")
-
-    def validate(self) -> float:
-        """Validation loss over train.val_batches batches per rank (collective)."""
-        return self.validator.loss()
 
 
 class _Window:

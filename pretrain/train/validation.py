@@ -1,4 +1,10 @@
-"""Validation: loss on `data.val`, and a few val images captioned by the model as it trains (TensorBoard).
+"""Validation: the one validation-loss loop (training-time validation and `pretrain eval` both run it), and a few val
+images captioned by the model as it trains (TensorBoard).
+
+Image-ablation gap: the validation loss again with each micro-batch's images rolled by one place (every sample gets
+another sample's image), minus the loss with the true images. A model that reads the images pays for the wrong
+ones; a model that learned only the text priors loses nothing. (A micro-batch with a single image cannot shuffle and
+adds no gap.)
 
 Captions come from greedy generation through the training model itself (no export). Under ZeRO-3 every forward
 gathers parameters collectively, so every rank reads the same few val samples and runs the same generation loop
@@ -8,9 +14,11 @@ gathers parameters collectively, so every rank reads the same few val samples an
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +34,8 @@ from pretrain.data.sample import SampleProcessor, image_bytes
 from pretrain.data.stream import ShardReader, TarShardError
 from pretrain.data.urls import expand_urls
 from pretrain.tokens import IGNORE
-from pretrain.train.metrics import MetricsWriter
-from pretrain.train.setup import make_loader
+from pretrain.train.engine import make_loader
+from pretrain.train.run_log import MetricsWriter
 from pretrain.train.step import to_device
 
 log = logging.getLogger(__name__)
@@ -119,6 +127,61 @@ def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
     return [text[i : i + per_line] for i in range(0, max(len(text), 1), per_line)][:4]
 
 
+def shuffled_images(batch: dict) -> dict:
+    """The batch with its images rolled by one place (unchanged when it has fewer than two)."""
+    px = batch.get("pixel_values")
+    if px is None or px.shape[0] < 2 or any(t != 1 for t in batch.get("image_tiles") or []):
+        return batch  # tiled images differ in token counts, so they cannot swap places
+    return {**batch, "pixel_values": px.roll(1, dims=0)}
+
+
+@torch.no_grad()
+def validation_metrics(model: Any, batches: Iterable[dict], device: torch.device, *, max_batches: int | None = None,
+                       spare: Callable[[], dict] | None = None, image_ablation: bool = False) -> dict[str, float]:
+    """Loss over this rank's `batches` (at most `max_batches`) and every other rank's: `loss` (the mean over all
+    label tokens), `perplexity`, `batches` (counted here), and with `image_ablation` `loss_shuffled_images` and
+    `image_gap`. `model`: a DeepSpeed engine or the module it wraps; it is put back in the mode it was in.
+
+    ZeRO-3 lockstep: before each batch the ranks agree whether any of them still has one; a rank whose batches ran
+    dry runs its last batch again (its first ever: `spare()`) through the same modules and does not count it. The
+    loss sums stay on the device, the label count is the host number the forward returns: one read at the end."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, loss with shuffled images
+    count, counted, last = 0, 0, None
+    it = iter(batches)
+    try:
+        for _ in range(max_batches) if max_batches is not None else itertools.count():
+            batch = next(it, None)
+            (holders,) = dist.all_reduce_values([batch is not None])  # one number per batch, host-side
+            if holders == 0:
+                break
+            real = batch is not None
+            if not real:
+                if last is None:
+                    if spare is None:
+                        raise RuntimeError("a rank ran out of validation batches and has no spare to keep lockstep")
+                    last = spare()
+                batch = last
+            on_device = to_device(batch, device)
+            loss, n = model(on_device)
+            shuffled = model(shuffled_images(on_device))[0] if image_ablation else None
+            if real:
+                sums[0] += loss.double()
+                if shuffled is not None:
+                    sums[1] += shuffled.double()
+                count, counted, last = count + int(n), counted + 1, batch
+    finally:
+        model.train(was_training)
+    loss_sum, shuffled_sum, count = dist.all_reduce_values([sums[0], sums[1], count])
+    loss = loss_sum / max(count, 1.0)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": counted}
+    if image_ablation:
+        out["loss_shuffled_images"] = shuffled_sum / max(count, 1.0)
+        out["image_gap"] = out["loss_shuffled_images"] - loss
+    return out
+
+
 class Validator:
     """Runs at `train.val_every`: val loss/perplexity on every rank, captions of `train.val_captions` images."""
 
@@ -129,33 +192,13 @@ class Validator:
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self._samples: list[CaptionSample] | None = None
 
-    @torch.no_grad()
-    def loss(self) -> float:
-        """Mean token loss over one pass of `data.val` (at most train.val_batches batches per rank). ZeRO-3
-        lockstep: before each batch the ranks agree whether any of them still has one; a rank whose shards ran dry
-        runs its last batch again through the same modules and does not count it."""
+    def metrics(self) -> dict[str, float]:
+        """Loss and perplexity over one pass of `data.val`, at most train.val_batches batches per rank
+        (collective)."""
         loader = make_loader(self.cfg, self.cfg.data.val, self.processor, self.tokenizer.pad_token_id, self.rank,
                              self.world, train=False)
-        self.engine.eval()
-        # The loss sum stays on the device; the count is the host int the forward returns (a CPU tensor).
-        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        it, spare = iter(loader), None
-        for _ in range(self.cfg.train.val_batches):
-            batch = next(it, None)
-            (holders,) = dist.all_reduce_values([batch is not None])  # one number per batch, host-side
-            if holders == 0:
-                break
-            if batch is None and spare is None:
-                spare = self._spare_batch()
-            batch = batch if batch is not None else spare
-            loss, n = self.engine(to_device(batch, self.device))
-            if batch is not spare:
-                loss_sum += loss.double()
-                count += int(n)
-                spare = batch
-        self.engine.train()
-        loss_sum, count = dist.all_reduce_values([loss_sum, count])
-        return loss_sum / max(count, 1.0)
+        return validation_metrics(self.engine, loader, self.device, max_batches=self.cfg.train.val_batches,
+                                  spare=self._spare_batch)
 
     def _spare_batch(self) -> dict:
         """A batch for a rank that had no validation data at all: the first of the whole val set."""
@@ -177,10 +220,11 @@ class Validator:
         return [{"generated": g, "truth": s.truth, "image": s.image} for g, s in zip(texts, self._samples)]
 
     def run(self, writer: MetricsWriter, step: int) -> float:
-        val = self.loss()
+        m = self.metrics()
+        val = m["loss"]
         caps = self.captions()
         writer.scalar("val/loss", val, step)
-        writer.scalar("val/perplexity", math.exp(min(val, 50.0)), step)
+        writer.scalar("val/perplexity", m["perplexity"], step)
         for i, c in enumerate(caps):
             writer.image(f"val/caption_{i}", captioned_image(c["image"], c["generated"], c["truth"]), step)
             writer.text(f"val/caption_{i}", f"**model:** {c['generated']}  \n**truth:** {c['truth']}", step)
