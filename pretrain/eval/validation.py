@@ -16,7 +16,7 @@ import torch
 
 from pretrain.eval.metrics import retrieval_metrics
 from pretrain.model.alignment import batch_pairs, gather_with_grad
-from pretrain.model.vlm import VLMForTraining
+from pretrain.model.vlm import VLMForTraining, pair_features
 from pretrain.train import dist
 
 
@@ -27,8 +27,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def shuffled_images(batch: dict) -> dict:
     """The batch with its images rolled by one place (unchanged when it has fewer than two)."""
     px = batch.get("pixel_values")
-    if px is None or px.shape[0] < 2:
-        return batch
+    if px is None or px.shape[0] < 2 or any(t != 1 for t in batch.get("image_tiles") or []):
+        return batch  # tiled images differ in token counts, so they cannot swap places
     return {**batch, "pixel_values": px.roll(1, dims=0)}
 
 
@@ -57,7 +57,7 @@ def validation_metrics(model, batches: Iterable[dict], device: torch.device | No
                 totals[2] += float(model(shuffled_images(batch))[0])
             if retrieval and module.alignment is not None:
                 px = batch.get("pixel_values")
-                feats = None if px is None else module.image_features(px.to(module.dtype))
+                feats = pair_features(batch, None if px is None else module.image_features(px.to(module.dtype)))
                 pairs = batch_pairs(batch, module.vlm.config.image_token_id)
                 i, t, _ = module.encode_pairs(feats, pairs.texts)
                 img.append(i)
