@@ -43,6 +43,14 @@ def grid_pinpoints(pinpoints: list[list[int]] | None, tile: int, max_image_tiles
     return [list(p) for p in pinpoints] if pinpoints else default_pinpoints(tile, max_image_tiles)
 
 
+def largest_grid_cost(pinpoints: list[list[int]], tile: int, patch: int, base_tokens: int) -> tuple[int, int]:
+    """(tiles, decoder tokens) of an image that fills the largest pinpoint exactly (no unpadding): the most one
+    image can cost. `base_tokens`: the base thumbnail's tokens (patches, plus CLS where kept)."""
+    height, width = max(pinpoints, key=lambda p: p[0] * p[1])
+    rows, cols, side = height // tile, width // tile, tile // patch
+    return 1 + rows * cols, base_tokens + rows * side * (cols * side + 1)  # + one newline per feature row
+
+
 def anyres_image_processor(tower: Any, pinpoints: list[list[int]], tile: int) -> Any:
     """A LlavaNextImageProcessor (PIL backend: no torchvision needed) with the tower processor's settings.
     The crop size is set to the tile even for towers without a crop (SigLIP): LlavaNext cuts tiles of that size."""
