@@ -50,7 +50,9 @@ def test_anyres_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next(tmp
     cfg_path = write_config(tmp_path / "c.yaml", assets, shapes, **{
         "model.image_tiling": "anyres", "model.max_image_tiles": 10, "data.train": [{"urls": urls}],
         "data.val": [], "data.max_length": 512, "data.record_samples": True, "data.shuffle_buffer": 4,
-        "train.micro_batch_size": 2, "train.max_steps": 2, "checkpoint.every_steps": 2, "deepspeed.zero_stage": 3})
+        "train.micro_batch_size": 2, "train.max_steps": 2, "checkpoint.every_steps": 2, "deepspeed.zero_stage": 3,
+        # Every parameter partitioned, image_newline too (a small one would be kept whole on each rank otherwise).
+        "deepspeed.param_persistence_threshold": 0})
     done = launch(cfg_path, nproc=2, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = tmp_path / "run"

@@ -72,7 +72,9 @@ class VLMForTraining(nn.Module):
         if newline is not None and hasattr(newline, "ds_id"):
             # ZeRO-3 gathers a parameter when its owner's forward runs; LlavaNext's image_newline is used in
             # get_image_features, outside LlavaNextModel.forward, so it is tied to this (root) module's forward:
-            # gathered for every forward and reduced in every backward, on every rank.
+            # gathered at the start of every forward on every rank, in the same order. (DeepSpeed would otherwise
+            # gather it on first attribute access, wherever in the forward that falls.) The dummy grid of
+            # `dummy_image` makes every rank use it, so every rank also has its gradient to reduce.
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, newline)
