@@ -128,3 +128,12 @@ def test_default_pinpoints_follow_the_tower_and_the_tile_cap(tokenizer):
     assert e.value.reason == "too_many_image_tiles"
     with pytest.raises(ValueError, match="max_image_tiles"):
         default_pinpoints(32, 1)
+
+
+def test_the_anyres_sample_processor_pickles_into_workers(tokenizer):
+    import pickle
+
+    processing = build_processing(_config(), tokenizer)
+    parts, _ = _caption_parts([(60, 1000)])
+    again = pickle.loads(pickle.dumps(processing.processor))
+    assert again(parts).input_ids == processing.processor(parts).input_ids

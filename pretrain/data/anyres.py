@@ -130,13 +130,20 @@ def _base_size(anyres: Any) -> tuple[int, int]:
     return int(size["shortest_edge"]), int(size["shortest_edge"])
 
 
+class TokenCounter:
+    """(height, width) -> image tokens, by LlavaNextProcessor's own count for that image size (a class, not a
+    closure, so a SampleProcessor holding it pickles into worker processes)."""
+
+    def __init__(self, hf_processor: Any) -> None:
+        self.hf_processor = hf_processor
+
+    def __call__(self, height: int, width: int) -> int:
+        out = self.hf_processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        return int(out["num_image_tokens"][0])
+
+
 def token_counter(hf_processor: Any) -> Callable[[int, int], int]:
-    """(height, width) -> image tokens, by LlavaNextProcessor's own count for that image size."""
-
-    def count(height: int, width: int) -> int:
-        return int(hf_processor._get_num_multimodal_tokens(image_sizes=[(height, width)])["num_image_tokens"][0])
-
-    return count
+    return TokenCounter(hf_processor)
 
 
 def llava_next_processor(image_processor: Any, tokenizer: Any, vlm_config: Any) -> Any:
