@@ -54,6 +54,24 @@ class ModelConfig(Section):
     # Only the projector from a file (safetensors / .bin, e.g. LLaVA's stage-1 mm_projector.bin) or an export
     # directory, loaded after everything else (so it also overrides init_from's projector).
     projector_from: str | None = None
+    # How an image becomes tiles: none = one tile at the tower's size (a Llava model); anyres = LLaVA-NeXT's
+    # best-fit grid of tower-size tiles plus a base thumbnail, unpadded, with a learned newline per row (a
+    # LlavaNext model; see pretrain/data/anyres.py).
+    image_tiling: Literal["none", "anyres"] = "none"
+    # anyres: the [height, width] resolutions the best fit chooses from; None = every grid of 1..3 x 1..3 tiles of
+    # the tower's size (as far as model.max_image_tiles allows).
+    image_grid_pinpoints: list[list[int]] | None = None
+    # Most tiles one sample may bring (all its images, base thumbnails included; more is skipped and counted as
+    # too_many_image_tiles); None = no cap. anyres grids needing more than this are left out of the default
+    # pinpoints.
+    max_image_tiles: int | None = Field(default=None, ge=1)
+
+    @field_validator("image_grid_pinpoints")
+    @classmethod
+    def _pinpoints(cls, pinpoints: list[list[int]] | None) -> list[list[int]] | None:
+        if pinpoints is not None and (not pinpoints or any(len(p) != 2 or min(p) < 1 for p in pinpoints)):
+            raise ValueError("a non-empty list of [height, width] pairs of positive sizes")
+        return pinpoints
 
     @field_validator("projector")
     @classmethod
@@ -175,8 +193,9 @@ class DeepSpeedConfig(Section):
 
 class ObjectivesConfig(Section):
     """Training objectives and their weights. The step loss is caption_weight x (mean token loss) + the weighted
-    alignment losses (see pretrain.model.vlm). Contrastive and ITM use the samples that have an image; their text is
-    what the sample is trained to produce (its label tokens)."""
+    alignment losses (see pretrain.model.vlm). Contrastive and ITM use the samples that have exactly one image (a
+    text after several images describes none of them alone); their text is what the sample is trained to produce
+    (its label tokens)."""
 
     caption_weight: float = Field(default=1.0, ge=0)
     # Image-text contrastive (InfoNCE, negatives gathered across ranks) between pooled image and text features.
@@ -260,6 +279,9 @@ def _check_objectives(cfg: Config) -> None:
     if o.itm_weight > 0 and cfg.train.micro_batch_size < 2 and not cfg.data.packing:
         raise ValueError("objectives.itm_weight > 0 draws hard negatives from the other images of a micro-batch: "
                          "it needs train.micro_batch_size >= 2 image samples")
+    if o.alignment and cfg.model.image_tiling != "none":
+        # Pairs pool one fixed-size token grid per image; AnyRes images have as many tokens as their size gives.
+        raise ValueError("objectives contrastive/itm need model.image_tiling=none")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

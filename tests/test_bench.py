@@ -43,7 +43,11 @@ def test_bench_data_tiny(capsys, config, tmp_path):
     assert code == 0
     out = _last_json(capsys)
     result = out["data"]
-    assert set(result) == {"ours", "ours-fast", "common"}
+    assert set(result) == {"ours", "ours-fast", "common", "anyres-ours", "anyres-hf"}
+    # The AnyRes rows tile for real: 72x48 and 48x64 images take grids beyond 1x1 (+ the base) on both paths.
+    assert result["anyres-ours"]["tokens_per_sample"] > 2 and result["anyres-hf"]["tokens_per_sample"] > 2
+    assert result["anyres-ours"]["per_core_vs_common"] == pytest.approx(
+        result["anyres-ours"]["samples_per_cpu_s"] / result["anyres-hf"]["samples_per_cpu_s"])
     # What one rank's workers deliver against what the model eats on the target GPU at 50% MFU.
     gpu = out["gpu"]
     assert gpu["gpu"] == "h100" and gpu["delivered_samples_per_s"] == result["ours"]["samples_per_s"]

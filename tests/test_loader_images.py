@@ -22,11 +22,11 @@ BUDGET = 3
 
 
 def _sample(images: int, length: int = 10) -> ProcessedSample:
-    pixels = None if images == 0 else torch.zeros(3, 2, 2) if images == 1 else torch.zeros(images, 3, 2, 2)
-    return ProcessedSample([1] * length, [1] * length, pixels)
+    pixels = None if images == 0 else torch.zeros(images, 3, 2, 2)
+    return ProcessedSample([1] * length, [1] * length, pixels, image_tiles=[1] * images)
 
 
-def test_vision_cost_of_each_pixel_layout():
+def test_vision_cost_counts_tiles():
     assert [vision_cost(_sample(n)) for n in (0, 1, 2, 5)] == [0, 1, 2, 5]
 
 

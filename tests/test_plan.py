@@ -246,3 +246,22 @@ def test_lengths_that_do_not_fit_are_refused(tmp_path):
     cfg = load_config(recipe(tmp_path, TINY_MODEL))
     with pytest.raises(ConfigError, match="does not fit"):
         make_plan(cfg, sample_len=1000)
+
+
+def test_anyres_prices_every_tile_of_the_largest_grid(tmp_path, tokenizer):
+    from pretrain.config import build_config
+    from pretrain.data.anyres import token_counter
+    from pretrain.model.processing import build_processing
+
+    none = load_config(recipe(tmp_path, TINY_MODEL))
+    anyres = load_config(recipe(tmp_path, {**TINY_MODEL, "image_tiling": "anyres"}))
+    flat, tiled = make_plan(none, text_tokens=32), make_plan(anyres, text_tokens=32)
+    assert flat.work.images_per_sample == 1 and tiled.work.images_per_sample == 10  # 3x3 tiles + the base
+    # A 96 x 96 image (the largest grid, no padding) costs what LlavaNextProcessor counts for it.
+    processing = build_processing(build_config({**yaml.safe_load(recipe(tmp_path, {
+        **TINY_MODEL, "image_tiling": "anyres", "tokenizer": "unused"}).read_text())}), tokenizer)
+    from pretrain.data.anyres import llava_next_processor
+
+    count = token_counter(llava_next_processor(processing.image_processor, tokenizer, processing.vlm_config))
+    assert tiled.work.sample_len - flat.work.sample_len == count(96, 96) - 16
+    assert tiled.sample_flops.vision.total == pytest.approx(10 * flat.sample_flops.vision.total)

@@ -48,7 +48,7 @@ def test_image_without_placeholder_gets_one_and_placeholder_without_image_is_bad
     assert out.input_ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 5
     with pytest.raises(SampleError) as e:
         text.conversation([{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "x"}], has_image=False)
-    assert e.value.reason == "bad_conversation"
+    assert e.value.reason == "image_count_mismatch"
 
 
 def test_text_only_conversation_has_no_image_tokens(text, tokenizer):

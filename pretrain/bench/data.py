@@ -4,6 +4,8 @@ run on the same shards.
 Paths: ours (the training loader: shard index, shuffle buffer, decode + the processor-exact transform, tokenize,
 batch; `data.packing` as configured), ours with `data.fast_image_decode=true`, and the common practice
 (`common_practice.webdataset_loader`: webdataset + the transformers image processor + the tokenizer, padded).
+Two more rows time the AnyRes image path alone, per image in this process: our decode + tiling against Pillow +
+transformers' LlavaNextImageProcessor on the same image bytes (their ratios compare with the latter).
 Each is run in rounds, interleaved (noise on a shared machine hits every path alike), after a warm-up that covers
 worker start-up and the shuffle buffer filling. Per core = samples per CPU-second of every process involved (the
 loader workers and the main process), which does not depend on how busy the rest of the machine is.
@@ -26,8 +28,14 @@ from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.model.processing import DataProcessing, sample_processor
 
 PATHS = ("ours", "ours-fast", "common")
+# AnyRes image path alone, per image, in this process: our decode + tiling against Pillow + LlavaNextImageProcessor
+# (the recipe's pinpoints, or the default ones of its tower); their "x" columns compare with the LlavaNext row.
+ANYRES_PATHS = ("anyres-ours", "anyres-hf")
 LABELS = {"ours": "ours (exact)", "ours-fast": "ours (fast_image_decode)",
-          "common": "webdataset + HF processor + tokenizer"}
+          "common": "webdataset + HF processor + tokenizer",
+          "anyres-ours": "AnyRes image: decode + tiles (ours; tiles/image last)",
+          "anyres-hf": "AnyRes image: PIL + LlavaNextImageProcessor (tiles/image last)"}
+ANYRES_IMAGES = 64  # images read from the shards for the AnyRes rows
 
 
 @dataclass
@@ -106,16 +114,49 @@ def _common(cfg: Config, processing: DataProcessing, urls: list[str], workers: i
     return run
 
 
+def _anyres(cfg: Config, urls: list[str]) -> dict[str, Callable[[], Iterator[tuple[int, int]]]]:
+    """Per image: (1, tiles) from our AnyResTransform and from the transformers processor, same image bytes."""
+    import io
+    import itertools
+
+    from PIL import Image
+
+    from pretrain.data.anyres import AnyResTransform
+    from pretrain.data.image import decode_image
+    from pretrain.data.sample import all_image_bytes
+    from pretrain.data.stream import ShardReader, expand_urls
+    from pretrain.model.processing import image_processor_for
+
+    hf = image_processor_for(cfg.model.model_copy(update={"image_tiling": "anyres"}))
+    ours = AnyResTransform(hf)
+    reader, images = ShardReader(), []
+    for url in expand_urls(urls):
+        images += [data for raw in reader.iterate(url) for data in all_image_bytes(raw.parts)]
+        if len(images) >= ANYRES_IMAGES:
+            break
+    images = images[:ANYRES_IMAGES]
+
+    def run_ours() -> Iterator[tuple[int, int]]:
+        for data in itertools.cycle(images):
+            yield 1, int(ours(decode_image(data)).shape[0])
+
+    def run_hf() -> Iterator[tuple[int, int]]:
+        for data in itertools.cycle(images):
+            yield 1, int(hf(Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")["pixel_values"].shape[1])
+
+    return {"anyres-ours": run_ours, "anyres-hf": run_hf}
+
+
 def bench_data(cfg: Config, processing: DataProcessing, urls: list[str], workers: int, seconds: float,
                rounds: int = 3, warmup_s: float = 3.0) -> dict[str, dict[str, float]]:
     """Median over `rounds` of each path's rates; `seconds` of measurement per path and round."""
     torch.set_num_threads(1)  # per core: the in-process path (workers=0) must not spread over threads
     makers = {"ours": _ours(cfg, processing, urls, workers, fast=False),
               "ours-fast": _ours(cfg, processing, urls, workers, fast=True),
-              "common": _common(cfg, processing, urls, workers)}
-    rates: dict[str, list[Rate]] = {name: [] for name in PATHS}
+              "common": _common(cfg, processing, urls, workers), **_anyres(cfg, urls)}
+    rates: dict[str, list[Rate]] = {name: [] for name in PATHS + ANYRES_PATHS}
     for _ in range(rounds):
-        for name in PATHS:
+        for name in PATHS + ANYRES_PATHS:
             rates[name].append(measure(makers[name], seconds, warmup_s))
     out = {}
     for name, rs in rates.items():
@@ -126,9 +167,10 @@ def bench_data(cfg: Config, processing: DataProcessing, urls: list[str], workers
             "tokens_per_sample": sum(r.tokens for r in rs) / max(sum(r.samples for r in rs), 1),
             "samples": sum(r.samples for r in rs),
         }
-    for name in PATHS:
-        out[name]["per_core_vs_common"] = out[name]["samples_per_cpu_s"] / out["common"]["samples_per_cpu_s"]
-        out[name]["per_worker_vs_common"] = out[name]["samples_per_s"] / out["common"]["samples_per_s"]
+    for names, base in ((PATHS, "common"), (ANYRES_PATHS, "anyres-hf")):
+        for name in names:
+            out[name]["per_core_vs_common"] = out[name]["samples_per_cpu_s"] / out[base]["samples_per_cpu_s"]
+            out[name]["per_worker_vs_common"] = out[name]["samples_per_s"] / out[base]["samples_per_s"]
     return out
 
 

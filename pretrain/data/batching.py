@@ -6,8 +6,10 @@ Every batch also carries `sample_lengths` so the boundaries can be checked or us
 
 Host-computed indices, so the training forward never reads device values back (a sync that drains the GPU queue):
 `label_index` holds the flat positions (row x width + column) whose next token is a label, `label_targets` those
-labels, `n_labels` their count as a Python int; `image_texts` the label tokens of each sample with an image, in the
-order of `pixel_values` (the alignment objectives' pairs).
+labels, `n_labels` their count as a Python int. Images: `pixel_values` is the samples' tiles concatenated, (tiles,
+3, H, W), in row-major sample order, or None; `image_tiles` and `image_sizes` are per image, flat, in the same order.
+`image_texts` are the label tokens of each single-image sample and `image_pair_index` the index of its image in that
+flat order (the alignment objectives' pairs: a multi-image sample has no one image its text describes).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
-    pixels, sample_lengths = [], []
+    pixels, sample_lengths, image_tiles, image_sizes, pair_index, pair_texts = [], [], [], [], [], []
     for r, row in enumerate(rows):
         at = 0
         for s in row:
@@ -38,7 +40,14 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
             position_ids[r, at : at + k] = torch.arange(k)
             attention_mask[r, at : at + k] = 1
             if s.pixel_values is not None:
-                pixels.append(s.pixel_values)
+                px = s.pixel_values if s.pixel_values.dim() == 4 else s.pixel_values[None]
+                tiles = s.image_tiles or [int(px.shape[0])]
+                if len(tiles) == 1:
+                    pair_index.append(len(image_tiles))
+                    pair_texts.append([t for t in s.labels if t != IGNORE])
+                pixels.append(px)
+                image_tiles += tiles
+                image_sizes += s.image_sizes or [tuple(px.shape[-2:])] * len(tiles)
             at += k
         # Padding continues the positions so the pad tail reads as one more (fully masked) segment.
         position_ids[r, at:] = torch.arange(width - at)
@@ -49,16 +58,17 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": attention_mask,
-        # A sample's pixels are one image (3, H, W) or several / tiles (n, 3, H, W): one (images, 3, H, W) tensor.
-        "pixel_values": torch.cat([p if p.dim() == 4 else p[None] for p in pixels]) if pixels else None,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_tiles": image_tiles,
+        "image_sizes": image_sizes,
         "sample_lengths": sample_lengths,
         "n_samples": sum(len(row) for row in rows),
         "packed": any(len(row) > 1 for row in rows),
         "label_index": label_index,
         "label_targets": label_targets,
         "n_labels": int(label_index.numel()),
-        "image_texts": [[t for t in s.labels if t != IGNORE] for row in rows for s in row
-                        if s.pixel_values is not None],
+        "image_texts": pair_texts,
+        "image_pair_index": pair_index,
     }
 
 
@@ -71,9 +81,9 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vision_cost(sample: ProcessedSample) -> int:
-    """Images (or tiles) the vision tower runs for a sample: pixels are None, one (3, H, W) image, or (n, 3, H, W)."""
-    pixels = sample.pixel_values
-    return 0 if pixels is None else (pixels.shape[0] if pixels.dim() == 4 else 1)
+    """Tiles the vision tower runs for a sample (one per image without tiling): its pixels are None or
+    (tiles, 3, H, W)."""
+    return 0 if sample.pixel_values is None else sample.pixel_values.shape[0]
 
 
 class Batcher:

@@ -28,8 +28,9 @@ TRUNCATED_TAR = "truncated_tar"
 BAD_ROW = "bad_row"  # a CSV row with the wrong number of columns (converters)
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # <image> placeholders != images of the sample
 TOO_MANY_IMAGES = "too_many_images"  # a sample whose own tiles pass data.max_images_per_batch (loader)
+TOO_MANY_TILES = "too_many_image_tiles"  # a sample's images need more tiles than model.max_image_tiles
 
 # Every rank reduces counters over this fixed list (unknown reasons count as "other").
 REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_IMAGE, MISSING_TEXT,
            EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, BAD_ROW, IMAGE_COUNT_MISMATCH,
-           TOO_MANY_IMAGES, "other")
+           TOO_MANY_IMAGES, TOO_MANY_TILES, "other")

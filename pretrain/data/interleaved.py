@@ -12,7 +12,6 @@ item after it (an image is never cut), the sample counts as truncated, and one w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,32 +20,14 @@ from transformers import PreTrainedTokenizerBase
 
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
-from pretrain.data.image import decode_image
-from pretrain.data.image_formats import IMAGE_EXTENSIONS
 from pretrain.data.text import TokenizedText
 from pretrain.tokens import IGNORE
 
 PARAGRAPH = "\n\n"  # between two text segments that follow each other
-_NUMBERED = re.compile(r"^(\d+)\.([a-z0-9]+)$")
 
 
 def is_interleaved(meta: dict) -> bool:
     return "texts" in meta and "caption" not in meta and "conversations" not in meta
-
-
-def numbered_images(parts: dict[str, bytes]) -> list[bytes]:
-    """The bytes of `KEY.0.ext`, `KEY.1.ext`, ... in index order; SampleError if an index is missing or doubled."""
-    found: dict[int, bytes] = {}
-    for ext, data in parts.items():
-        match = _NUMBERED.match(ext)
-        if match and match.group(2) in IMAGE_EXTENSIONS:
-            index = int(match.group(1))
-            if index in found:
-                raise SampleError(errors.IMAGE_COUNT_MISMATCH, f"two images numbered {index}")
-            found[index] = data
-    if sorted(found) != list(range(len(found))):
-        raise SampleError(errors.MISSING_IMAGE, f"image numbers {sorted(found)} have a gap")
-    return [found[i] for i in range(len(found))]
 
 
 def document_items(meta: dict) -> list[str | None]:
@@ -117,21 +98,14 @@ class Document:
     image_sizes: list[tuple[int, int]]
 
 
-def process_document(processor: Any, meta: dict, parts: dict[str, bytes]) -> Document:
-    """A document through the SampleProcessor's image path (`image_transform`, and `image_token_count(height,
-    width)` where the processor has one, else the fixed `text.image_tokens` per image)."""
+def process_document(processor: Any, meta: dict, images: list[bytes]) -> Document:
+    """A document through the SampleProcessor's image path (`decode_images`: the transform, the per-image token
+    counts and the tile cap); `images` are its stored images in document order."""
     items = document_items(meta)
-    images = numbered_images(parts)
     if len(images) != items.count(None):
         raise SampleError(errors.MISSING_IMAGE, f"{len(images)} images stored for {items.count(None)} in the text")
-    count_for = getattr(processor, "image_token_count", None)
-    pixels, sizes, counts = [], [], []
-    for data in images:  # all decoded, the dropped ones too: a corrupt image is a bad sample wherever it sits
-        image = decode_image(data, max_pixels=processor.max_image_pixels, draft_size=processor.draft_size)
-        px = processor.image_transform(image)
-        pixels.append(px[None] if px.dim() == 3 else px)
-        sizes.append((image.height, image.width))
-        counts.append(count_for(image.height, image.width) if count_for else processor.text.image_tokens)
+    # All decoded, the dropped ones too: a corrupt image is a bad sample wherever it sits.
+    pixels, sizes, counts = processor.decode_images(images)
     text = processor.text
     tokens, kept = tokenize_document(text.tok, items, text.image_token_id, counts, text.max_length)
     stacked = torch.cat(pixels[:kept]) if kept else None

@@ -1,6 +1,9 @@
-"""Text side of a sample: token ids and labels, with `<image>` expanded to the tower's image-token count.
+"""Text side of a sample: token ids and labels, with each `<image>` expanded to that image's token count.
 
-Captions: `[bos] <image>*N caption eos`, labels on the caption and eos only.
+The image side is given as a list of per-image token counts, in placeholder order (a fixed `image_tokens` per image
+when tiling is none; the AnyRes count from each image's size otherwise); `True` / `False` mean one image of the
+fixed count / none, as for single-image samples.
+Captions: `[bos] <image>*n_1 ... <image>*n_k caption eos`, labels on the caption and eos only.
 Conversations (LLaVA `from`/`value` or `role`/`content` turns) are rendered by the tokenizer's own chat template;
 labels cover the assistant turns only. Which tokens belong to an assistant turn is found by rendering the prefixes
 (`messages[:i]` with a generation prompt, and `messages[:i+1]`) and mapping those character spans through the
@@ -40,16 +43,23 @@ class TextProcessor:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; captions need one to end")
 
-    def caption(self, text: str, has_image: bool = True) -> TokenizedText:
+    def image_counts(self, images: bool | list[int]) -> list[int]:
+        """Per-image token counts: a list as given, True = one image of the fixed count, False = none."""
+        if isinstance(images, bool):
+            return [self.image_tokens] if images else []
+        return list(images)
+
+    def caption(self, text: str, has_image: bool | list[int] = True) -> TokenizedText:
         text = text.strip()
         if not text:
             raise SampleError(errors.EMPTY_TEXT)
-        prompt = self.bos + ([self.image_token_id] * self.image_tokens if has_image else [])
+        prompt = self.bos + [self.image_token_id] * sum(self.image_counts(has_image))
         target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return self._fit(prompt + target, [IGNORE] * len(prompt) + target)
 
-    def conversation(self, turns: list[dict], has_image: bool) -> TokenizedText:
-        messages = to_messages(turns, has_image)
+    def conversation(self, turns: list[dict], has_image: bool | list[int]) -> TokenizedText:
+        counts = self.image_counts(has_image)
+        messages = to_messages(turns, len(counts))
         if self.tok.chat_template is None:
             raise ConfigError("the tokenizer has no chat template and conversations need one: set data.chat_template "
                               "to the format the decoder was trained with (vicuna_v1, plain, llama2, mistral, chatml "
@@ -64,16 +74,19 @@ class TextProcessor:
                     raise ValueError("the chat template does not render prefixes stably; cannot mask labels")
                 spans.append((start, end))
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, labels = [], []
+        ids, labels, placeholders = [], [], 0
         for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
             if tid == self.image_token_id:
-                ids += [tid] * self.image_tokens
-                labels += [IGNORE] * self.image_tokens
+                n = counts[placeholders] if placeholders < len(counts) else 0
+                placeholders += 1
+                ids += [tid] * n
+                labels += [IGNORE] * n
                 continue
             ids.append(tid)
             labels.append(tid if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE)
-        if ids.count(self.image_token_id) != (self.image_tokens if has_image else 0):
-            raise SampleError(errors.BAD_CONVERSATION, "image placeholder count does not match the images")
+        if placeholders != len(counts):  # the template itself added or dropped a placeholder
+            raise SampleError(errors.IMAGE_COUNT_MISMATCH, f"{placeholders} image tokens rendered for "
+                                                          f"{len(counts)} image(s)")
         if self.bos and ids[:1] != self.bos:
             ids, labels = self.bos + ids, [IGNORE] + labels
         return self._fit(ids, labels)
@@ -98,9 +111,10 @@ class TextProcessor:
         return TokenizedText(ids, labels, truncated=True)
 
 
-def to_messages(turns: list[dict], has_image: bool) -> list[dict]:
-    """LLaVA turns -> chat messages. An image without a placeholder gets one at the start of the first user turn,
-    as LLaVA does; a placeholder without an image, or more than one, is a bad sample."""
+def to_messages(turns: list[dict], n_images: int | bool) -> list[dict]:
+    """LLaVA turns -> chat messages. A single image without a placeholder gets one at the start of the first user
+    turn, as LLaVA does; otherwise placeholders and images must be as many (else `image_count_mismatch`)."""
+    n_images = int(n_images)
     if not isinstance(turns, list) or not turns:
         raise SampleError(errors.BAD_CONVERSATION, "no turns")
     messages = []
@@ -115,12 +129,12 @@ def to_messages(turns: list[dict], has_image: bool) -> list[dict]:
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise SampleError(errors.EMPTY_TEXT, "no assistant turn")
     n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if has_image and n_placeholders == 0:
+    if n_images == 1 and n_placeholders == 0:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise SampleError(errors.BAD_CONVERSATION, "an image but no user turn")
         first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]
-    elif n_placeholders != (1 if has_image else 0):
-        raise SampleError(errors.BAD_CONVERSATION, f"{n_placeholders} <image> placeholders for "
-                                                   f"{int(has_image)} image(s)")
+    elif n_placeholders != n_images:
+        raise SampleError(errors.IMAGE_COUNT_MISMATCH, f"{n_placeholders} <image> placeholders for "
+                                                       f"{n_images} image(s)")
     return messages

@@ -1,4 +1,5 @@
-"""Committed checkpoint -> Hugging Face directory loadable as LlavaForConditionalGeneration + its processor.
+"""Committed checkpoint -> Hugging Face directory loadable as LlavaForConditionalGeneration (LlavaNext for an AnyRes
+run) + its processor.
 
 Streaming: the model is never consolidated. Each output tensor is read piece by piece (at most 32 MiB) from
 DeepSpeed's shards (zero.py) and appended to a safetensors shard whose header was written first
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 from huggingface_hub import split_torch_state_dict_into_shards
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor
 
 from pretrain.config import ModelConfig
 from pretrain.export.chat_template import export_chat_template
@@ -65,6 +66,10 @@ def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
     tokenizer = AutoTokenizer.from_pretrained(meta)
     tokenizer.chat_template = export_chat_template(tokenizer.chat_template)  # typed messages -> training's text
     image_processor = AutoImageProcessor.from_pretrained(meta)
+    if hasattr(config, "image_grid_pinpoints"):  # AnyRes: LlavaNextProcessor, with the pinpoints of the run
+        from pretrain.data.anyres import llava_next_processor
+
+        return llava_next_processor(image_processor, tokenizer, config)
     vision = config.vision_config
     has_cls = vision.model_type == "clip_vision_model"
     return LlavaProcessor(
@@ -167,7 +172,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
     tag_dir, out = resolve_checkpoint(checkpoint), Path(out_dir)
     _check_out_dir(out)
     meta = tag_dir / ckpt.HF_META
-    config = LlavaConfig.from_pretrained(meta)
+    config = AutoConfig.from_pretrained(meta)  # a LlavaConfig, or a LlavaNextConfig for an AnyRes run
     layout = export_layout(config)
     zero = ZeroCheckpoint(tag_dir)
     planned = plan(layout, zero, _Sources(run_model_config(tag_dir, run_config)), frozen_from)

@@ -35,8 +35,11 @@ class ExportLayout:
 
 
 def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
+    """Llava, or LlavaNext for an AnyRes config."""
+    from pretrain.model.build import model_class
+
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+        return model_class(config)(config)
 
 
 def export_layout(config: LlavaConfig) -> ExportLayout:

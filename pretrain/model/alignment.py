@@ -30,7 +30,7 @@ from pretrain.tokens import IGNORE
 
 @dataclass
 class Pairs:
-    """The image-text pairs of a micro-batch: samples with an image, in the order of `pixel_values`."""
+    """The image-text pairs of a micro-batch: the single-image samples, in the order of their images."""
 
     texts: list[list[int]]  # label token ids of each pair's sample (what it is trained to produce)
     keys: list[int]  # a hash per text: equal texts are equal keys

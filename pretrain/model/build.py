@@ -22,10 +22,13 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
@@ -93,7 +96,14 @@ def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
     vision_cfg = load_component_config(mcfg.vision, vision=True)
     strategy = select_strategy(mcfg, vision_cfg)
     text_cfg.vocab_size = max(text_cfg.vocab_size, len(tokenizer))
-    return LlavaConfig(
+    anyres = {}
+    if mcfg.image_tiling == "anyres":
+        from pretrain.data.anyres import grid_pinpoints
+
+        anyres = {"image_grid_pinpoints": grid_pinpoints(mcfg.image_grid_pinpoints, vision_cfg.image_size,
+                                                         mcfg.max_image_tiles)}
+    return (LlavaNextConfig if anyres else LlavaConfig)(
+        **anyres,
         vision_config=vision_cfg.to_dict(),
         text_config=text_cfg.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -168,9 +178,13 @@ def _assemble(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, zero: ZeroC
         projector = LlavaMultiModalProjector(llava_cfg).to(dtype)
     if is_linear(llava_cfg):
         set_identity(projector)
+    if isinstance(llava_cfg, LlavaNextConfig):
+        newline = _image_newline(llava_cfg, dtype, seed)
     # Parameters on meta only (buffers such as rotary tables stay real): the shell costs no memory.
     with init_empty_weights(include_buffers=False), _zero3_suspended():
-        model = LlavaForConditionalGeneration(llava_cfg)
+        model = model_class(llava_cfg)(llava_cfg)
+    if isinstance(llava_cfg, LlavaNextConfig):
+        model.model.image_newline = newline
     model.model.vision_tower = vision
     model.model.multi_modal_projector = projector
     model.model.language_model = decoder.get_decoder()
@@ -181,12 +195,27 @@ def _assemble(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, zero: ZeroC
     return model
 
 
+def model_class(config: PretrainedConfig) -> type[LlavaForConditionalGeneration]:
+    """Llava for one tile per image; LlavaNext for AnyRes. LlavaNext rather than LlavaOnevision: its AnyRes is
+    the plain one (best-fit grid, unpad, newline per row) with no pooling of large grids, so every tile's tokens
+    reach the decoder as trained, and its processor counts those tokens from the image size alone."""
+    return LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
+
+
+def _image_newline(config: LlavaNextConfig, dtype: torch.dtype, seed: int) -> nn.Parameter:
+    """LlavaNext's learned end-of-row embedding, initialised as transformers does (N(0, 1 / hidden))."""
+    hidden = config.text_config.hidden_size
+    gen = torch.Generator().manual_seed(seed + 4)  # the same values on every rank; build_model partitions it
+    return nn.Parameter((torch.randn(hidden, generator=gen) / hidden**0.5).to(dtype))
+
+
 def _from_export(mcfg: ModelConfig, attn: AttentionChoice, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """A whole exported Llava (ours or public): transformers loads it into the partitioned model under ZeRO-3."""
+    """A whole exported Llava or LlavaNext (ours or public): transformers loads it into the partitioned model
+    under ZeRO-3."""
     if not Path(mcfg.init_from).exists() and mcfg.init_from.startswith((".", "/")):
         raise ConfigError(f"model.init_from: {mcfg.init_from} does not exist")
-    model = LlavaForConditionalGeneration.from_pretrained(mcfg.init_from, dtype=dtype,
-                                                          attn_implementation=attn.as_hf())
+    cls = model_class(AutoConfig.from_pretrained(mcfg.init_from))
+    model = cls.from_pretrained(mcfg.init_from, dtype=dtype, attn_implementation=attn.as_hf())
     _check_agrees(mcfg, model.config)
     return model
 

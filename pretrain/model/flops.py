@@ -342,7 +342,8 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
                recompute_fraction: float = 0.0, image_tokens: int | None = None) -> StepFlops:
     """FLOPs of one forward+backward over samples of decoder lengths `sample_lens` (image tokens included).
 
-    `images` defaults to one per sample; `logit_tokens` (positions where the LM head runs) to every token, pass the
+    `images` (vision tower passes: images, or with AnyRes their tiles, each projected before unpadding) defaults
+    to one per sample; `logit_tokens` (positions where the LM head runs) to every token, pass the
     label count when logits are computed only there. `recompute_fraction`: share of the decoder (and, when it
     trains, vision) layers under activation checkpointing, reported as `recompute`. `image_tokens`: decoder
     positions per image through the projector, `shape.image_tokens` unless the caller knows better.

@@ -13,9 +13,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import AutoImageProcessor, LlavaConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoImageProcessor, LlavaConfig, PreTrainedTokenizerBase
 
 from pretrain.config import Config, ModelConfig
+from pretrain.data.anyres import (
+    AnyResTransform,
+    anyres_image_processor,
+    grid_pinpoints,
+    is_anyres_processor,
+    llava_next_processor,
+    token_counter,
+)
 from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
 from pretrain.data.sample import SampleProcessor
@@ -46,20 +54,35 @@ class DataProcessing:
 
 def image_processor_for(mcfg: ModelConfig) -> Any:
     """The vision tower's own image processor (from its directory or the exported model), else one built from the
-    tower's config with the standard CLIP / SigLIP settings."""
+    tower's config with the standard CLIP / SigLIP settings.
+    With model.image_tiling=anyres: a LlavaNextImageProcessor with the tower processor's settings (an anyres
+    export's own one as it is)."""
     source = mcfg.init_from or (mcfg.vision if isinstance(mcfg.vision, str) else None)
+    processor = None
     if source:
         try:
-            return AutoImageProcessor.from_pretrained(source)
+            processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as err:
             log.warning("no image processor in %s (%s); using one built from the vision config", source, err)
-    return image_processor_for_vision_config(load_component_config(mcfg.vision, vision=True))
+    if processor is None:
+        processor = image_processor_for_vision_config(load_component_config(mcfg.vision, vision=True))
+    if mcfg.image_tiling != "anyres" or is_anyres_processor(processor):
+        return processor
+    tile = _tower_config(mcfg).image_size
+    return anyres_image_processor(processor, grid_pinpoints(mcfg.image_grid_pinpoints, tile, mcfg.max_image_tiles),
+                                  tile)
+
+
+def _tower_config(mcfg: ModelConfig) -> Any:
+    if mcfg.init_from:
+        return AutoConfig.from_pretrained(mcfg.init_from).vision_config
+    return load_component_config(mcfg.vision, vision=True)
 
 
 def vlm_config_for(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
     """The Llava config the model will have (no weights are loaded)."""
     if mcfg.init_from:
-        cfg = LlavaConfig.from_pretrained(mcfg.init_from)
+        cfg = AutoConfig.from_pretrained(mcfg.init_from)
         cfg.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # as build_model sets it after loading
         return cfg
     return build_llava_config(mcfg, tokenizer)
@@ -70,8 +93,15 @@ def sample_processor(cfg: Config, tokenizer: PreTrainedTokenizerBase, vlm_config
     """Raw sample -> ProcessedSample, the training path: text with the image tokens expanded, pixels as the tower's
     processor makes them (or the fast path with `data.fast_image_decode`)."""
     text = TextProcessor(tokenizer, vlm_config.image_token_id, vlm_config.image_seq_length, cfg.data.max_length)
+    max_tiles = cfg.model.max_image_tiles
+    if is_anyres_processor(image_processor):
+        # No draft decoding: the grid and the token count follow the image's full size.
+        count = token_counter(llava_next_processor(image_processor, tokenizer, vlm_config))
+        return SampleProcessor(text, AnyResTransform(image_processor), cfg.data.max_image_pixels,
+                               image_token_count=count, max_image_tiles=max_tiles)
     transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
-    return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size)
+    return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size,
+                           max_image_tiles=max_tiles)
 
 
 def run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:

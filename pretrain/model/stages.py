@@ -18,8 +18,8 @@ from pretrain.model.projector import frozen_names
 def component_of(name: str) -> str:
     if name.startswith("alignment."):
         return "alignment"  # contrastive / ITM heads of VLMForTraining: trained in every stage
-    if "multi_modal_projector" in name:
-        return "projector"
+    if "multi_modal_projector" in name or name.endswith("image_newline"):
+        return "projector"  # LlavaNext's learned row end trains with the projector, as in LLaVA-NeXT's stage 1
     if "vision_tower" in name:
         return "vision"
     return "llm"

@@ -64,26 +64,58 @@ class VLMForTraining(nn.Module):
         self.zero_image_features = bool(fault_spec().get("zero_image_features"))
         self._warned_no_pairs = False
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
+        newline = getattr(vlm.model, "image_newline", None)
+        if newline is not None and hasattr(newline, "ds_id"):
+            # ZeRO-3 gathers a parameter when its owner's forward runs; LlavaNext's image_newline is used in
+            # get_image_features, outside LlavaNextModel.forward, so it is tied to this (root) module's forward:
+            # gathered at the start of every forward on every rank, in the same order. (DeepSpeed would otherwise
+            # gather it on first attribute access, wherever in the forward that falls.) The dummy grid of
+            # `dummy_image` makes every rank use it, so every rank also has its gradient to reduce.
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, newline)
 
     # -- image and text paths ------------------------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image tokens, (images, tokens per image, hidden)."""
+    @property
+    def anyres(self) -> bool:
+        return hasattr(self.vlm.config, "image_grid_pinpoints")
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Projected image tokens of all the tiles at once (one tower call whatever the image count): (images,
+        tokens per image, hidden) with one tile per image; with AnyRes (`image_sizes`, host ints, one per image),
+        (all images' tokens, hidden), each image's grid unpadded with a newline per row, in image order."""
         cfg = self.vlm.config
+        extra = {"image_sizes": [list(s) for s in image_sizes]} if self.anyres else {}
         out = self.vlm.model.get_image_features(
             pixel_values=pixel_values,
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            **extra,
         )
         feats = out.pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
+        if isinstance(feats, list | tuple):
+            feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
         return feats * 0.0 if self.zero_image_features else feats
+
+    def dummy_image(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """A black tower-size image (its tiles and size) for micro-batches without one: the same module calls,
+        and with AnyRes a grid, so that image_newline is used (and gets a gradient) on every rank."""
+        size = self.vlm.config.vision_config.image_size
+        tiles = 1
+        if self.anyres:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            tiles = image_size_to_num_patches((size, size), self.vlm.config.image_grid_pinpoints, size)
+        return torch.zeros(tiles, 3, size, size, dtype=self.dtype, device=device), [(size, size)]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.vlm.get_input_embeddings().weight.dtype
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              features: torch.Tensor | None = None) -> torch.Tensor:
+              features: torch.Tensor | None = None, image_sizes: list[tuple[int, int]] | None = None
+              ) -> torch.Tensor:
         """Token embeddings with the image tokens replaced by image features (computed here, or given).
 
         The image path always runs before the token embedding, on a dummy image when the micro-batch has none:
@@ -91,10 +123,9 @@ class VLMForTraining(nn.Module):
         orders the backward by creation, so a rank that ran the tower after the embedding would diverge."""
         dummy = features is None and pixel_values is None
         if dummy:
-            size = self.vlm.config.vision_config.image_size
-            pixel_values = torch.zeros(1, 3, size, size, dtype=self.dtype, device=input_ids.device)
+            pixel_values, image_sizes = self.dummy_image(input_ids.device)
         if features is None:
-            features = self.image_features(pixel_values.to(self.dtype))
+            features = self.image_features(pixel_values.to(self.dtype), image_sizes)
         embeds = self.vlm.get_input_embeddings()(input_ids)
         if dummy:
             return embeds + 0.0 * features.sum()
@@ -104,7 +135,10 @@ class VLMForTraining(nn.Module):
 
     def _check_image_tokens(self, features: torch.Tensor) -> None:
         """The tower + projector must make as many tokens per image as the data expands each image to
-        (`image_seq_length`; TextProcessor checks every sample against it). Shapes only: no device read."""
+        (`image_seq_length`; TextProcessor checks every sample against it). Shapes only: no device read. AnyRes
+        counts vary per image; the processor's count and the model's unpadding agree (tests/test_anyres_parity)."""
+        if self.anyres:
+            return
         per_image = self.vlm.config.image_seq_length
         if features.shape[1] != per_image:
             raise ValueError(f"the vision tower and projector make {features.shape[1]} tokens per image but the "
@@ -118,7 +152,7 @@ class VLMForTraining(nn.Module):
         return out.last_hidden_state
 
     def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features)
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features, batch.get("image_sizes"))
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
         return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
                            batch.get("position_ids"), packed=batch.get("packed", False),
@@ -129,7 +163,9 @@ class VLMForTraining(nn.Module):
         """Returns (summed loss, number of label tokens) for this micro-batch: see the module docstring. The count is
         a host (CPU) tensor taken from the batch: reading it costs no device sync."""
         pixel_values = batch.get("pixel_values")
-        features = None if pixel_values is None else self.image_features(pixel_values.to(self.dtype))
+        features = None
+        if pixel_values is not None:
+            features = self.image_features(pixel_values.to(self.dtype), batch.get("image_sizes"))
         hidden = self.hidden_states(batch, features)
         index, targets, n = label_rows(batch)
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
@@ -155,6 +191,7 @@ class VLMForTraining(nn.Module):
             self._warned_no_pairs = True  # text-only data contributes only to the caption loss
             log.warning("objectives: contrastive/ITM need image-text samples; a micro-batch without images adds "
                         "nothing to them (warned once)")
+        features = pair_features(batch, features)
         n_images = 0 if features is None else features.shape[0]
         if len(pairs) != n_images:
             raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
@@ -240,6 +277,15 @@ class VLMForTraining(nn.Module):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
         return ids.to(self._device()), mask.to(self._device())
+
+
+def pair_features(batch: dict, features: torch.Tensor | None) -> torch.Tensor | None:
+    """The image features of the alignment pairs: only single-image samples pair up (a text that follows several
+    images describes none of them alone), at the host-known `image_pair_index` when the batch has it."""
+    index = batch.get("image_pair_index")
+    if index is None or features is None:
+        return features
+    return features.index_select(0, torch.tensor(index, dtype=torch.long, device=features.device))
 
 
 def label_rows(batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -73,7 +73,7 @@ class Workload:
     stage: str = "align"
     seq_len: int = 2048  # tokens per row (a packed row, or the padded sample when not packing)
     sample_len: int = 640  # decoder tokens per sample, image tokens included
-    images_per_sample: int = 1
+    images_per_sample: int = 1  # vision tower passes per sample: its images, or with AnyRes all their tiles
     logit_tokens: int = 64  # positions per sample where the LM head runs (the label tokens)
     packing: bool = True
     micro_batch: int = 1  # rows per GPU per micro-step

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pretrain.config import Config, ConfigError, DeepSpeedConfig
+from pretrain.data.anyres import grid_pinpoints, largest_grid_cost
 from pretrain.model.flops import ParamCounts, StepFlops, count_params
 from pretrain.plan.estimate import GPUS, Cluster, GPUSpec, Memory, StepEstimate, Workload, estimate_step, memory_per_gpu
 from pretrain.plan.shapes import model_shape
@@ -56,14 +57,19 @@ def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None 
              micro_batch: int | None = None, chunked_ce: bool = True) -> Workload:
     """The per-GPU work of a recipe; lengths the config does not fix default to a typical sample of its stage."""
     shape = model_shape(cfg.model)
-    image = shape.image_tokens * images_per_sample
+    image, tower_passes = shape.image_tokens * images_per_sample, images_per_sample
+    if cfg.model.image_tiling == "anyres":  # priced at the largest grid: each image's tiles all go through the tower
+        vis = shape.vision
+        pinpoints = grid_pinpoints(cfg.model.image_grid_pinpoints, vis.image_size, cfg.model.max_image_tiles)
+        tiles, tokens = largest_grid_cost(pinpoints, vis.image_size, vis.patch_size, shape.image_tokens)
+        image, tower_passes = tokens * images_per_sample, tiles * images_per_sample
     seq = seq_len or cfg.data.max_length
     text = text_tokens if text_tokens is not None else DEFAULT_TEXT_TOKENS[cfg.train.stage]
     sample = sample_len or min(seq, image + text)
     if sample > seq:
         raise ConfigError(f"a sample of {sample} tokens does not fit rows of {seq} (data.max_length / --seq-len)")
     return Workload(
-        shape=shape, stage=cfg.train.stage, seq_len=seq, sample_len=sample, images_per_sample=images_per_sample,
+        shape=shape, stage=cfg.train.stage, seq_len=seq, sample_len=sample, images_per_sample=tower_passes,
         logit_tokens=logit_tokens if logit_tokens is not None else max(1, sample - image),
         packing=cfg.data.packing, micro_batch=micro_batch or cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, global_batch=cfg.train.global_batch_size, precision=cfg.train.precision,

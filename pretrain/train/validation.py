@@ -71,8 +71,8 @@ def _caption_sample(parts: dict[str, bytes], processor: SampleProcessor, tokeniz
     try:
         s = processor(parts)
         data = image_bytes(parts)
-        if s.pixel_values is None or data is None:
-            return None
+        if s.pixel_values is None or data is None or s.pixel_values.shape[0] != 1:
+            return None  # captions of single-tile, single-image samples only
         image = Image.open(io.BytesIO(data)).convert("RGB")
     except (SampleError, OSError):
         return None
@@ -81,7 +81,7 @@ def _caption_sample(parts: dict[str, bytes], processor: SampleProcessor, tokeniz
         return None
     truth = tokenizer.decode([t for t, x in zip(s.input_ids, s.labels) if x != IGNORE], skip_special_tokens=True)
     image.thumbnail((256, 256))
-    return CaptionSample(s.input_ids[:first], s.pixel_values, truth.strip(), image)
+    return CaptionSample(s.input_ids[:first], s.pixel_values[0], truth.strip(), image)
 
 
 @torch.no_grad()
