@@ -1,7 +1,8 @@
-"""A tiny AnyRes model trained on 2 CPU ranks under ZeRO-3 with multi-image, single-image and text-only samples, the
-ranks' tile counts deliberately uneven (one shard of many-tile multi-image samples, one of small single images and
-text), under a timeout so a rank that skipped a module call would fail here instead of hanging. Then `convert`
-writes a LlavaNext directory that plain transformers loads, and its loss on a sample is the training forward's."""
+"""A tiny AnyRes model trained on 2 CPU ranks under ZeRO-3 with multi-image, single-image, interleaved-document and
+text-only samples, the ranks' tile counts deliberately uneven (one shard of many-tile multi-image samples, one of a
+small image, a text and two documents), under a timeout so a rank that skipped a module call would fail here instead
+of hanging. Then `convert` writes a LlavaNext directory that plain transformers loads, its processor renders typed
+messages as training did, and its loss on a sample is the training forward's."""
 
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ def _conversation(question: str) -> bytes:
 
 
 def _shards(root) -> tuple[list[str], dict[str, dict]]:
-    """Shard 0: two panoramas per sample (4 tiles each). Shard 1: small single images (2 tiles) and text only."""
+    """Shard 0: two panoramas per sample (4 tiles each). Shard 1: a small single image (2 tiles), a text-only sample
+    and two interleaved documents (one image between two texts): 4 samples, all of them read in the run's 2 steps."""
     heavy = [(f"multi{i}", {"0.png": image_bytes("PNG", (1000, 60), seed=i),
                             "1.jpg": image_bytes("JPEG", (60, 900), seed=10 + i),
-                            "json": _conversation("<image> and <image>: what is in them?")}) for i in range(4)]
+                            "json": _conversation("<image>\n<image>\nwhat is in them?")}) for i in range(4)]
     light = [(f"single{i}", {"png": image_bytes("PNG", (5, 3), seed=20 + i), "txt": CAPTION.encode()})
-             for i in range(2)]
-    light += [(f"text{i}", {"json": _conversation("describe a red circle.")}) for i in range(2)]
+             for i in range(1)]
+    light += [(f"text{i}", {"json": _conversation("describe a red circle.")}) for i in range(1)]
+    light += [(f"doc{i}", {"0.png": image_bytes("PNG", (40, 70), seed=30 + i),
+                           "json": json.dumps({"texts": ["A page about shapes.", None, CAPTION],
+                                               "images": [None, f"page{i}.png", None]}).encode()})
+              for i in range(2)]
     root.mkdir(parents=True, exist_ok=True)
     urls = [str(write_tar(root / "shard-000000.tar", heavy)), str(write_tar(root / "shard-000001.tar", light))]
     return urls, dict(heavy + light)
@@ -67,6 +73,7 @@ def test_anyres_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next(tmp
     assert all(a != b for a, b in zip(*per_rank)), per_rank
     seen = {k["key"] for rank in steps for s in rank for k in s["keys"]}
     assert any(k.startswith("multi") for k in seen) and any(not k.startswith("multi") for k in seen)
+    assert any(k.startswith("doc") for k in seen) and tiles["doc0"] > 0, seen  # an interleaved document trained
 
     out = convert(run, tmp_path / "hf", "fp32")
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -83,11 +90,12 @@ def test_anyres_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next(tmp
     wrapper.eval()
     sample = processing.processor(parts["multi0"])
     images = [Image.open(io.BytesIO(parts["multi0"][k])).convert("RGB") for k in ("0.png", "1.jpg")]
-    messages = [{"role": "user", "content": "<image> and <image>: what is in them?"},
-                {"role": "assistant", "content": CAPTION}]
-    text = processing.tokenizer.apply_chat_template(messages, tokenize=False)
+    # Typed messages through the export's own chat template render what training rendered.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "what is in them?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": CAPTION}]}]
+    text = processor.apply_chat_template(messages)
     tok = processing.tokenizer
-    text = text if tok.bos_token is None or text.startswith(tok.bos_token) else tok.bos_token + text
     inputs = processor(images=images, text=text, return_tensors="pt", add_special_tokens=False)
     assert inputs["input_ids"][0].tolist() == sample.input_ids  # the same image-token counts, in place
     with torch.no_grad():
