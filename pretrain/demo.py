@@ -3,6 +3,7 @@ Hugging Face export -> captions for held-out images, printed next to the truth."
 
 from __future__ import annotations
 
+import importlib.resources
 import io
 import json
 import tarfile
@@ -13,7 +14,8 @@ from PIL import Image
 from pretrain.model.tiny import build_tokenizer, write_tiny_decoder, write_tiny_vision
 from pretrain.shards.synthetic import QUESTIONS, caption_for, parse_caption, write_synthetic
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# Package data (configs/demo.yaml links to it), so an installed package runs the demo without the source tree.
+DEMO_CONFIG = Path(str(importlib.resources.files("pretrain") / "recipes" / "demo.yaml"))
 ATTRIBUTES = ("color", "shape", "count", "position")
 
 

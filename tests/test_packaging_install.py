@@ -1,5 +1,5 @@
 """The package works without the source tree: a plain (non-editable) install, used from another directory, finds
-its package data (the sbatch template `pretrain submit` renders)."""
+its package data (the sbatch template `pretrain submit` renders, the recipe `pretrain demo` trains)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import sys
 import launch, pretrain
 site = sys.argv[1]
 assert launch.__file__.startswith(site) and pretrain.__file__.startswith(site), (launch.__file__, pretrain.__file__)
+from pretrain.demo import DEMO_CONFIG
+from pretrain.config import load_config
+assert str(DEMO_CONFIG).startswith(site) and load_config(DEMO_CONFIG).run.name == "demo", DEMO_CONFIG
 from pretrain.cli import main
 sys.exit(main(["submit", sys.argv[2], "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--dry-run"]))
 """
