@@ -29,6 +29,7 @@ The alignment path runs every step on every rank, with a dummy row where a micro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from pretrain.data.batching import label_positions
 from pretrain.data.text import IGNORE
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 from pretrain.model.attention import decode_rows
+from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -68,16 +70,20 @@ class VLMForTraining(nn.Module):
         self.zero_image_features = bool(faults.get("zero_image_features"))
         self._warned_no_pairs = False
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
+        # A whole replica of a frozen, partitioned tower, run in its place (pretrain.model.frozen); set by the
+        # trainer's set-up under ZeRO-3.
+        self.frozen_tower: FrozenTower | None = None
 
     # -- image and text paths ------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image tokens, (images, tokens per image, hidden)."""
         cfg = self.vlm.config
-        out = self.vlm.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        )
+        with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
+            out = self.vlm.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            )
         feats = out.pooler_output
         feats = torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
         return feats * 0.0 if self.zero_image_features else feats

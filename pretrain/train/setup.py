@@ -18,6 +18,7 @@ from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import expand_urls
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
+from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train.ds_config import optimizer_offloaded
@@ -76,9 +77,13 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     optimizer = make_optimizer(groups, cfg, optimizer_offloaded(ds_config))
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    frozen = cfg.deepspeed.frozen_unpartitioned
+    if frozen:
+        persist_frozen_decoder(model, t.stage)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     del hf_ds
+    module.frozen_tower = frozen_tower_for(model, t.stage, frozen)
     # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
     image_processor = image_processor_for(cfg.model)
     processor = sample_processor(cfg, tokenizer, model.config, image_processor)
