@@ -7,6 +7,8 @@ moment), and ZeRO-3's parameter coordinator is wrapped to name the parameters ea
 after the set-up (the build, the engine, the frozen replicas), so only what the steps gather is reported.
 
     torchrun --nproc_per_node 2 tools/zero3_gathers.py CONFIG --out FILE.json [key=value ...]
+    (a bench recipe: `python tools/zero3_gathers.py CONFIG --bench-inputs DIR --prepare --out F` first, then
+    torchrun ... --bench-inputs DIR)
 
 Rank 0 writes {"per_step": {step: {"bytes": n, "calls": n}}, "params": {name: times gathered}, "losses": [...]}.
 """
@@ -103,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/zero3_gathers.py")
     p.add_argument("config")
     p.add_argument("--out", required=True)
+    p.add_argument("--bench-inputs", metavar="DIR",
+                   help="a bench recipe: its tokenizer (here) and shards made locally; run once alone first")
+    p.add_argument("--prepare", action="store_true", help="with --bench-inputs: make the inputs and stop")
     p.add_argument("overrides", nargs="*", help="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     import os
     import traceback
 
@@ -112,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train import dist
 
     cfg = load_config(args.config, args.overrides)
+    if args.bench_inputs:
+        from pretrain.bench.inputs import with_local_inputs
+
+        cfg, _ = with_local_inputs(cfg, args.bench_inputs, samples_per_shard=16, sizes=((640, 480),))
+        if args.prepare:
+            return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

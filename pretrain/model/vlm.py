@@ -73,6 +73,9 @@ class VLMForTraining(nn.Module):
         # A whole replica of a frozen, partitioned tower, run in its place (pretrain.model.frozen); set by the
         # trainer's set-up under ZeRO-3.
         self.frozen_tower: FrozenTower | None = None
+        # The most image-text pairs a micro-batch holds (host-known, the same on every rank): the contrastive
+        # gather pads to it instead of reading the ranks' counts back; None: the counts are exchanged (a sync).
+        self.pair_capacity: int | None = None
 
     # -- image and text paths ------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,8 @@ class VLMForTraining(nn.Module):
             raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
         img, txt, scale = self.encode_pairs(features, pairs.texts)
         keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
-        out = {"contrastive": contrastive_loss(img, txt, scale), "logit_scale": scale.detach()}
+        out = {"contrastive": contrastive_loss(img, txt, scale, self.pair_capacity),
+               "logit_scale": scale.detach()}
         if self.alignment.itm_head is not None:
             out["itm"] = self.itm_loss(features, pairs, img, txt, keys)
         return out
@@ -199,31 +203,38 @@ class VLMForTraining(nn.Module):
 
     def itm_loss(self, features: torch.Tensor | None, pairs: Pairs, img: torch.Tensor, txt: torch.Tensor,
                  keys: torch.Tensor) -> torch.Tensor:
-        rows, labels = [], []
-        if len(pairs) >= 2:
-            with torch.no_grad():
-                neg_text, neg_image = hard_negatives(img @ txt.T, keys)
-            rows, labels = itm_pairs(len(pairs), neg_text, neg_image)
-        logits = self.alignment.match_logits(self.fused_states(features, pairs.texts, rows))
-        if not rows:
-            return 0.0 * logits.sum()
-        return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+        """Mean cross-entropy over the positives and the drawn negatives. The rows are indexed on the device
+        (3 per pair, a negative that found no text of its own weighted 0): their count is host-known, the draw
+        is never read back."""
+        if len(pairs) < 2:  # a dummy row: same modules, same collectives; its result is dropped
+            return 0.0 * self.alignment.match_logits(self.fused_states(None, [], None)).sum()
+        with torch.no_grad():
+            neg_text, neg_image = hard_negatives(img @ txt.T, keys)
+        image, text, label, weight = itm_pairs(len(pairs), neg_text, neg_image)
+        logits = self.alignment.match_logits(self.fused_states(features[image], pairs.texts, text))
+        weight = weight.to(logits.dtype)
+        return (F.cross_entropy(logits, label, reduction="none") * weight).sum() / weight.sum()
 
-    def fused_states(self, features: torch.Tensor | None, texts: list[list[int]],
-                     rows: list[tuple[int, int]]) -> torch.Tensor:
-        """Last-token hidden states of `[bos] image tokens text` for (image, text) index pairs; (rows, hidden)."""
+    def fused_states(self, feats: torch.Tensor | None, texts: list[list[int]],
+                     text_index: torch.Tensor | None) -> torch.Tensor:
+        """Last-token hidden states of `[bos] image tokens text` for each row's image features (`feats`, one per
+        row) and text (`text_index` into `texts`, a device tensor); (rows, hidden). Texts are right-padded, so
+        each row's last real token is found from its host-known length, gathered on the device."""
         cfg = self.vlm.config
         prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
         n_tokens = cfg.image_seq_length
-        if rows:
-            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + texts[t] for _, t in rows])
-            feats = features[[i for i, _ in rows]]
-        else:  # dummy row: same modules, same collectives; its result is dropped
-            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + [self._pad_id()]])
-            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=ids.device)
+        head = len(prefix) + n_tokens
+        if feats is None:
+            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=self._device())
+            texts, text_index = [[self._pad_id()]], torch.zeros(1, dtype=torch.long, device=self._device())
+        body, body_mask = self._pad(texts)
+        rows = text_index.shape[0]
+        start = torch.tensor(prefix + [cfg.image_token_id] * n_tokens, dtype=torch.long, device=body.device)
+        ids = torch.cat([start.expand(rows, head), body[text_index]], dim=1)
+        mask = torch.cat([torch.ones_like(ids[:, :head]), body_mask[text_index]], dim=1)
         hidden = self.decode(self.embed(ids, None, feats), mask)
-        last = mask.sum(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last][: len(rows)]
+        last = head + body_mask.sum(1)[text_index] - 1
+        return hidden[torch.arange(rows, device=hidden.device), last]
 
     def per_token_loss(self, batch: dict) -> torch.Tensor:
         """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""
