@@ -43,7 +43,7 @@ from pretrain.config import ObjectivesConfig
 from pretrain.data.batching import label_positions
 from pretrain.data.text import IGNORE
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
-from pretrain.model.attention import decode_rows
+from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 
@@ -125,9 +125,16 @@ class VLMForTraining(nn.Module):
 
     def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's last hidden states."""
-        out = self.vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False)
+        """The decoder's last hidden states; without a mask, of one causal sample per row (its masks from the
+        host, so transformers reads nothing back)."""
+        decoder = self.vlm.model.language_model
+        if attention_mask is None and position_ids is None:
+            rows, width = embeds.shape[:2]
+            inputs = attention_inputs(decoder.config._attn_implementation, [[width]] * rows, embeds, None,
+                                      shortcut=False)
+            return decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False)
         return out.last_hidden_state
 
     def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,7 +201,9 @@ class VLMForTraining(nn.Module):
         prefix = [cfg.bos_token_id] if getattr(cfg, "bos_token_id", None) is not None else []
         rows = [prefix + t for t in texts] or [prefix or [self._pad_id()]]
         ids, mask = self._pad(rows)
-        hidden = self.decode(self.vlm.get_input_embeddings()(ids), mask)
+        # Right padding under a causal mask: no real token attends to a pad, so no padding mask is passed (from
+        # one, transformers reads whether it is all ones back from the device).
+        hidden = self.decode(self.vlm.get_input_embeddings()(ids))
         weights = mask.clone()
         weights[:, : len(prefix)] = 0
         weights = weights.unsqueeze(-1).to(hidden.dtype)
@@ -219,7 +228,7 @@ class VLMForTraining(nn.Module):
                      text_index: torch.Tensor | None) -> torch.Tensor:
         """Last-token hidden states of `[bos] image tokens text` for each row's image features (`feats`, one per
         row) and text (`text_index` into `texts`, a device tensor); (rows, hidden). Texts are right-padded, so
-        each row's last real token is found from its host-known length, gathered on the device."""
+        each row's last real token is found from its host-known length, indexed on the device."""
         cfg = self.vlm.config
         prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
         n_tokens = cfg.image_seq_length
@@ -231,8 +240,7 @@ class VLMForTraining(nn.Module):
         rows = text_index.shape[0]
         start = torch.tensor(prefix + [cfg.image_token_id] * n_tokens, dtype=torch.long, device=body.device)
         ids = torch.cat([start.expand(rows, head), body[text_index]], dim=1)
-        mask = torch.cat([torch.ones_like(ids[:, :head]), body_mask[text_index]], dim=1)
-        hidden = self.decode(self.embed(ids, None, feats), mask)
+        hidden = self.decode(self.embed(ids, None, feats))  # right-padded, causal: no padding mask (pool_text)
         last = head + body_mask.sum(1)[text_index] - 1
         return hidden[torch.arange(rows, device=hidden.device), last]
 
