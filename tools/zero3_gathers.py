@@ -76,8 +76,9 @@ class GatherCounter:
                 "params": {names.get(i, str(i)): n for i, n in sorted(self.by_id.items())}}
 
 
-def count_ours(cfg: Any) -> dict[str, Any]:
-    """Our Trainer's loop (as `pretrain train`, without checkpoints) with the gathers counted from its first step."""
+def count_ours(cfg: Any, save: bool = False) -> dict[str, Any]:
+    """Our Trainer's loop (as `pretrain train`; checkpoints only with `save`) with the gathers counted from its
+    first step (a checkpoint's own gathers count into its step)."""
     from pretrain.train.trainer import Trainer
 
     counter = GatherCounter()
@@ -87,7 +88,7 @@ def count_ours(cfg: Any) -> dict[str, Any]:
         def save(self) -> None:
             return None
 
-    trainer = NoSaveTrainer(cfg)
+    trainer = (Trainer if save else NoSaveTrainer)(cfg)
     counter.step_of = lambda: trainer.step
     counter.active = True
     code = trainer.fit()
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-inputs", metavar="DIR",
                    help="a bench recipe: its tokenizer (here) and shards made locally; run once alone first")
     p.add_argument("--prepare", action="store_true", help="with --bench-inputs: make the inputs and stop")
+    p.add_argument("--save", action="store_true", help="write checkpoints as the config says")
     p.add_argument("overrides", nargs="*", help="key=value")
     args = p.parse_intermixed_args(argv)
     import os
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = count_ours(cfg)
+        report = count_ours(cfg, args.save)
         if int(os.environ.get("RANK", "0")) == 0:
             out.write_text(json.dumps(report, indent=1) + "\n")
     except Exception as err:
