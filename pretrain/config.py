@@ -182,6 +182,10 @@ class DeepSpeedConfig(Section):
     prefetch_bucket_size: int = Field(default=50_000_000, ge=1)
     param_persistence_threshold: int = Field(default=100_000, ge=0)
     max_live_parameters: int = Field(default=1_000_000_000, ge=1)
+    # ZeRO-3 and frozen parts (pretrain.model.frozen): a frozen vision tower (align, finetune) runs as a whole
+    # replica on every rank, a frozen decoder (align) is gathered once per optimizer step, not at every call.
+    # false: partitioned and gathered at every call, as any trained module (the least memory).
+    frozen_unpartitioned: bool = True
     # Extra raw DeepSpeed keys merged last (dotted keys allowed).
     overrides: dict[str, Any] = Field(default_factory=dict)
     # Collective timeout (a hung rank fails the run after this long). Fractions of a minute are allowed.

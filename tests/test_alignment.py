@@ -61,9 +61,10 @@ def test_hard_negatives_never_pick_the_same_text():
         neg_text, neg_image = hard_negatives(sim, keys)
         assert all(keys[i] != keys[t] for i, t in enumerate(neg_text))
         assert all(keys[t] != keys[j] for t, j in enumerate(neg_image))
-    assert hard_negatives(sim[:2, :2], torch.tensor([4, 4])) == ([-1, -1], [-1, -1])
-    rows, labels = itm_pairs(2, [1, -1], [-1, 0])
-    assert rows == [(0, 0), (1, 1), (0, 1), (0, 1)] and labels == [1, 1, 0, 0]
+    assert [t.tolist() for t in hard_negatives(sim[:2, :2], torch.tensor([4, 4]))] == [[-1, -1], [-1, -1]]
+    image, text, label, weight = itm_pairs(2, torch.tensor([1, -1]), torch.tensor([-1, 0]))
+    rows = [(i, t) for i, t, w in zip(image.tolist(), text.tolist(), weight.tolist()) if w]
+    assert rows == [(0, 0), (1, 1), (0, 1), (0, 1)] and label[weight].tolist() == [1, 1, 0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,12 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
         txt = txt_all[lo : lo + counts[rank]].clone().requires_grad_(True)
         contrastive_loss(img, txt, torch.tensor(3.0)).backward()
         rows, all_keys, offset = gather_with_grad(img.detach(), torch.arange(lo, lo + counts[rank]))
+        # The padded gather (no count read back) gives the same loss and gradients; 3 is a full micro-batch.
+        img_p, txt_p = (t.detach().clone().requires_grad_(True) for t in (img, txt))
+        contrastive_loss(img_p, txt_p, torch.tensor(3.0), capacity=3).backward()
         # Plain lists: tensors sent through a queue do not outlive the sending process.
-        queue.put((case, rank, img.grad.tolist(), txt.grad.tolist(), rows.tolist(), offset, all_keys.tolist()))
+        queue.put((case, rank, img.grad.tolist(), txt.grad.tolist(), rows.tolist(), offset, all_keys.tolist(),
+                   img_p.grad.tolist(), txt_p.grad.tolist()))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -228,10 +233,11 @@ def test_cross_rank_gather_gives_the_global_gradient():
         mine = [g for g in got if g[0] == case]
         assert torch.tensor(mine[0][4]).equal(img_all.detach()) and [g[5] for g in mine] == [0, counts[0]]
         assert mine[1][6] == list(range(sum(counts)))
-        for (_, rank, gi, gt, *_), (lo, c) in zip(mine, _spans(counts)):
+        for (_, rank, gi, gt, *_, pi, pt), (lo, c) in zip(mine, _spans(counts)):
             if c:
-                assert torch.allclose(torch.tensor(gi), img_all.grad[lo : lo + c], atol=1e-6), (case, rank)
-                assert torch.allclose(torch.tensor(gt), txt_all.grad[lo : lo + c], atol=1e-6), (case, rank)
+                for grads in ((gi, gt), (pi, pt)):  # counts exchanged, and padded to the capacity
+                    assert torch.allclose(torch.tensor(grads[0]), img_all.grad[lo : lo + c], atol=1e-6), (case, rank)
+                    assert torch.allclose(torch.tensor(grads[1]), txt_all.grad[lo : lo + c], atol=1e-6), (case, rank)
 
 
 def _spans(counts: list[int]) -> list[tuple[int, int]]:

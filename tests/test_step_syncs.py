@@ -1,23 +1,24 @@
 """Host synchronisations per optimizer step of the real training loop (our Trainer, a real DeepSpeed ZeRO-3
-engine, gradient accumulation 2), counted by pretrain.bench.syncs and attributed to their source: the step's own
-code makes at most one per step when nothing is logged, two on a logging step (the fused reduction and the grad
-norm DeepSpeed keeps on the device)."""
+engine, gradient accumulation 2, 2 ranks, the contrastive and ITM objectives on), counted by pretrain.bench.syncs
+and attributed to their source: the step's own code makes at most one per step when nothing is logged, two on a
+logging step (the fused reduction and the grad norm DeepSpeed keeps on the device); the model (the alignment
+objectives' cross-rank gather and hard-negative draw included) none."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+import yaml
+from _model_fixtures import torchrun
 from conftest import ROOT, write_config
 
 
 def test_the_step_synchronises_once_per_optimizer_step(tmp_path, assets, shapes):
-    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"train.grad_accum": 2, "train.log_every": 2,
-                                                               "train.max_steps": 6})
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{
+        "train.grad_accum": 2, "train.log_every": 2, "train.max_steps": 6,
+        "objectives.contrastive_weight": 0.5, "objectives.itm_weight": 0.5})
     out = tmp_path / "syncs.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench.syncs", "ours", str(cfg), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = torchrun(ROOT / "pretrain" / "bench" / "syncs.py", ["ours", str(cfg), "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     per_step = {int(k): v for k, v in report["per_step"].items()}
@@ -32,6 +33,11 @@ def test_the_step_synchronises_once_per_optimizer_step(tmp_path, assets, shapes)
     # The model's forward and backward (our loss, our masks) read nothing back either.
     for n in (2, 3, 4, 5):
         assert per_step[n - 1].get("model", 0) == 0, (n, per_step[n - 1], report["where"].get("model"))
+    # ... the alignment objectives included, and transformers' masks: the objectives' decoder calls pass none.
+    for n in (2, 3, 4, 5):
+        assert per_step[n - 1].get("transformers", 0) == 0, (n, per_step[n - 1], report["where"]["transformers"])
+    ran = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["objectives"]
+    assert ran["contrastive_weight"] == ran["itm_weight"] == 0.5
     # The counter is not blind: it sees DeepSpeed's own synchronisations in the same steps, and the step's one read
     # back through the layer.
     assert per_step[2].get("deepspeed", 0) > 0

@@ -113,6 +113,9 @@ def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int,
     from pretrain.model.processing import image_processor_for, vlm_config_for
     from pretrain.model.stages import apply_stage
 
+    # The process group before the TrainingArguments: they build DeepSpeed's config, which reads the world size
+    # from torch.distributed once (1 when uninitialised: its batch-size check then fails on 2 ranks).
+    dist.init(cfg.deepspeed.timeout_minutes)
     args = training_arguments(cfg, out_dir, batch, steps)  # first: it makes the model build under zero.Init
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, ZeroContext(args.hf_deepspeed_config.config), seed=cfg.run.seed)

@@ -119,36 +119,69 @@ def gather_with_grad(local: torch.Tensor, keys: torch.Tensor | None = None
     return out, out_keys, sum(counts[:rank])
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def gather_padded(local: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' rows without reading a count back: each rank pads its rows to `capacity` (the same, host-known
+    bound on every rank), so rank r's rows sit at r x capacity; (all rows, which of them are real, this rank's
+    offset). Differentiable as gather_with_grad; the mask is gathered on the device and never read."""
+    n = local.shape[0]
+    if n > capacity:
+        raise ValueError(f"{n} image-text pairs in a micro-batch, more than the {capacity} it can hold")
+    valid = torch.arange(capacity, device=local.device) < n
+    rank, world = dist.rank_and_world()
+    if world == 1:
+        return local, valid[:n], 0
+    padded = torch.cat([local, local.new_zeros(capacity - n, local.shape[1])]) if capacity > n else local
+    rows = dist.all_gather_with_grad(padded)
+    masks = dist.all_gather(valid)
+    return torch.cat(rows), torch.cat(masks), rank * capacity
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                     capacity: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's pairs against the global batch; mean over this rank's pairs (0 if none).
-    The positive of local pair i is global row offset + i."""
-    all_img, _, offset = gather_with_grad(img)
-    all_txt, _, _ = gather_with_grad(txt)
+    The positive of local pair i is global row offset + i. With `capacity` (the most pairs a micro-batch holds)
+    the gather reads nothing back (gather_padded): the padding rows are masked out of every softmax, and a global
+    batch of one pair gives exactly 0, as without it."""
     n = img.shape[0]
-    if n == 0 or all_img.shape[0] < 2:
+    if capacity is None:
+        all_img, _, offset = gather_with_grad(img)
+        all_txt, _, _ = gather_with_grad(txt)
+        valid = None
+        if all_img.shape[0] < 2:
+            n = 0
+    else:
+        all_img, valid, offset = gather_padded(img, capacity)
+        all_txt, _, _ = gather_padded(txt, capacity)
+    if n == 0:
         return 0.0 * (all_img.sum() + all_txt.sum() + scale)
     targets = torch.arange(offset, offset + n, device=img.device)
-    loss_i2t = F.cross_entropy(scale * img @ all_txt.T, targets)
-    loss_t2i = F.cross_entropy(scale * txt @ all_img.T, targets)
-    return (loss_i2t + loss_t2i) / 2
+    logits_i2t, logits_t2i = scale * img @ all_txt.T, scale * txt @ all_img.T
+    if valid is not None:
+        logits_i2t = logits_i2t.masked_fill(~valid, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(~valid, float("-inf"))
+    return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
 
 
-def hard_negatives(sim: torch.Tensor, keys: torch.Tensor) -> tuple[list[int], list[int]]:
+def hard_negatives(sim: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image (row of `sim`) a text index, and for each text (column) an image index, drawn with probability
-    softmax(similarity) among the pairs whose text differs; -1 where every text of the micro-batch is the same."""
+    softmax(similarity) among the pairs whose text differs; -1 where every text of the micro-batch is the same.
+    Device tensors: the ITM rows are built from them on the device, nothing is read back."""
     differ = keys[:, None] != keys[None, :]
     picks = []
     for s in (sim, sim.T):
         weights = torch.softmax(s.float(), dim=1) * differ
         ok = weights.sum(1) > 0
         drawn = torch.multinomial(torch.where(ok[:, None], weights, torch.ones_like(weights)), 1).squeeze(1)
-        picks.append(torch.where(ok, drawn, torch.full_like(drawn, -1)).tolist())
+        picks.append(torch.where(ok, drawn, torch.full_like(drawn, -1)))
     return picks[0], picks[1]
 
 
-def itm_pairs(n: int, neg_text: list[int], neg_image: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
-    """(image index, text index) of every ITM row and its label: the n positives, then the drawn negatives."""
-    rows = [(i, i) for i in range(n)]
-    rows += [(i, t) for i, t in enumerate(neg_text) if t >= 0]
-    rows += [(j, t) for t, j in enumerate(neg_image) if j >= 0]
-    return rows, [1] * n + [0] * (len(rows) - n)
+def itm_pairs(n: int, neg_text: torch.Tensor, neg_image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(image index, text index, label, weight) of the 3n ITM rows, on the device: the n positives, then a negative
+    text for every image and a negative image for every text; a row whose draw found none (-1) has weight 0."""
+    own = torch.arange(n, device=neg_text.device)
+    image = torch.cat([own, own, neg_image.clamp(min=0)])
+    text = torch.cat([own, neg_text.clamp(min=0), own])
+    label = torch.cat([torch.ones_like(own), torch.zeros_like(own), torch.zeros_like(own)])
+    weight = torch.cat([torch.ones_like(own, dtype=torch.bool), neg_text >= 0, neg_image >= 0])
+    return image, text, label, weight

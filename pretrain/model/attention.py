@@ -178,13 +178,15 @@ def dense_document_mask(segments: list[list[int]], device: torch.device, dtype: 
 
 
 def attention_inputs(impl: str, sample_lengths: list[list[int]], embeds: torch.Tensor,
-                     position_ids: torch.Tensor | None) -> dict:
-    """The decoder's mask arguments for rows of host-known samples (see the module docstring)."""
+                     position_ids: torch.Tensor | None, shortcut: bool = True) -> dict:
+    """The decoder's mask arguments for rows of host-known samples (see the module docstring). `shortcut=False`
+    gives a mask even for one full sample per row (with neither mask nor position ids, transformers looks for
+    packed sequences in its default position ids, a read back)."""
     rows, width = embeds.shape[:2]
     if len(sample_lengths) != rows:
         raise ValueError(f"sample_lengths has {len(sample_lengths)} rows for a batch of {rows}")
     segments = row_segments(sample_lengths, width)
-    if all(len(row) == 1 for row in segments):
+    if shortcut and all(len(row) == 1 for row in segments):
         # One full sample per row: plain causal attention. No all-ones mask and no position ids, whose checks in
         # transformers read device values back; the default positions are the same 0..width-1.
         return {"attention_mask": None, "position_ids": None}

@@ -29,6 +29,7 @@ The alignment path runs every step on every rank, with a dummy row where a micro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -40,7 +41,8 @@ from pretrain.config import ObjectivesConfig
 from pretrain.data.batching import label_positions
 from pretrain.fault_switch import fault_spec
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
-from pretrain.model.attention import decode_rows
+from pretrain.model.attention import attention_inputs, decode_rows
+from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 from pretrain.tokens import IGNORE
 
@@ -74,6 +76,12 @@ class VLMForTraining(nn.Module):
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, newline)
+        # A whole replica of a frozen, partitioned tower, run in its place (pretrain.model.frozen); set by the
+        # trainer's set-up under ZeRO-3.
+        self.frozen_tower: FrozenTower | None = None
+        # The most image-text pairs a micro-batch holds (host-known, the same on every rank): the contrastive
+        # gather pads to it instead of reading the ranks' counts back; None: the counts are exchanged (a sync).
+        self.pair_capacity: int | None = None
 
     # -- image and text paths ------------------------------------------------------------------------------------
     @property
@@ -87,12 +95,13 @@ class VLMForTraining(nn.Module):
         (all images' tokens, hidden), each image's grid unpadded with a newline per row, in image order."""
         cfg = self.vlm.config
         extra = {"image_sizes": [list(s) for s in image_sizes]} if self.anyres else {}
-        out = self.vlm.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            **extra,
-        )
+        with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
+            out = self.vlm.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                **extra,
+            )
         feats = out.pooler_output
         if isinstance(feats, list | tuple):
             feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
@@ -146,9 +155,16 @@ class VLMForTraining(nn.Module):
 
     def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's last hidden states."""
-        out = self.vlm.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False)
+        """The decoder's last hidden states; without a mask, of one causal sample per row (its masks from the
+        host, so transformers reads nothing back)."""
+        decoder = self.vlm.model.language_model
+        if attention_mask is None and position_ids is None:
+            rows, width = embeds.shape[:2]
+            inputs = attention_inputs(decoder.config._attn_implementation, [[width]] * rows, embeds, None,
+                                      shortcut=False)
+            return decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False)
         return out.last_hidden_state
 
     def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +213,8 @@ class VLMForTraining(nn.Module):
             raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
         img, txt, scale = self.encode_pairs(features, pairs.texts)
         keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
-        out = {"contrastive": contrastive_loss(img, txt, scale), "logit_scale": scale.detach()}
+        out = {"contrastive": contrastive_loss(img, txt, scale, self.pair_capacity),
+               "logit_scale": scale.detach()}
         if self.alignment.itm_head is not None:
             out["itm"] = self.itm_loss(features, pairs, img, txt, keys)
         return out
@@ -217,7 +234,9 @@ class VLMForTraining(nn.Module):
         prefix = [cfg.bos_token_id] if getattr(cfg, "bos_token_id", None) is not None else []
         rows = [prefix + t for t in texts] or [prefix or [self._pad_id()]]
         ids, mask = self._pad(rows)
-        hidden = self.decode(self.vlm.get_input_embeddings()(ids), mask)
+        # Right padding under a causal mask: no real token attends to a pad, so no padding mask is passed (from
+        # one, transformers reads whether it is all ones back from the device).
+        hidden = self.decode(self.vlm.get_input_embeddings()(ids))
         weights = mask.clone()
         weights[:, : len(prefix)] = 0
         weights = weights.unsqueeze(-1).to(hidden.dtype)
@@ -226,31 +245,37 @@ class VLMForTraining(nn.Module):
 
     def itm_loss(self, features: torch.Tensor | None, pairs: Pairs, img: torch.Tensor, txt: torch.Tensor,
                  keys: torch.Tensor) -> torch.Tensor:
-        rows, labels = [], []
-        if len(pairs) >= 2:
-            with torch.no_grad():
-                neg_text, neg_image = hard_negatives(img @ txt.T, keys)
-            rows, labels = itm_pairs(len(pairs), neg_text, neg_image)
-        logits = self.alignment.match_logits(self.fused_states(features, pairs.texts, rows))
-        if not rows:
-            return 0.0 * logits.sum()
-        return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+        """Mean cross-entropy over the positives and the drawn negatives. The rows are indexed on the device
+        (3 per pair, a negative that found no text of its own weighted 0): their count is host-known, the draw
+        is never read back."""
+        if len(pairs) < 2:  # a dummy row: same modules, same collectives; its result is dropped
+            return 0.0 * self.alignment.match_logits(self.fused_states(None, [], None)).sum()
+        with torch.no_grad():
+            neg_text, neg_image = hard_negatives(img @ txt.T, keys)
+        image, text, label, weight = itm_pairs(len(pairs), neg_text, neg_image)
+        logits = self.alignment.match_logits(self.fused_states(features[image], pairs.texts, text))
+        weight = weight.to(logits.dtype)
+        return (F.cross_entropy(logits, label, reduction="none") * weight).sum() / weight.sum()
 
-    def fused_states(self, features: torch.Tensor | None, texts: list[list[int]],
-                     rows: list[tuple[int, int]]) -> torch.Tensor:
-        """Last-token hidden states of `[bos] image tokens text` for (image, text) index pairs; (rows, hidden)."""
+    def fused_states(self, feats: torch.Tensor | None, texts: list[list[int]],
+                     text_index: torch.Tensor | None) -> torch.Tensor:
+        """Last-token hidden states of `[bos] image tokens text` for each row's image features (`feats`, one per
+        row) and text (`text_index` into `texts`, a device tensor); (rows, hidden). Texts are right-padded, so
+        each row's last real token is found from its host-known length, indexed on the device."""
         cfg = self.vlm.config
         prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
         n_tokens = cfg.image_seq_length
-        if rows:
-            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + texts[t] for _, t in rows])
-            feats = features[[i for i, _ in rows]]
-        else:  # dummy row: same modules, same collectives; its result is dropped
-            ids, mask = self._pad([prefix + [cfg.image_token_id] * n_tokens + [self._pad_id()]])
-            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=ids.device)
-        hidden = self.decode(self.embed(ids, None, feats), mask)
-        last = mask.sum(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last][: len(rows)]
+        head = len(prefix) + n_tokens
+        if feats is None:
+            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=self._device())
+            texts, text_index = [[self._pad_id()]], torch.zeros(1, dtype=torch.long, device=self._device())
+        body, body_mask = self._pad(texts)
+        rows = text_index.shape[0]
+        start = torch.tensor(prefix + [cfg.image_token_id] * n_tokens, dtype=torch.long, device=body.device)
+        ids = torch.cat([start.expand(rows, head), body[text_index]], dim=1)
+        hidden = self.decode(self.embed(ids, None, feats))  # right-padded, causal: no padding mask (pool_text)
+        last = head + body_mask.sum(1)[text_index] - 1
+        return hidden[torch.arange(rows, device=hidden.device), last]
 
     def per_token_loss(self, batch: dict) -> torch.Tensor:
         """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""

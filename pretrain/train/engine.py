@@ -17,6 +17,7 @@ from pretrain.data.sample import SampleProcessor
 from pretrain.data.urls import expand_urls
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
+from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
 from pretrain.model.processing import image_processor_for, run_tokenizer, sample_processor
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
@@ -76,9 +77,15 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     optimizer = make_optimizer(groups, cfg, optimizer_offloaded(ds_config))
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    frozen = cfg.deepspeed.frozen_unpartitioned
+    if frozen:
+        persist_frozen_decoder(model, t.stage)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     del hf_ds
+    module.frozen_tower = frozen_tower_for(model, t.stage, frozen)
+    # Every image takes at least image_seq_length tokens of a row: a bound every rank knows without asking.
+    module.pair_capacity = t.micro_batch_size * max(1, cfg.data.max_length // model.config.image_seq_length)
     # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
     image_processor = image_processor_for(cfg.model)
     processor = sample_processor(cfg, tokenizer, model.config, image_processor)

@@ -107,6 +107,8 @@ class Trainer:
                                                 load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
+        if self.engine.module.frozen_tower is not None:  # the replica holds the loaded tower, not the built one
+            self.engine.module.frozen_tower.refresh()
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
         old_world = client.get("world_size", self.resume_meta.get("world_size"))
