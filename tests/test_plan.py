@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoConfig
 
 from pretrain.cli import main
+from pretrain.cli.plan import render
 from pretrain.config import ConfigError, DeepSpeedConfig, load_config
 from pretrain.model.components import KNOWN_CONFIGS
 from pretrain.model.flops import count_params
@@ -264,4 +265,6 @@ def test_anyres_prices_every_tile_of_the_largest_grid(tmp_path, tokenizer):
 
     count = token_counter(llava_next_processor(processing.image_processor, tokenizer, processing.vlm_config))
     assert tiled.work.sample_len - flat.work.sample_len == count(96, 96) - 16
+    assert tiled.work.image_positions == count(96, 96) and flat.work.image_positions == 16
+    assert f"{count(96, 96)} image tokens" in render(tiled)  # the report says the decoder's image positions
     assert tiled.sample_flops.vision.total == pytest.approx(10 * flat.sample_flops.vision.total)

@@ -70,7 +70,7 @@ def render(plan: Plan, source: str = "") -> str:
         f"model    llm {_n(p.llm)} + vision {_n(p.vision)} + projector {_n(p.projector)} = {_n(p.total)} params; "
         f"stage {w.stage} trains {_n(p.trainable(w.stage))}",
         f"work     rows of {w.row_tokens} tokens ({'packed, ' if w.packing else ''}{w.samples_per_row:.3g} x "
-        f"{w.sample_len}-token samples, {w.shape.image_tokens * w.images_per_sample} image tokens and "
+        f"{w.sample_len}-token samples, {w.image_positions} image tokens and "
         f"{w.logit_tokens} logit positions each); {w.micro_batch} rows/GPU/micro-step; {w.precision}; "
         f"checkpointing {w.checkpointing}",
         f"FLOPs    per sample {f.total / 1e12:.3g} TFLOP (forward {f.forward / 1e12:.3g}, backward "

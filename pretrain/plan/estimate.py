@@ -83,6 +83,16 @@ class Workload:
     checkpointing: str = "none"  # none | full | every_k
     checkpointing_every_k: int = 2
     chunked_ce: bool = True
+    # Decoder positions the images of a sample take; None: image_tokens per tower pass (AnyRes differs: its grid
+    # features are unpadded and get a newline per row).
+    decoder_image_tokens: int | None = None
+
+    @property
+    def image_positions(self) -> int:
+        """Decoder positions per sample that hold image tokens."""
+        if self.decoder_image_tokens is not None:
+            return self.decoder_image_tokens
+        return self.shape.image_tokens * self.images_per_sample
 
     @property
     def samples_per_row(self) -> float:

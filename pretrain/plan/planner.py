@@ -70,6 +70,7 @@ def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None 
         raise ConfigError(f"a sample of {sample} tokens does not fit rows of {seq} (data.max_length / --seq-len)")
     return Workload(
         shape=shape, stage=cfg.train.stage, seq_len=seq, sample_len=sample, images_per_sample=tower_passes,
+        decoder_image_tokens=image,
         logit_tokens=logit_tokens if logit_tokens is not None else max(1, sample - image),
         packing=cfg.data.packing, micro_batch=micro_batch or cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, global_batch=cfg.train.global_batch_size, precision=cfg.train.precision,
