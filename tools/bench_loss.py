@@ -5,7 +5,8 @@ chunked head + cross-entropy (pretrain.model.loss). fp32, one process, forward +
 
 Saved bytes: what autograd keeps from forward to backward (saved-tensor hooks), the head's own parameters left out
 (both keep a reference to them). Largest tensor: the biggest output of any op in forward and backward (CPU has no
-allocator statistic; with the saved bytes it bounds the loss's peak). tests/model/test_loss.py asserts on the same figures.
+allocator statistic; with the saved bytes it bounds the loss's peak).
+tests/model/test_loss.py asserts on the same figures.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 2's promises: `pretrain train` runs alone (world size 1, no launcher) and under plain torchrun, and the
+"""The entry points: `pretrain train` runs alone (world size 1, no launcher) and under plain torchrun, and the
 `pretrain demo` pipeline runs end to end (shards -> ZeRO-3 on 2 ranks -> export -> captions)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 8's proof that the image path learns: the tiny demo model trained on the synthetic shapes (ZeRO-3, 2 CPU
+"""Proof that the image path learns: the tiny demo model trained on the synthetic shapes (ZeRO-3, 2 CPU
 ranks, captioning + image-text contrastive) names the colour, count and position of held-out images well above
 chance, pays a clear loss for shuffled images, and retrieves captions far above chance; the same run with the image
 features zeroed (a broken image path; the text priors are all it can learn) fails every one of these checks, so the

@@ -3,7 +3,7 @@ addresses 127.0.0.11 / 127.0.0.12, all state in a private temporary directory.
 
 Each slurmd runs in its own mount + UTS namespace with a private /etc/hosts and its node name as hostname, so that
 jobs (which inherit both) resolve n1/n2 and `hostname` says which node they are on; the machine's own /etc/hosts is
-never touched. Ports are picked free and the first job id is random, so two clusters (two test sessions) can run
+never touched. Ports are picked free and the first job id is random, so two clusters (two test runs) can run
 side by side. `cred_expire=5` makes a requeued job start again within seconds; two partitions (`batch`, default, low
 priority with a 10 s GraceTime; `urgent`, high priority) make real preemption possible: see `SlurmCluster.preempt`.
 
@@ -100,7 +100,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":
-                del self.env[var]  # a test session run inside a Slurm job must not leak that job's settings
+                del self.env[var]  # a test run inside a Slurm job must not leak that job's settings
         self._procs: list[tuple[str, subprocess.Popen]] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -298,7 +298,7 @@ def ensure_slurm_installed() -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running 2-node cluster for the whole session; yields the SlurmCluster (use `.env` for subprocesses)."""
+    """A running 2-node cluster for the whole test run; yields the SlurmCluster (use `.env` for subprocesses)."""
     ensure_slurm_installed()
     # A short path: the munge socket path must fit in a sockaddr_un (108 bytes).
     root = tempfile.mkdtemp(prefix="slurm-", dir="/tmp")

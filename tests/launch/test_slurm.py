@@ -173,15 +173,15 @@ def test_missing_config_fails(tmp_path, capsys):
 
 
 def test_values_reach_the_shell_quoted(tmp_path, capsys):
-    evil = ["x; touch /tmp/pwned", "$(touch /tmp/pwned)", "x`touch /tmp/pwned`", "a'b\"c"]
-    cfg = _config(tmp_path / evil[1], str(tmp_path / "run $(touch /tmp/pwned)"), name="x; rm -rf ~")
+    evil = ["x; touch ~/pwned", "$(touch ~/pwned)", "x`touch ~/pwned`", "a'b\"c"]
+    cfg = _config(tmp_path / evil[1], str(tmp_path / "run $(touch ~/pwned)"), name="x; rm -rf ~")
     text = _dry_run(capsys, str(cfg), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1",
                     "--env", f"FOO={evil[0]}", *[f"run.name={e}" for e in evil[1:]])
     assert f"--job-name={job_name(evil[-1])}" in _directives(text) and job_name(evil[-1]) == "a_b_c"
     assert f"export FOO={shlex.quote(evil[0])}" in text
     words = shlex.split(_srun_line(text))  # the shell's own reading of the line gives back the exact values
     assert words[-len(evil) + 1:] == [f"run.name={e}" for e in evil[1:]] and words[-len(evil)] == str(cfg)
-    assert f"OUTPUT_DIR={shlex.quote(str(tmp_path / 'run $(touch /tmp/pwned)'))}" in text
+    assert f"OUTPUT_DIR={shlex.quote(str(tmp_path / 'run $(touch ~/pwned)'))}" in text
 
 
 def test_spec_checks():
