@@ -145,20 +145,18 @@ def test_peer_uses_llavas_zero_config_at_our_stage(config):
 
 
 def test_plan_vs_measured_table():
-    """tools/bench_table.py (what gpu_bench.sh prints last): the plan for the measured sample length at the
-    measured MFU, at 40%, and its memory next to the measured peak."""
-    import importlib.util
-
+    """pretrain.bench.plan_table (what tools/bench_table.py prints, gpu_bench.sh last): the plan for the measured
+    sample length at the measured MFU, at 40%, and its memory next to the measured peak."""
     from helpers.runs import ROOT
 
-    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "tools" / "bench_table.py")
-    bench_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_table)
+    from pretrain.bench import plan_table
+
     ours = {"tokens_per_s": 40000.0, "samples_per_s": 80.0, "data_wait_frac": 0.01, "mfu": 0.3, "gpu_mem_gib": 20.0}
     result = {"train": {"nproc": 1, "device": "NVIDIA H100 80GB HBM3", "ours": ours},
               "environment": {"command": f"pretrain bench train --config {ROOT}/configs/bench/small.yaml --steps 9"}}
-    row = dict(zip(bench_table.HEADER, bench_table.row(result)))
+    row = dict(zip(plan_table.HEADER, plan_table.row(result)))
     assert row["recipe"] == "small" and row["MFU"] == "30.0%" and row["peer tok/s"] is None
     assert row["plan tok/s @ measured MFU"] == pytest.approx(row["plan tok/s @ 40%"] * 0.3 / 0.4, rel=1e-6)
     assert 1 < row["plan GiB"] < 80
     assert float(row["plan/measured GiB"]) == pytest.approx(row["plan GiB"] / 20.0, abs=0.01)
+    assert plan_table.table([result]).splitlines()[2].startswith("| small | NVIDIA H100 80GB HBM3 | 40,000 | 30.0% |")

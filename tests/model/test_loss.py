@@ -4,7 +4,6 @@ the chunk boundary, one head call whatever the label count, memory O(chunk x voc
 
 from __future__ import annotations
 
-import importlib.util
 import traceback
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pretrain.bench import loss as bench_loss
 from pretrain.config import ModelConfig, ObjectivesConfig
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
@@ -30,14 +30,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
             "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave", "aten::item"}
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-bench_loss = _tool("bench_loss")
 
 
 def _head(hidden: int, vocab: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -79,7 +72,8 @@ def test_fused_loss_equals_plain_loss_and_calls_the_head_once(bias):
 
 
 def test_loss_memory_is_chunk_by_vocabulary_not_labels_by_vocabulary():
-    """The figures of tools/bench_loss.py at test size: the earlier per-chunk loop kept every chunk's fp32 logits."""
+    """The figures of tools/bench_loss.py (pretrain.bench.loss) at test size: the earlier per-chunk loop kept every
+    chunk's fp32 logits."""
     vocab, hidden, chunk, rows = 50_000, 32, 128, 1024
     head = _head(hidden, vocab, bias=False)
     h, t = torch.randn(rows, hidden), torch.randint(0, vocab, (rows,))
