@@ -53,3 +53,34 @@ def processor(tokenizer, assets):
     from helpers.loading import counting_processor
 
     return counting_processor(tokenizer, assets["clip"])
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, assets, shapes):
+    """`reference_run(stage)`: an uninterrupted 2-rank, 6-step run at that ZeRO stage, checkpointed every 3 steps,
+    trained once per test run and shared (exact and universal resume compare with it, the ZeRO-2 export reads it)."""
+    from helpers.trainer import reference_runs
+
+    return reference_runs(tmp_path_factory, assets, shapes)
+
+
+@pytest.fixture(scope="session")
+def projector_file(tmp_path_factory) -> dict:
+    """Random projector weights as a stage-1 run saves them (`file`), and the same under the model's names
+    (`expect`)."""
+    from helpers.model import write_projector_file
+
+    return write_projector_file(tmp_path_factory.mktemp("projector"))
+
+
+@pytest.fixture(scope="session")
+def finetune_run(tmp_path_factory, assets, shapes, projector_file):
+    """The run directory of a 2-rank ZeRO-3 run, Qwen2 (tied embeddings) + SigLIP at stage finetune (the tower frozen),
+    a stage-1 projector loaded, every-2nd-layer activation checkpointing; 4 steps, checkpoints at 2 and 4. Trained
+    once and shared: the model tests check what it trained, the export tests export it."""
+    from helpers.model import stage_run
+
+    root = tmp_path_factory.mktemp("finetune")
+    return stage_run(root, assets, shapes, "qwen2", "siglip", "finetune", **{
+        "model.projector_from": projector_file["file"], "model.activation_checkpointing": "every_k",
+        "model.activation_checkpointing_every_k": 2}).parent

@@ -1,15 +1,18 @@
-"""The entry points: `pretrain train` runs alone (world size 1, no launcher) and under plain torchrun, and the
-`pretrain demo` pipeline runs end to end (shards -> ZeRO-3 on 2 ranks -> export -> captions)."""
+"""The entry points: `pretrain train` runs alone (world size 1, no launcher; checkpoint retention on that run), config
+errors stop it before anything starts, and the `pretrain demo` pipeline runs end to end (shards -> ZeRO-3 on 2 ranks
+-> export -> captions). `pretrain train` under plain torchrun is the first part of the ZeRO-3 exact-resume test
+(train/test_train.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from helpers.runs import ROOT, losses, write_config
+
+from pretrain.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -20,23 +23,17 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
-def test_train_alone_at_world_size_one(tmp_path, assets, shapes):
-    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"train.max_steps": 3})
+def test_train_alone_at_world_size_one_keeps_last_k_and_every_mth_checkpoint(tmp_path, assets, shapes):
+    """`pretrain train` with no launcher; the same run checks retention: a checkpoint every step, the last 2 and
+    every 3rd kept."""
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
+                                                               "checkpoint.keep_every": 3})
     out = _run([sys.executable, "-m", "pretrain", "train", str(cfg)])
     assert out.returncode == 0, out.stdout + out.stderr
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-
-
-def test_train_under_plain_torchrun(tmp_path, assets, shapes):
-    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"train.max_steps": 2})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "pretrain", "train", str(cfg)])
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    assert ckpt.tags(root) == ["step_00000003", "step_00000005", "step_00000006"]
 
 
 def test_train_reports_config_errors_without_starting(tmp_path, assets, shapes):

@@ -16,7 +16,6 @@ from helpers.export import (
     hf_inputs,
     load_export,
     run_config,
-    train_run,
     training_logits,
     training_model,
     val_samples,
@@ -28,29 +27,20 @@ from pretrain.export.hf import convert, resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
-# ZeRO-2: Llama + CLIP, everything trained. ZeRO-3: Qwen2 (tied embeddings) + SigLIP, the tower frozen (stage
-# finetune), so frozen parameters come from DeepSpeed's per-rank fragments.
-RUNS = {
-    2: {"llm": "llama", "vision": "clip", "deepspeed.zero_stage": 2, "train.stage": "full"},
-    3: {"llm": "qwen2", "vision": "siglip", "deepspeed.zero_stage": 3, "train.stage": "finetune"},
-}
-_RUNS: dict[int, object] = {}
+# ZeRO-2: Llama + CLIP, everything trained (the shared ZeRO-2 reference run of the trainer tests). ZeRO-3: Qwen2
+# (tied embeddings) + SigLIP, the tower frozen (stage finetune: the shared run of the model tests), so frozen
+# parameters come from DeepSpeed's per-rank fragments.
+STAGES = (2, 3)
 
 
-def _run(stage: int, tmp_path_factory, assets, shapes):
-    if stage not in _RUNS:
-        _RUNS[stage] = train_run(tmp_path_factory.mktemp(f"export_z{stage}"), assets, shapes, **RUNS[stage])
-    return _RUNS[stage]
-
-
-@pytest.fixture(scope="module", params=sorted(RUNS))
-def run(request, tmp_path_factory, assets, shapes):
-    return _run(request.param, tmp_path_factory, assets, shapes)
+@pytest.fixture(scope="module", params=STAGES)
+def run(request, reference_run):
+    return reference_run(2) if request.param == 2 else request.getfixturevalue("finetune_run")
 
 
 @pytest.fixture(scope="module")
-def z2_export(tmp_path_factory, assets, shapes):
-    run = _run(2, tmp_path_factory, assets, shapes)
+def z2_export(tmp_path_factory, reference_run):
+    run = reference_run(2)
     return run, convert(run, tmp_path_factory.mktemp("hf") / "model", "fp32")
 
 

@@ -1,9 +1,11 @@
-"""Helpers for the model tests: a decoder whose tokenizer lacks <image>/<pad>, reading DeepSpeed checkpoints back
-(consolidated weights, what the optimizer holds), shards with unequal label counts, and a torchrun helper."""
+"""Helpers for the model tests: a decoder whose tokenizer lacks <image>/<pad>, a projector file, short runs per
+freezing stage, reading DeepSpeed checkpoints back (consolidated weights, what the optimizer holds), shards with
+unequal label counts, and a torchrun helper."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from helpers.runs import launch, metrics, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ("projector", "llm", "vision")
@@ -34,6 +39,30 @@ def write_bare_decoder(out: Path, seed: int = 0) -> tuple[Path, int]:
             m.weight.add_(0.1 * torch.randn(m.weight.shape[1], generator=g))
     model.save_pretrained(out)
     return out, len(bare)
+
+
+def write_projector_file(root: Path) -> dict:
+    """Random projector weights for tiny towers/decoders of width 64, as a stage-1 run would save them; `expect`
+    holds them under the names the built model gives them."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"linear_1.weight": (64, 64), "linear_1.bias": (64,), "linear_2.weight": (64, 64), "linear_2.bias": (64,)}
+    weights = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({f"multi_modal_projector.{k}": v for k, v in weights.items()}, root / "projector.safetensors")
+    save_file({f"model.multi_modal_projector.{k}": v for k, v in weights.items()}, root / "expect.safetensors")
+    return {"file": str(root / "projector.safetensors"), "expect": str(root / "expect.safetensors")}
+
+
+def stage_run(root: Path, assets: dict, shapes: dict, llm: str, vision: str, stage: str, **overrides) -> Path:
+    """A 2-rank run of 4 steps at a freezing stage, checkpoints at steps 2 and 4; returns its checkpoints folder."""
+    cfg = write_config(root / "c.yaml", assets, shapes, llm=llm, vision=vision, **{
+        "train.stage": stage, "train.max_steps": 4, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+        **overrides})
+    out = launch(cfg, nproc=2, timeout=400)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    rows = metrics(root / "run")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    return root / "run" / "checkpoints"
 
 
 def check_grown_rows(weight: torch.Tensor, old_rows: int) -> None:

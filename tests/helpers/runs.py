@@ -50,6 +50,24 @@ def launch(config: Path, nproc: int = 2, overrides: list[str] = (), timeout: int
         pytest.fail(f"training did not finish in {timeout}s:\n{err.stdout}\n{err.stderr}")
 
 
+def torchrun_train(config: Path, nproc: int = 2, overrides: list[str] = (),
+                   timeout: int = 300) -> subprocess.CompletedProcess:
+    """`pretrain train` under plain torchrun (no `pretrain launch`), as a user of torchrun's own CLI starts it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "pretrain", "train", str(config), *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun training did not finish in {timeout}s:\n{err.stdout}\n{err.stderr}")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

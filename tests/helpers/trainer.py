@@ -1,11 +1,12 @@
-"""Helpers of the trainer tests: runs started in the background, the process tree they make, a small tmpfs, and a
-probe that opens a Trainer in a lone process and reports what it resumed."""
+"""Helpers of the trainer tests: the shared uninterrupted reference runs, runs started in the background, the process
+tree they make, a small tmpfs, and a probe that opens a Trainer in a lone process and reports what it resumed."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,8 +17,42 @@ import psutil
 import pytest
 import torch
 
-from helpers.runs import ROOT, metrics
+from helpers.runs import ROOT, launch, metrics, write_config
 from pretrain.train import checkpoint as ckpt
+
+REFERENCE_STEPS, REFERENCE_EVERY = 6, 3
+
+
+def reference_runs(tmp_path_factory, assets: dict, shapes: dict) -> Callable[[int], Path]:
+    """`run(stage)`: the run directory of an uninterrupted 2-rank, 6-step run of the test recipe at that ZeRO stage,
+    checkpointed every 3 steps; each stage is trained once and shared by every test that asks for it."""
+    runs: dict[int, Path] = {}
+
+    def run(stage: int) -> Path:
+        if stage not in runs:
+            root = tmp_path_factory.mktemp(f"ref{stage}")
+            cfg = write_config(root / "c.yaml", assets, shapes, **{
+                "train.max_steps": REFERENCE_STEPS, "checkpoint.every_steps": REFERENCE_EVERY,
+                "deepspeed.zero_stage": stage})
+            out = launch(cfg)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            runs[stage] = root / "run"
+        return runs[stage]
+
+    return run
+
+
+def cut_back_to(reference: Path, run: Path, step: int) -> None:
+    """A copy of a finished run as it was when the checkpoint of `step` was the newest (then the run died)."""
+    shutil.copytree(reference, run)
+    root = run / "checkpoints"
+    for tag in ckpt.tags(root):
+        if ckpt.step_of(tag) > step:
+            shutil.rmtree(root / tag)
+    (root / "latest").write_text(ckpt.tag_for(step))
+    (run / "DONE").unlink()
+    rows = [r for r in metrics(run) if r["step"] <= step]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def start_launch(config: Path, nproc: int = 2, overrides: list[str] = (), env: dict | None = None) -> subprocess.Popen:

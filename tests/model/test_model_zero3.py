@@ -5,7 +5,6 @@ CLIP/SigLIP towers (each decoder, tower and stage at least once), a text-only ra
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from helpers.model import (
     check_grown_rows,
     check_stage,
     consolidated,
+    stage_run,
     torchrun,
     write_bare_decoder,
     write_unequal_shards,
@@ -32,18 +32,6 @@ WORKER = ROOT / "tests" / "helpers" / "zero3_build_worker.py"
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory) -> tuple:
     return write_bare_decoder(tmp_path_factory.mktemp("bare") / "llama")
-
-
-@pytest.fixture(scope="module")
-def projector_file(tmp_path_factory, assets) -> dict:
-    """Random projector weights for tiny towers/decoders of width 64, as a stage-1 run would save them."""
-    g = torch.Generator().manual_seed(7)
-    shapes = {"linear_1.weight": (64, 64), "linear_1.bias": (64,), "linear_2.weight": (64, 64), "linear_2.bias": (64,)}
-    weights = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
-    root = tmp_path_factory.mktemp("projector")
-    save_file({f"multi_modal_projector.{k}": v for k, v in weights.items()}, root / "projector.safetensors")
-    save_file({f"model.multi_modal_projector.{k}": v for k, v in weights.items()}, root / "expect.safetensors")
-    return {"file": str(root / "projector.safetensors"), "expect": str(root / "expect.safetensors")}
 
 
 def _export(out, assets, tokenizer) -> dict:
@@ -100,20 +88,9 @@ def _initial(assets: dict, llm: str, vision: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _run(tmp_path, assets, shapes, llm, vision, stage, **overrides):
-    cfg = write_config(tmp_path / "c.yaml", assets, shapes, llm=llm, vision=vision, **{
-        "train.stage": stage, "train.max_steps": 4, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
-        **overrides})
-    out = launch(cfg, nproc=2, timeout=400)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    rows = metrics(tmp_path / "run")
-    assert all(math.isfinite(r["loss"]) for r in rows)
-    return tmp_path / "run" / "checkpoints"
-
-
 def test_align_trains_the_projector_only_and_grows_a_bare_tokenizer(tmp_path, assets, shapes, bare):
     """Llama (its tokenizer lacks <image> and <pad>) + CLIP, stage align."""
-    ckpts = _run(tmp_path, {**assets, "bare": bare[0]}, shapes, "bare", "clip", "align")
+    ckpts = stage_run(tmp_path, {**assets, "bare": bare[0]}, shapes, "bare", "clip", "align")
     first, last = consolidated(ckpts / "step_00000002"), consolidated(ckpts / "step_00000004")
     check_stage(first, last, ckpts / "step_00000004", {"projector"})
     initial = _initial({"bare": bare[0], "clip": assets["clip"]}, "bare", "clip")
@@ -123,12 +100,10 @@ def test_align_trains_the_projector_only_and_grows_a_bare_tokenizer(tmp_path, as
     check_grown_rows(last["lm_head.weight"], bare[1])
 
 
-def test_finetune_trains_projector_and_decoder_with_activation_checkpointing(tmp_path, assets, shapes,
-                                                                            projector_file):
-    """Qwen2 (tied embeddings) + SigLIP, stage finetune, a stage-1 projector loaded, every-2nd-layer checkpointing."""
-    ckpts = _run(tmp_path, assets, shapes, "qwen2", "siglip", "finetune", **{
-        "model.projector_from": projector_file["file"], "model.activation_checkpointing": "every_k",
-        "model.activation_checkpointing_every_k": 2})
+def test_finetune_trains_projector_and_decoder_with_activation_checkpointing(finetune_run, assets):
+    """Qwen2 (tied embeddings) + SigLIP, stage finetune, a stage-1 projector loaded, every-2nd-layer checkpointing
+    (the shared run of conftest's `finetune_run`, which the export tests export too)."""
+    ckpts = finetune_run / "checkpoints"
     first, last = consolidated(ckpts / "step_00000002"), consolidated(ckpts / "step_00000004")
     check_stage(first, last, ckpts / "step_00000004", {"projector", "llm"})
     for k, v in _initial(assets, "qwen2", "siglip").items():

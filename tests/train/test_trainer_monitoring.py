@@ -51,7 +51,7 @@ def test_the_user_deepspeed_json_is_merged_and_used(run):
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4] and (run / "DONE").is_file()
 
 
-def test_tensorboard_has_the_issue_scalars_and_lr_per_group(run):
+def test_tensorboard_has_the_training_scalars_and_lr_per_group(run):
     acc = _events(run)
     scalars = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/step_time_s",

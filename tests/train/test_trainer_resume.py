@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 
 import pytest
 import torch
 from helpers.consolidate import STATES, consolidate
-from helpers.runs import launch, losses, metrics, write_config
-from helpers.trainer import may_mount, probe_resume, small_tmpfs
-from test_train import _reference_run
+from helpers.runs import launch, losses, write_config
+from helpers.trainer import cut_back_to, may_mount, probe_resume, small_tmpfs
 
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.dist import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
-
-
-def _cut_back_to(reference, run, step: int) -> None:
-    """A copy of a finished run as it was when the checkpoint of `step` was the newest (the cluster then shrank)."""
-    shutil.copytree(reference, run)
-    root = run / "checkpoints"
-    for tag in ckpt.tags(root):
-        if ckpt.step_of(tag) > step:
-            shutil.rmtree(root / tag)
-    (root / "latest").write_text(ckpt.tag_for(step))
-    (run / "DONE").unlink()
-    rows = [r for r in metrics(run) if r["step"] <= step]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
@@ -58,7 +43,7 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, tmp_path_factory, assets, shapes, stage):
+def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, reference_run, assets, shapes, stage):
     """A 2-rank checkpoint (step 3 of 6) resumed by one process with `checkpoint.resume: auto` (grad_accum 2 keeps
     the global batch). The trainer sees the world-size change, converts the checkpoint to DeepSpeed's universal
     format and loads it. What it loaded equals DeepSpeed's own consolidation of the ORIGINAL 2-rank shards
@@ -66,9 +51,9 @@ def test_resume_on_fewer_ranks_through_the_universal_checkpoint(tmp_path, tmp_pa
     for every trainable parameter. The loader splits the rest of the epoch over the new slot (elastic resume), so
     the batches, and so the losses, differ from the 2-rank run's; the first one equals, to float rounding, the loss
     a plain model with the consolidated weights gets on the batches the resumed loader hands out."""
-    reference = _reference_run(tmp_path_factory, assets, shapes, stage)
+    reference = reference_run(stage)
     run = tmp_path / "run"
-    _cut_back_to(reference, run, 3)
+    cut_back_to(reference, run, 3)
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"deepspeed.zero_stage": stage, "train.grad_accum": 2})
     report, out, loaded = probe_resume(cfg)
     assert report["universal"] and report["step"] == 3
