@@ -1,27 +1,20 @@
-"""Shared fixtures: tiny local models (the `from_pretrained` paths a hub id takes), synthetic shards, and a helper
-to run real multi-process training through `pretrain launch`. No network: hub access is switched off."""
+"""Shared fixtures: tiny local models (the `from_pretrained` paths a hub id takes), synthetic shards, the loader
+tests' sample processor and the real 2-node Slurm cluster. Helpers are in the `helpers` package. No network: hub
+access is switched off."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the real 2-node Slurm cluster fixture)
+from helpers.slurm_cluster import slurm_cluster  # noqa: E402,F401  (the real 2-node Slurm cluster fixture)
 
 
 @pytest.fixture(scope="session")
@@ -54,55 +47,40 @@ def shapes(tmp_path_factory) -> dict:
     return write_synthetic(tmp_path_factory.mktemp("shapes"), 512, 64, seed=0, samples_per_shard=64)
 
 
-def write_config(path: Path, assets: dict, shapes: dict, llm: str = "llama", vision: str = "clip",
-                 **overrides) -> Path:
-    """The demo recipe pointed at the test assets, with dotted overrides applied."""
-    from pretrain.config import apply_override
+@pytest.fixture(scope="session")
+def processor(tokenizer, assets):
+    """The real sample processor of the loader tests (CLIP's image processor), counting the samples it decodes."""
+    from helpers.loading import counting_processor
 
-    tree = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    tree["run"]["output_dir"] = str(path.parent / "run")
-    tree["model"]["llm"], tree["model"]["vision"] = str(assets[llm]), str(assets[vision])
-    tree["data"]["train"] = [{"urls": shapes["train"]["urls"]}]
-    tree["data"]["val"] = [{"urls": shapes["val"]["urls"]}]
-    tree["train"].update(max_steps=6, micro_batch_size=4, log_every=1, val_every=0, warmup_steps=0,
-                         progress_bar=False)
-    tree["checkpoint"].update(every_steps=0)
-    # The demo's tuning (vision lr multiplier, contrastive objective) is not part of the plain test base: tests
-    # that want it set it, and stage switches (align) stay valid.
-    tree["train"].pop("lr_multipliers", None)
-    tree.pop("objectives", None)
-    tree["data"].update(num_workers=0, shuffle_buffer=16)
-    for key, value in overrides.items():
-        apply_override(tree, key.split("."), value)
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return counting_processor(tokenizer, assets["clip"])
 
 
-def launch(config: Path, nproc: int = 2, overrides: list[str] = (), timeout: int = 300,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """`pretrain launch` as a user runs it; fails the test (with the output) on a time-out."""
-    cmd = [sys.executable, "-m", "pretrain", "launch", str(config), "--nproc", str(nproc), *overrides]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"training did not finish in {timeout}s:\n{err.stdout}\n{err.stderr}")
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, assets, shapes):
+    """`reference_run(stage)`: an uninterrupted 2-rank, 6-step run at that ZeRO stage, checkpointed every 3 steps,
+    trained once per test run and shared (exact and universal resume compare with it, the ZeRO-2 export reads it)."""
+    from helpers.trainer import reference_runs
+
+    return reference_runs(tmp_path_factory, assets, shapes)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="session")
+def projector_file(tmp_path_factory) -> dict:
+    """Random projector weights as a stage-1 run saves them (`file`), and the same under the model's names
+    (`expect`)."""
+    from helpers.model import write_projector_file
+
+    return write_projector_file(tmp_path_factory.mktemp("projector"))
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+@pytest.fixture(scope="session")
+def finetune_run(tmp_path_factory, assets, shapes, projector_file):
+    """The run directory of a 2-rank ZeRO-3 run, Qwen2 (tied embeddings) + SigLIP at stage finetune (the tower frozen),
+    a stage-1 projector loaded, every-2nd-layer activation checkpointing; 4 steps, checkpoints at 2 and 4. Trained
+    once and shared: the model tests check what it trained, the export tests export it."""
+    from helpers.model import stage_run
 
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A plain tar of (key, {ext: bytes}) samples, for hand-made good and bad shards."""
-    with tarfile.open(path, "w") as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
+    root = tmp_path_factory.mktemp("finetune")
+    return stage_run(root, assets, shapes, "qwen2", "siglip", "finetune", **{
+        "model.projector_from": projector_file["file"], "model.activation_checkpointing": "every_k",
+        "model.activation_checkpointing_every_k": 2}).parent

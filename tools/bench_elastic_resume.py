@@ -5,7 +5,7 @@ a 4-rank run would save at a given fraction of the epoch (every slot that far in
 of references), then times, for rank 0 of the new layout: building the loader from that state (for another layout
 this is where the rest of the epoch is computed and split) and the first batch (restoring the buffer, decoding).
 
-    python tools/bench_elastic_resume.py --out /tmp/elastic-bench [--shards 100 --per-shard 1000 --no-manifest]
+    python tools/bench_elastic_resume.py --out runs/elastic-bench [--shards 100 --per-shard 1000 --no-manifest]
 """
 
 from __future__ import annotations

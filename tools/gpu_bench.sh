@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark run (issue 9): bench data, bench train on the small/mid/large recipes against the peer
-# (transformers' Trainer + DeepSpeed ZeRO-3 + padding collator), and plan vs measured. Not run yet: no session so
-# far had a GPU. Facts about the lent machine: /work/shared/notes/gpu.md.
+# The GPU benchmark run: bench data, bench train on the small/mid/large recipes against the peer (transformers'
+# Trainer + DeepSpeed ZeRO-3 + padding collator), and plan vs measured, on a bare machine with one GPU.
 #
-# Before: `bash tools/gpu_wheels.sh` here (builds .whl/ for the machine's Python 3.12). Then, through the device
-# tool, with `carry: [".whl"]`, one call per line (each call starts a bare machine, must end within 10 minutes,
-# and the session has 30 minutes of device time in all):
+# Before: `bash tools/gpu_wheels.sh` here (builds .whl/ for the machine's Python 3.12). Then, on the GPU machine,
+# with .whl/ copied along, one command per line (each step fits in 10 minutes; a bare machine needs `install`):
 #   bash tools/gpu_bench.sh install data small      # wheels, versions, bench data (1 and 8 workers), small recipe
 #   bash tools/gpu_bench.sh install mid
 #   bash tools/gpu_bench.sh install large           # ours only; PEER_LARGE=1 adds the peer (likely over 10 min)
@@ -24,7 +22,9 @@ PEER_LARGE=${PEER_LARGE:-0}
 TIMEOUT=${TIMEOUT:-500}  # per trainer, seconds
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The wheels install outside the repo (the machine's own site-packages may be read-only).
+SITE=${SITE:-$HOME/.cache/pretrain-gpu-site}
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG=$OUT/gpu_bench.log
 RESULTS=$OUT/RESULTS.md
 
@@ -33,7 +33,7 @@ say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 install() {
   if ! "$PY" -c "import deepspeed, webdataset, pydantic, braceexpand, hjson" 2>/dev/null ||
      [ "$("$PY" -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   fi
   "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, transformers, deepspeed, webdataset, PIL

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build .whl/: the wheels the lent GPU machine lacks (see /work/shared/notes/gpu.md), for its Python 3.12 x86-64.
-# Run here (a machine with the package index), in the repo root; then hand `.whl` to the device tool's `carry` and
+# Build .whl/: the wheels a bare GPU machine lacks, for its Python 3.12 x86-64.
+# Run here (a machine with the package index), in the repo root; then copy `.whl` to the GPU machine with the repo and
 # run tools/gpu_bench.sh there. .whl/ is git-ignored. Re-running replaces its contents.
 #
 #   bash tools/gpu_wheels.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Slurm daemons, client and munge from the distribution's packages, for the local test cluster
-# (tests/slurm_cluster.py). Idempotent and noninteractive; needs root (or sudo). Debian 12 ships Slurm 22.05.8,
+# (tests/helpers/slurm_cluster.py). Idempotent and noninteractive; needs root (or sudo). Debian 12 ships Slurm 22.05.8,
 # the version the harness was measured with: we pin to it where the package index has it, and otherwise take the
 # distribution's version with a warning (newer Slurm releases are expected to work with the same config).
 set -euo pipefail

@@ -87,8 +87,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[str]]:
     return with_local_inputs(cfg, args.work_dir, args.samples_per_shard, _sizes(args.image_sizes))
 
 
-SECTIONS = {"data": "Data loading: `pretrain bench data` (issue 3)",
-            "train": "Training throughput: `pretrain bench train` (issue 9)"}
+SECTIONS = {"data": "Data loading: `pretrain bench data`",
+            "train": "Training throughput: `pretrain bench train`"}
 
 
 def _finish(args: argparse.Namespace, title: str, header: list[str], rows: list[list], result: dict,

@@ -7,7 +7,7 @@ reference implementation is pycocoevalcap/cider/cider_scorer.py): TF-IDF weighte
 document frequencies over the reference sets of the evaluated corpus, clipped cosine similarity, a Gaussian length
 penalty (sigma 6), averaged over n and over references, times 10. pycocoevalcap itself is not a dependency: its
 wheel is ~100 MB (it bundles Java jars for METEOR/SPICE/PTB tokenisation); its CIDEr is ~100 lines of Python,
-redone here and checked against values the reference code gives (tests/test_eval_metrics.py). Its PTB tokeniser
+redone here and checked against values the reference code gives (tests/eval/test_eval_metrics.py). Its PTB tokeniser
 (Java) is replaced by lower-casing and dropping punctuation, which is what it does to plain English captions.
 """
 

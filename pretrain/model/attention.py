@@ -15,7 +15,8 @@ flash_attention_2 in every layer):
 - sdpa / eager: a 4-D mask built on the device from the same ids (transformers takes a 4-D mask as it is);
 - rows that are one full sample each (no padding, no packing): no mask at all, plain causal attention.
 A padded row's tail is one more segment (its labels are ignored), so padded and packed batches take the same path;
-tests/test_model_unit.py checks packed against unpacked per-sample losses for every implementation that runs on CPU.
+tests/model/test_model_unit.py checks packed against unpacked per-sample losses for every implementation that runs on
+CPU.
 
 `auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and

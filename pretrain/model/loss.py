@@ -16,7 +16,7 @@ one call gathers it once each way, like a plain forward.
 Not liger-kernel's fused linear cross-entropy: it counts the non-ignored targets with `.item()` (a host sync per
 micro-batch, which the step avoids) and computes the head's gradient during forward, holding a full vocabulary x
 hidden gradient from forward to backward on every rank. This function is plain torch (CPU and CUDA alike) and is
-tested equal to the plain loss, value and gradients (tests/test_loss.py).
+tested equal to the plain loss, value and gradients (tests/model/test_loss.py).
 """
 
 from __future__ import annotations

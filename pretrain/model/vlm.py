@@ -14,7 +14,7 @@ pair count), never a branch that skips a module for some batches. Concretely: th
 when a micro-batch has none (its output times zero), the LM head is called once per forward whatever the label count
 (none included: the chunk loop runs inside that call), and the alignment objectives run a dummy row where a
 micro-batch has no pair. Loops over data belong inside one module call, on tensors, or on the host.
-tests/test_lockstep.py trains 2 ZeRO-3 ranks on deliberately uneven data under a timeout to hold this.
+tests/model/test_lockstep.py trains 2 ZeRO-3 ranks on deliberately uneven data under a timeout to hold this.
 
 Alignment objectives (`objectives:` in the config; see pretrain.model.alignment). The trainer divides the summed loss
 of every micro-batch by the label-token count N of the whole global batch. A per-micro-batch mean loss L_a (the

@@ -1,0 +1,104 @@
+"""A tiny AnyRes model trained on 2 CPU ranks under ZeRO-3 with multi-image, single-image, interleaved-document and
+text-only samples, the ranks' tile counts deliberately uneven (one shard of many-tile multi-image samples, one of a
+small image, a text and two documents), under a timeout so a rank that skipped a module call would fail here instead
+of hanging. Then `convert` writes a LlavaNext directory that plain transformers loads, its processor renders typed
+messages as training did, and its loss on a sample is the training forward's."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from helpers.export import run_config
+from helpers.model import consolidated
+from helpers.runs import launch, write_config
+from helpers.shards import image_bytes, write_tar
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from pretrain.data.batching import collate
+from pretrain.export.hf import convert, resolve_checkpoint
+from pretrain.model.build import build_model, load_tokenizer
+from pretrain.model.processing import build_processing
+from pretrain.model.vlm import VLMForTraining
+
+pytestmark = pytest.mark.slow
+CAPTION = "a red circle left of a blue square."
+
+
+def _conversation(question: str) -> bytes:
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": CAPTION}]
+    return json.dumps({"conversations": turns}).encode()
+
+
+def _shards(root) -> tuple[list[str], dict[str, dict]]:
+    """Shard 0: two panoramas per sample (4 tiles each). Shard 1: a small single image (2 tiles), a text-only sample
+    and two interleaved documents (one image between two texts): 4 samples, all of them read in the run's 2 steps."""
+    heavy = [(f"multi{i}", {"0.png": image_bytes("PNG", (1000, 60), seed=i),
+                            "1.jpg": image_bytes("JPEG", (60, 900), seed=10 + i),
+                            "json": _conversation("<image>\n<image>\nwhat is in them?")}) for i in range(4)]
+    light = [(f"single{i}", {"png": image_bytes("PNG", (5, 3), seed=20 + i), "txt": CAPTION.encode()})
+             for i in range(1)]
+    light += [(f"text{i}", {"json": _conversation("describe a red circle.")}) for i in range(1)]
+    light += [(f"doc{i}", {"0.png": image_bytes("PNG", (40, 70), seed=30 + i),
+                           "json": json.dumps({"texts": ["A page about shapes.", None, CAPTION],
+                                               "images": [None, f"page{i}.png", None]}).encode()})
+              for i in range(2)]
+    root.mkdir(parents=True, exist_ok=True)
+    urls = [str(write_tar(root / "shard-000000.tar", heavy)), str(write_tar(root / "shard-000001.tar", light))]
+    return urls, dict(heavy + light)
+
+
+def test_anyres_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next(tmp_path, assets, shapes, tokenizer):
+    urls, parts = _shards(tmp_path / "data")
+    cfg_path = write_config(tmp_path / "c.yaml", assets, shapes, **{
+        "model.image_tiling": "anyres", "model.max_image_tiles": 10, "data.train": [{"urls": urls}],
+        "data.val": [], "data.max_length": 512, "data.record_samples": True, "data.shuffle_buffer": 4,
+        "train.micro_batch_size": 2, "train.max_steps": 2, "checkpoint.every_steps": 2, "deepspeed.zero_stage": 3,
+        # Every parameter partitioned, image_newline too (a small one would be kept whole on each rank otherwise).
+        "deepspeed.param_persistence_threshold": 0})
+    done = launch(cfg_path, nproc=2, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "run"
+    cfg = run_config(run)
+    processing = build_processing(cfg, load_tokenizer(cfg.model))
+    tiles = {k: 0 if (px := processing.processor(p).pixel_values) is None else px.shape[0] for k, p in parts.items()}
+    steps = [[json.loads(line) for line in (run / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    per_rank = [[sum(tiles[k["key"]] for k in s["keys"]) for s in rank] for rank in steps]
+    # The unevenness occurred: every step, the ranks' micro-batches had different tile counts.
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    assert all(a != b for a, b in zip(*per_rank)), per_rank
+    seen = {k["key"] for rank in steps for s in rank for k in s["keys"]}
+    assert any(k.startswith("multi") for k in seen) and any(not k.startswith("multi") for k in seen)
+    assert any(k.startswith("doc") for k in seen) and tiles["doc0"] > 0, seen  # an interleaved document trained
+
+    out = convert(run, tmp_path / "hf", "fp32")
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaNextProcessor"
+    assert processor.image_processor.image_grid_pinpoints == processing.vlm_config.image_grid_pinpoints
+    state = consolidated(resolve_checkpoint(run))
+    assert "model.image_newline" in state
+    torch.testing.assert_close(model.model.image_newline.detach(), state["model.image_newline"], rtol=0, atol=0)
+
+    wrapper = VLMForTraining(build_model(cfg.model, processing.tokenizer, seed=cfg.run.seed))
+    wrapper.vlm.load_state_dict(state, strict=True)
+    wrapper.eval()
+    sample = processing.processor(parts["multi0"])
+    images = [Image.open(io.BytesIO(parts["multi0"][k])).convert("RGB") for k in ("0.png", "1.jpg")]
+    # Typed messages through the export's own chat template render what training rendered.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "what is in them?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": CAPTION}]}]
+    text = processor.apply_chat_template(messages)
+    tok = processing.tokenizer
+    inputs = processor(images=images, text=text, return_tensors="pt", add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist() == sample.input_ids  # the same image-token counts, in place
+    with torch.no_grad():
+        loss_sum, n = wrapper(collate([[sample]], tok.pad_token_id))
+        theirs = model(**inputs, labels=torch.tensor([sample.labels])).loss
+    torch.testing.assert_close(loss_sum / n, theirs, rtol=1e-5, atol=1e-6)
