@@ -122,9 +122,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
-    from pretrain.shards.build import ConvertOptions
+    from pretrain.shards.build import BuildOptions
 
-    return ConvertOptions(
+    return BuildOptions(
         samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes,
         workers=args.workers,
@@ -139,16 +139,16 @@ def _options(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
     )
 
 
-def _convert(args: argparse.Namespace, source: str, read: Any, extra: dict[str, Any]) -> int:
+def _build(args: argparse.Namespace, source: str, read: Any, extra: dict[str, Any]) -> int:
     """Run one converter; input problems that stop the whole conversion are printed, exit code 2."""
-    from pretrain.shards.build import run_conversion
+    from pretrain.shards.build import build_shards
 
     if args.max_side and not args.reencode:
         print("error: --max-side needs --reencode (original bytes are kept otherwise)", file=sys.stderr)
         return 2
     try:
         items, total = read()
-        manifest = run_conversion(items, args.out, _options(args, extra), source, total)
+        manifest = build_shards(items, args.out, _options(args, extra), source, total)
     except (OSError, ValueError) as e:  # missing input file, broken top-level JSON, an old build in --out
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -165,7 +165,7 @@ def cmd_llava(args: argparse.Namespace) -> int:
     from pretrain.shards.sources import read_llava
 
     extra = {"input": args.json, "image_root": args.image_root}
-    return _convert(args, "llava", lambda: read_llava(args.json, args.image_root), extra)
+    return _build(args, "llava", lambda: read_llava(args.json, args.image_root), extra)
 
 
 def cmd_jsonl(args: argparse.Namespace) -> int:
@@ -181,20 +181,20 @@ def cmd_jsonl(args: argparse.Namespace) -> int:
             fmt=args.format,
         )
 
-    return _convert(args, "jsonl", read, {"input": args.file, "image_root": args.image_root})
+    return _build(args, "jsonl", read, {"input": args.file, "image_root": args.image_root})
 
 
 def cmd_folder(args: argparse.Namespace) -> int:
     from pretrain.shards.sources import read_folder
 
-    return _convert(args, "folder", lambda: read_folder(args.images), {"input": args.images})
+    return _build(args, "folder", lambda: read_folder(args.images), {"input": args.images})
 
 
 def cmd_interleaved(args: argparse.Namespace) -> int:
     from pretrain.shards.sources import read_interleaved
 
     extra = {"input": args.file, "image_root": args.image_root}
-    return _convert(args, "interleaved", lambda: read_interleaved(args.file, args.image_root), extra)
+    return _build(args, "interleaved", lambda: read_interleaved(args.file, args.image_root), extra)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ class Skip:
 
 
 @dataclass(frozen=True)
-class ConvertOptions:
+class BuildOptions:
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     workers: int = 1
@@ -102,7 +102,7 @@ def _read_image(path: str) -> bytes:
         raise SampleError(MISSING_IMAGE, path) from None
 
 
-def process(item: Job | Skip, options: ConvertOptions) -> dict[str, Any] | Skip:
+def process(item: Job | Skip, options: BuildOptions) -> dict[str, Any] | Skip:
     """Turn a job into a WebDataset sample dict, or into a Skip with the reason it cannot be one."""
     if isinstance(item, Skip):
         return item
@@ -130,7 +130,7 @@ def process(item: Job | Skip, options: ConvertOptions) -> dict[str, Any] | Skip:
         return Skip(item.index, item.input, e.reason, e.detail)
 
 
-def _checked_image(path: str, options: ConvertOptions) -> tuple[str, bytes, int, int]:
+def _checked_image(path: str, options: BuildOptions) -> tuple[str, bytes, int, int]:
     """(extension, bytes, width, height) of one image as it goes into the shard; SampleError if it is unusable."""
     data = _read_image(path)
     ext, width, height = check_image(data, options.max_pixels, options.full_decode)
@@ -155,7 +155,7 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def process_all(items: Iterable[Job | Skip], options: ConvertOptions) -> Iterator[dict[str, Any] | Skip]:
+def process_all(items: Iterable[Job | Skip], options: BuildOptions) -> Iterator[dict[str, Any] | Skip]:
     """Results in input order. With workers > 1 a process pool reads and checks images; at most two windows of
     work are in flight, so memory stays bounded however large the input (Pool.imap alone would buffer it all)."""
     fn = partial(process, options=options)
@@ -181,10 +181,10 @@ def process_all(items: Iterable[Job | Skip], options: ConvertOptions) -> Iterato
             yield from pending.popleft()
 
 
-def run_conversion(
+def build_shards(
     items: Iterable[Job | Skip],
     out_dir: str | Path,
-    options: ConvertOptions,
+    options: BuildOptions,
     source: str,
     total: int | None = None,
 ) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from helpers.shards import SVG, all_members, bad_images, image_bytes, tar_member
 from PIL import Image
 
 from pretrain.cli import main
-from pretrain.shards.build import ConvertOptions, run_conversion
+from pretrain.shards.build import BuildOptions, build_shards
 from pretrain.shards.sources import read_llava, read_table
 
 BAD_REASONS = {
@@ -113,8 +113,8 @@ def test_many_jobs_through_the_pool_keep_input_order(tmp_path: Path) -> None:
     records = [{"id": str(i), "image": "a.png", "conversations": _turns("<image>", f"answer {i}")} for i in range(600)]
     records[300]["image"] = "absent.png"
     items, total = read_llava(write(tmp_path / "d.json", json.dumps(records)), tmp_path / "images")
-    options = ConvertOptions(workers=2, progress=False, samples_per_shard=10_000)
-    manifest = run_conversion(items, tmp_path / "out", options, "llava", total)
+    options = BuildOptions(workers=2, progress=False, samples_per_shard=10_000)
+    manifest = build_shards(items, tmp_path / "out", options, "llava", total)
     assert manifest["num_samples"] == 599 and manifest["skipped"][0]["input"] == "d.json#300"
     members = tar_members(tmp_path / "out/shard-000000.tar")
     answers = [json.loads(v)["conversations"][1]["value"] for k, v in members.items() if k.endswith(".json")]
@@ -131,8 +131,8 @@ def test_reencode(tmp_path: Path) -> None:
     write(images / "grey.png", image_bytes("PNG", (50, 50), mode="L"))
     lines = [json.dumps({"image": name, "caption": "c"}) for name in ("rgba.png", "grey.png")]
     items, total = read_table(write(tmp_path / "d.jsonl", "\n".join(lines)), images)
-    options = ConvertOptions(reencode="jpg", max_side=100, progress=False)
-    manifest = run_conversion(items, tmp_path / "out", options, "jsonl", total)
+    options = BuildOptions(reencode="jpg", max_side=100, progress=False)
+    manifest = build_shards(items, tmp_path / "out", options, "jsonl", total)
     assert manifest["reencode"] == {"format": "jpg", "quality": 95, "max_side": 100}
     members = tar_members(tmp_path / "out/shard-000000.tar")
     big = Image.open(io.BytesIO(members["000000000.jpg"]))
