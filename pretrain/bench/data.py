@@ -124,7 +124,8 @@ def _anyres(cfg: Config, urls: list[str]) -> dict[str, Callable[[], Iterator[tup
     from pretrain.data.anyres import AnyResTransform
     from pretrain.data.image import decode_image
     from pretrain.data.sample import all_image_bytes
-    from pretrain.data.stream import ShardReader, expand_urls
+    from pretrain.data.stream import ShardReader
+    from pretrain.data.urls import expand_urls
     from pretrain.model.processing import image_processor_for
 
     hf = image_processor_for(cfg.model.model_copy(update={"image_tiling": "anyres"}))

@@ -1,8 +1,9 @@
 """Frozen parts under ZeRO-3 (pretrain.model.frozen), on 2 CPU ranks with every parameter partitioned (no
 persistence threshold): in stage finetune the frozen vision tower is never all-gathered in a training step (its
-whole replica runs instead), while the same run with `deepspeed.frozen_unpartitioned=false` gathers it at every
-micro-batch; the losses of the two are the same, fewer bytes are gathered per step, and a resume from a checkpoint
-continues to the same loss."""
+whole replica runs instead) while the trained parts are (the counter is not blind), and a resume from a checkpoint
+continues to the same loss. The run with `deepspeed.frozen_unpartitioned=false` (the tower gathered at every
+micro-batch, the same losses, more bytes per step) is measured by tools/zero3_gathers.py into benchmarks/RESULTS.md
+rather than run here: one more 2-rank run would cost the suite ~11 s."""
 
 from __future__ import annotations
 
@@ -31,19 +32,12 @@ def _gathered(report: dict, part: str) -> int:
 def test_finetune_never_gathers_the_frozen_tower_and_trains_alike(tmp_path, assets, shapes):
     on = _gathers(tmp_path, assets, shapes, "on", "--save", **{"train.stage": "finetune",
                                                                 "checkpoint.every_steps": 1})
-    off = _gathers(tmp_path, assets, shapes, "off", **{"train.stage": "finetune",
-                                                      "deepspeed.frozen_unpartitioned": False})
-    print(json.dumps({"on": on["per_step"], "off": off["per_step"]}))
-    # The old path gathers the tower at every micro-batch (the counter sees it), the new one never.
-    assert _gathered(off, "vision_tower") >= 2 * 2 * 2, off["params"]
+    print(json.dumps(on["per_step"]))
     assert _gathered(on, "vision_tower") == 0, on["params"]
-    # Not blind: the trained parts are gathered in both.
-    for report in (on, off):
-        assert _gathered(report, "language_model") > 0 and _gathered(report, "multi_modal_projector") > 0
-    for step in ("0", "1"):
-        assert on["per_step"][step]["bytes"] < off["per_step"][step]["bytes"], (on["per_step"], off["per_step"])
+    # Not blind: the trained parts are gathered, at every micro-batch of both steps.
+    assert _gathered(on, "language_model") > 0 and _gathered(on, "multi_modal_projector") > 0, on["params"]
+    assert all(on["per_step"][step]["bytes"] > 0 for step in ("0", "1")), on["per_step"]
     assert len(on["losses"]) == 2
-    assert on["losses"] == off["losses"]
     # Exact resume with the replica: from the step-1 checkpoint, step 2 trains to the same loss.
     step1 = tmp_path / "on" / "run" / "checkpoints" / "step_00000001"
     resumed = _gathers(tmp_path, assets, shapes, "resumed", **{"train.stage": "finetune",
