@@ -20,9 +20,11 @@ CPU.
 
 `auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
-fails at load time); otherwise sdpa. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for
-packed rows rules out its flash kernel; flex_attention's block mask does not, but transformers compiles flex per
-shape, so it pays off only where row widths are fixed: it is an explicit choice, not `auto`'s.
+fails at load time); on CUDA without it, flex_attention; sdpa on the CPU. The reason for the choice is logged. On
+CUDA sdpa's dense (B, 1, L, L) mask for packed rows rules out its flash kernel; flex_attention's block mask does
+not. transformers compiles flex per shape (dynamic=False), and dynamo gives up after a few recompilations and runs
+the slow eager path, so under flex the loader pads every row to one of FLEX_WIDTHS widths (`flex_row_widths`):
+packed rows are nearly full anyway, and unpacked ones waste at most a quarter row.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from pretrain.config import ConfigError
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+# Distinct row widths under flex_attention: fewer than dynamo's recompile limit (8), with room for a partial batch.
+FLEX_WIDTHS = 4
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,20 @@ def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str
             return "flash_attention_2", why
     else:
         why = "flash-attn has no fp32 kernels"
-    # Not flex_attention: transformers compiles it per shape (dynamic=False), and packed batches vary in width, so
-    # it would recompile until dynamo gives up and runs the slow eager path. sdpa then builds a dense mask for
-    # packed rows (set flex_attention explicitly where row widths are fixed).
-    return "sdpa", why
+    if not flex_attention_available():
+        return "sdpa", f"{why}; no flex_attention in torch {torch.__version__}"
+    # flex's block mask skips the blocks across samples where sdpa would take a dense mask (and lose its flash
+    # kernel); the loader keeps the row widths to a few (flex_row_widths) so it compiles a few kernels.
+    return "flex_attention", f"{why}; flex_attention with block masks from the sample boundaries"
+
+
+def flex_row_widths(max_length: int, multiple: int = 8) -> tuple[int, ...]:
+    """The row widths a loader pads to under flex_attention: FLEX_WIDTHS steps up to `max_length`, each a multiple
+    of `multiple`."""
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    return tuple(sorted({up(-(-max_length * k // FLEX_WIDTHS)) for k in range(1, FLEX_WIDTHS + 1)}))
 
 
 def _check_flash(cuda: bool, half_precision: bool, probe_device: str) -> None:
