@@ -20,11 +20,12 @@ CPU.
 
 `auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
-fails at load time); on CUDA without it, flex_attention; sdpa on the CPU. The reason for the choice is logged. On
-CUDA sdpa's dense (B, 1, L, L) mask for packed rows rules out its flash kernel; flex_attention's block mask does
-not. transformers compiles flex per shape (dynamic=False), and dynamo gives up after a few recompilations and runs
-the slow eager path, so under flex the loader pads every row to one of FLEX_WIDTHS widths (`flex_row_widths`):
-packed rows are nearly full anyway, and unpacked ones waste at most a quarter row.
+fails at load time); on CUDA without it, flex_attention for packed rows (data.packing) and sdpa for padded ones;
+sdpa on the CPU. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for packed rows rules
+out its flash kernel; flex_attention's block mask does not. transformers compiles flex per shape (dynamic=False),
+and dynamo gives up after a few recompilations and runs the slow eager path, so under flex the loader pads every
+batch to one of FLEX_WIDTHS widths (`flex_row_widths`): packed rows are nearly full anyway (an explicit flex choice
+for padded rows pays up to a quarter of data.max_length of padding per row).
 """
 
 from __future__ import annotations
@@ -84,14 +85,14 @@ def flex_attention_available() -> bool:
 
 
 def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None = None,
-                      probe_device: str = "cuda") -> AttentionChoice:
+                      probe_device: str = "cuda", packing: bool = False) -> AttentionChoice:
     """Turn `model.attn_implementation` into what the decoder and the tower run; ConfigError when it cannot run.
     `probe_device`: where flash-attn's tiny call runs (tests run it on the CPU with stand-in modules)."""
     if requested not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={requested!r} (valid: {', '.join(IMPLEMENTATIONS)})")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
-        requested, why = _auto(cuda, half_precision, probe_device)
+        requested, why = _auto(cuda, half_precision, probe_device, packing)
         log.info("model.attn_implementation=auto -> %s: %s", requested, why)
     if requested == "flash_attention_2":
         _check_flash(cuda, half_precision, probe_device)
@@ -103,7 +104,7 @@ def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None
     return AttentionChoice(requested, requested)
 
 
-def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str]:
+def _auto(cuda: bool, half_precision: bool, probe_device: str, packing: bool) -> tuple[str, str]:
     if not cuda:
         return "sdpa", "no CUDA device"
     if half_precision:
@@ -112,11 +113,13 @@ def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str
             return "flash_attention_2", why
     else:
         why = "flash-attn has no fp32 kernels"
+    if not packing:  # a padding mask only: sdpa keeps an efficient kernel, and rows keep their own widths
+        return "sdpa", f"{why}; rows are not packed"
     if not flex_attention_available():
         return "sdpa", f"{why}; no flex_attention in torch {torch.__version__}"
-    # flex's block mask skips the blocks across samples where sdpa would take a dense mask (and lose its flash
-    # kernel); the loader keeps the row widths to a few (flex_row_widths) so it compiles a few kernels.
-    return "flex_attention", f"{why}; flex_attention with block masks from the sample boundaries"
+    # Packed rows: flex's block mask skips the blocks across samples where sdpa would take a dense mask (and lose
+    # its flash kernel); the loader keeps the row widths to a few (flex_row_widths) so it compiles a few kernels.
+    return "flex_attention", f"{why}; packed rows: flex_attention with block masks from the sample boundaries"
 
 
 def flex_row_widths(max_length: int, multiple: int = 8) -> tuple[int, ...]:

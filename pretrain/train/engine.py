@@ -67,7 +67,8 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     zero = ZeroContext(ds_config)
     # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None
-    model = build_model(cfg.model, tokenizer, zero, dtype=host_dtype(cfg), seed=cfg.run.seed)
+    model = build_model(cfg.model, tokenizer, zero, dtype=host_dtype(cfg), seed=cfg.run.seed,
+                        packing=cfg.data.packing)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
     trainable = apply_stage(model, cfg.train.stage)
@@ -113,7 +114,8 @@ def loader_workers(setting: int | str, env: Mapping[str, str] | None = None) -> 
 def row_widths(cfg: Config) -> tuple[int, ...] | None:
     """The few row widths batches are padded to when the decoder runs flex_attention (compiled per shape); None for
     the other implementations. The same answer on every rank: it depends on the config and the machine only."""
-    choice = resolve_attention(cfg.model.attn_implementation, half_precision=cfg.train.precision == "bf16")
+    choice = resolve_attention(cfg.model.attn_implementation, half_precision=cfg.train.precision == "bf16",
+                               packing=cfg.data.packing)
     return flex_row_widths(cfg.data.max_length) if choice.decoder == "flex_attention" else None
 
 

@@ -152,13 +152,16 @@ def test_auto_takes_flash_attention_only_when_its_kernel_runs(tmp_path, monkeypa
     flash_attn_works.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="pretrain.model.attention"):
-            got = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu")
+            got = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu", packing=True)
+            padded = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu")
         if kind == "working":
+            assert padded == got
             assert got == AttentionChoice("flash_attention_2", "flash_attention_2")
             assert "flash-attn 2.8.3 runs" in caplog.text
             return
-        # Without a working flash-attn, CUDA takes flex_attention (block masks, no dense mask for packed rows).
-        assert got == AttentionChoice("flex_attention", "sdpa")
+        # Without a working flash-attn, CUDA takes flex_attention for packed rows (block masks, no dense mask) and
+        # sdpa for padded ones (a padding mask keeps its efficient kernel).
+        assert got == AttentionChoice("flex_attention", "sdpa") and padded == AttentionChoice("sdpa", "sdpa")
         reason = "does not import" if kind == "broken_import" else "its kernel fails"
         assert reason in caplog.text and "auto -> flex_attention" in caplog.text
         with pytest.raises(ConfigError, match=reason):
