@@ -20,11 +20,16 @@ from pretrain.data.sample import ProcessedSample
 from pretrain.tokens import IGNORE
 
 
-def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = 8) -> dict:
-    """Each row is a list of samples laid end to end (one sample per row when not packing)."""
+def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = 8,
+            widths: tuple[int, ...] | None = None) -> dict:
+    """Each row is a list of samples laid end to end (one sample per row when not packing). `widths`: the batch is
+    padded to the smallest of them that holds its longest row (kernels compiled per shape); None: to a multiple of
+    `pad_to_multiple`."""
     lengths = [sum(len(s) for s in row) for row in rows]
     width = max(lengths)
     width = -(-width // pad_to_multiple) * pad_to_multiple
+    if widths:
+        width = min((w for w in widths if w >= width), default=width)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

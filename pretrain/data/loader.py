@@ -157,7 +157,7 @@ class SlotPipeline:
 
     def _batch(self, rows: list[list]) -> dict:
         self.batches += 1
-        batch = collate([[s for _, _, s in row] for row in rows], self.spec.pad_id)
+        batch = collate([[s for _, _, s in row] for row in rows], self.spec.pad_id, widths=self.spec.row_widths)
         batch["sample_keys"] = [{"source": ref[0], "shard": ref[1], "key": key, "epoch": ref[3]}
                                 for row in rows for ref, key, _ in row]
         batch["_slot"] = self.slot

@@ -21,5 +21,6 @@ class LoaderSpec:
     packing: bool = False
     max_images_per_batch: int | None = None  # images / tiles per micro-batch; None: no limit
     pad_id: int = 0
+    row_widths: tuple[int, ...] | None = None  # the only widths a batch is padded to (flex_attention); None: any
     epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
     single_pass: bool = False  # one epoch of every source, then the last (partial) batch and the end (validation)

@@ -20,9 +20,12 @@ CPU.
 
 `auto`: flash_attention_2 when CUDA is there, training runs in bf16 (FA2 has no fp32 kernels) and the flash-attn
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
-fails at load time); otherwise sdpa. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for
-packed rows rules out its flash kernel; flex_attention's block mask does not, but transformers compiles flex per
-shape, so it pays off only where row widths are fixed: it is an explicit choice, not `auto`'s.
+fails at load time); on CUDA without it, flex_attention for packed rows (data.packing) and sdpa for padded ones;
+sdpa on the CPU. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for packed rows rules
+out its flash kernel; flex_attention's block mask does not. transformers compiles flex per shape (dynamic=False),
+and dynamo gives up after a few recompilations and runs the slow eager path, so under flex the loader pads every
+batch to one of FLEX_WIDTHS widths (`flex_row_widths`): packed rows are nearly full anyway (an explicit flex choice
+for padded rows pays up to a quarter of data.max_length of padding per row).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pretrain.config import ConfigError
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+# Distinct row widths under flex_attention: fewer than dynamo's recompile limit (8), with room for a partial batch.
+FLEX_WIDTHS = 4
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,14 @@ def flex_attention_available() -> bool:
 
 
 def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None = None,
-                      probe_device: str = "cuda") -> AttentionChoice:
+                      probe_device: str = "cuda", packing: bool = False) -> AttentionChoice:
     """Turn `model.attn_implementation` into what the decoder and the tower run; ConfigError when it cannot run.
     `probe_device`: where flash-attn's tiny call runs (tests run it on the CPU with stand-in modules)."""
     if requested not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={requested!r} (valid: {', '.join(IMPLEMENTATIONS)})")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
-        requested, why = _auto(cuda, half_precision, probe_device)
+        requested, why = _auto(cuda, half_precision, probe_device, packing)
         log.info("model.attn_implementation=auto -> %s: %s", requested, why)
     if requested == "flash_attention_2":
         _check_flash(cuda, half_precision, probe_device)
@@ -99,7 +104,7 @@ def resolve_attention(requested: str, *, half_precision: bool, cuda: bool | None
     return AttentionChoice(requested, requested)
 
 
-def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str]:
+def _auto(cuda: bool, half_precision: bool, probe_device: str, packing: bool) -> tuple[str, str]:
     if not cuda:
         return "sdpa", "no CUDA device"
     if half_precision:
@@ -108,10 +113,22 @@ def _auto(cuda: bool, half_precision: bool, probe_device: str) -> tuple[str, str
             return "flash_attention_2", why
     else:
         why = "flash-attn has no fp32 kernels"
-    # Not flex_attention: transformers compiles it per shape (dynamic=False), and packed batches vary in width, so
-    # it would recompile until dynamo gives up and runs the slow eager path. sdpa then builds a dense mask for
-    # packed rows (set flex_attention explicitly where row widths are fixed).
-    return "sdpa", why
+    if not packing:  # a padding mask only: sdpa keeps an efficient kernel, and rows keep their own widths
+        return "sdpa", f"{why}; rows are not packed"
+    if not flex_attention_available():
+        return "sdpa", f"{why}; no flex_attention in torch {torch.__version__}"
+    # Packed rows: flex's block mask skips the blocks across samples where sdpa would take a dense mask (and lose
+    # its flash kernel); the loader keeps the row widths to a few (flex_row_widths) so it compiles a few kernels.
+    return "flex_attention", f"{why}; packed rows: flex_attention with block masks from the sample boundaries"
+
+
+def flex_row_widths(max_length: int, multiple: int = 8) -> tuple[int, ...]:
+    """The row widths a loader pads to under flex_attention: FLEX_WIDTHS steps up to `max_length`, each a multiple
+    of `multiple`."""
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    return tuple(sorted({up(-(-max_length * k // FLEX_WIDTHS)) for k in range(1, FLEX_WIDTHS + 1)}))
 
 
 def _check_flash(cuda: bool, half_precision: bool, probe_device: str) -> None:

@@ -120,8 +120,8 @@ def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 VOCAB_MULTIPLE = 64
 
 
-def attention_for(mcfg: ModelConfig, zero: ZeroContext) -> AttentionChoice:
-    return resolve_attention(mcfg.attn_implementation, half_precision=zero.bf16)
+def attention_for(mcfg: ModelConfig, zero: ZeroContext, packing: bool = False) -> AttentionChoice:
+    return resolve_attention(mcfg.attn_implementation, half_precision=zero.bf16, packing=packing)
 
 
 def _load_decoder(mcfg: ModelConfig, text_cfg: PretrainedConfig, attn: str, dtype: torch.dtype) -> nn.Module:
@@ -144,13 +144,15 @@ def build_model(
     zero: ZeroContext | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    packing: bool = False,
 ) -> LlavaForConditionalGeneration:
     """Build the VLM. With ZeRO-3 in `zero`, the caller must keep an HfDeepSpeedConfig alive around this call.
+    `packing`: the batches hold packed rows (data.packing), which `auto` attention takes into account.
 
     Each random initialisation is seeded on its own, so the weights are the same on every rank and for every ZeRO
     stage (zero.Init and loading consume the RNG differently)."""
     zero = zero or ZeroContext()
-    attn = attention_for(mcfg, zero)
+    attn = attention_for(mcfg, zero, packing)
     if mcfg.init_from:
         model = _from_export(mcfg, attn, dtype)
     else:

@@ -15,6 +15,7 @@ from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.urls import expand_urls
+from pretrain.model.attention import flex_row_widths, resolve_attention
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
@@ -66,7 +67,8 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     zero = ZeroContext(ds_config)
     # transformers enters zero.Init while this object is alive; keep it referenced for the whole build.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero.zero3 else None
-    model = build_model(cfg.model, tokenizer, zero, dtype=host_dtype(cfg), seed=cfg.run.seed)
+    model = build_model(cfg.model, tokenizer, zero, dtype=host_dtype(cfg), seed=cfg.run.seed,
+                        packing=cfg.data.packing)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
     trainable = apply_stage(model, cfg.train.stage)
@@ -109,6 +111,14 @@ def loader_workers(setting: int | str, env: Mapping[str, str] | None = None) -> 
     return cpus_for_rank(env) - 1 if setting == "auto" else int(setting)
 
 
+def row_widths(cfg: Config) -> tuple[int, ...] | None:
+    """The few row widths batches are padded to when the decoder runs flex_attention (compiled per shape); None for
+    the other implementations. The same answer on every rank: it depends on the config and the machine only."""
+    choice = resolve_attention(cfg.model.attn_implementation, half_precision=cfg.train.precision == "bf16",
+                               packing=cfg.data.packing)
+    return flex_row_widths(cfg.data.max_length) if choice.decoder == "flex_attention" else None
+
+
 def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcessor, pad_id: int, rank: int,
                 world: int, *, train: bool, state: dict | None = None) -> ResumableLoader:
     spec = LoaderSpec(
@@ -116,7 +126,7 @@ def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcess
         world_size=world, num_workers=loader_workers(cfg.data.num_workers) if train else VAL_WORKERS,
         seed=cfg.run.seed, shuffle=train,
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
-        max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id,
+        max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id, row_widths=row_widths(cfg),
         max_images_per_batch=cfg.data.max_images_per_batch,
         epoch_size=cfg.data.epoch_size if train else None, single_pass=not train)
     for i, urls in enumerate(spec.sources):

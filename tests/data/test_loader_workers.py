@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from pretrain.config import DataConfig, load_config
 from pretrain.data.loader import ResumableLoader
+from pretrain.model.attention import flex_row_widths
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.processing import image_processor_for, sample_processor
 from pretrain.train.engine import VAL_WORKERS, cpus_for_rank, loader_workers, make_loader
@@ -52,3 +53,10 @@ def test_trainer_loaders_resolve_auto_and_validate_in_a_worker(tmp_path, assets,
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert torch.equal(g["input_ids"], w["input_ids"]) and g["sample_lengths"] == w["sample_lengths"]
+    # Under flex_attention (compiled per shape) the trainer's loaders pad batches to a few widths only.
+    assert val.spec.row_widths is None
+    flex = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": "flex_attention"})})
+    flex_val = make_loader(flex, flex.data.val, processor, tokenizer.pad_token_id, 0, 1, train=False)
+    widths = flex_row_widths(cfg.data.max_length)
+    assert flex_val.spec.row_widths == widths
+    assert {b["input_ids"].shape[1] for b in itertools.islice(flex_val, 3)} <= set(widths)

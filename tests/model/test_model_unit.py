@@ -23,6 +23,7 @@ from pretrain.model.attention import (
     attention_inputs,
     decode_rows,
     flash_attn_works,
+    flex_row_widths,
     one_row_for_packing,
     resolve_attention,
 )
@@ -108,6 +109,28 @@ def test_attention_choice():
         resolve_attention("flash_attention_2", half_precision=False, cuda=True)
 
 
+def test_flex_batches_take_a_few_widths(tmp_path):
+    """flex_attention is compiled per shape: under it every batch is padded to one of a few widths, whatever its
+    longest row; the other implementations pad to a multiple of 8 only."""
+    from pretrain.train.engine import row_widths  # the trainer's side: tests may import it, the model may not
+
+    assert flex_row_widths(2048) == (512, 1024, 1536, 2048)
+    assert flex_row_widths(100) == (32, 56, 80, 104)
+    widths = flex_row_widths(100)
+    seen = set()
+    for n in range(1, 101):
+        batch = collate([[ProcessedSample([1] * n, [1] * n, None)]], pad_id=0, widths=widths)
+        seen.add(batch["input_ids"].shape[1])
+        assert batch["input_ids"].shape[1] >= n
+    assert seen == set(widths)  # every width used, no other
+    assert collate([[ProcessedSample([1] * 3, [1] * 3, None)]], pad_id=0)["input_ids"].shape[1] == 8
+    tree = {"model": {"llm": {"model_type": "llama"}, "vision": {"model_type": "clip_vision_model"}},
+            "data": {"train": [{"urls": "x.tar"}], "max_length": 100}, "train": {"max_steps": 1}}
+    assert row_widths(build_config({**tree, "model": {**tree["model"], "attn_implementation": "flex_attention"}})) \
+        == widths
+    assert row_widths(build_config({**tree, "model": {**tree["model"], "attn_implementation": "sdpa"}})) is None
+
+
 FLASH_STAND_INS = {
     # A wheel built for another torch: the package is found, its compiled extension fails to load.
     "broken_import": 'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n',
@@ -129,14 +152,18 @@ def test_auto_takes_flash_attention_only_when_its_kernel_runs(tmp_path, monkeypa
     flash_attn_works.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="pretrain.model.attention"):
-            got = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu")
+            got = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu", packing=True)
+            padded = resolve_attention("auto", half_precision=True, cuda=True, probe_device="cpu")
         if kind == "working":
+            assert padded == got
             assert got == AttentionChoice("flash_attention_2", "flash_attention_2")
             assert "flash-attn 2.8.3 runs" in caplog.text
             return
-        assert got == AttentionChoice("sdpa", "sdpa")
+        # Without a working flash-attn, CUDA takes flex_attention for packed rows (block masks, no dense mask) and
+        # sdpa for padded ones (a padding mask keeps its efficient kernel).
+        assert got == AttentionChoice("flex_attention", "sdpa") and padded == AttentionChoice("sdpa", "sdpa")
         reason = "does not import" if kind == "broken_import" else "its kernel fails"
-        assert reason in caplog.text and "auto -> sdpa" in caplog.text
+        assert reason in caplog.text and "auto -> flex_attention" in caplog.text
         with pytest.raises(ConfigError, match=reason):
             resolve_attention("flash_attention_2", half_precision=True, cuda=True, probe_device="cpu")
     finally:
