@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,20 @@ def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, SampleError(BAD_JSON, str(e))
 
 
+def entry_jobs(entries: list[tuple[str, Any]], make_job: Callable[[int, str, Any], Job | Skip]
+               ) -> tuple[Iterator[Job | Skip], int]:
+    """Jobs for records read up front as (where, record); a record that could not be read (a SampleError) is a
+    Skip with its reason. Returns the jobs and their count."""
+    def jobs() -> Iterator[Job | Skip]:
+        for index, (where, record) in enumerate(entries):
+            if isinstance(record, SampleError):
+                yield Skip(index, where, record.reason, record.detail)
+            else:
+                yield make_job(index, where, record)
+
+    return jobs(), len(entries)
+
+
 def read_llava(json_path: str | Path, image_root: str | Path) -> tuple[Iterator[Job | Skip], int | None]:
     """Jobs for a LLaVA JSON array file (or JSON lines when the name ends in .jsonl), and their number if known."""
     path, root = Path(json_path), Path(image_root)
@@ -132,14 +146,7 @@ def read_llava(json_path: str | Path, image_root: str | Path) -> tuple[Iterator[
             raise ValueError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
         entries = [(f"{path.name}#{i}", record) for i, record in enumerate(data)]
 
-    def jobs() -> Iterator[Job | Skip]:
-        for index, (where, record) in enumerate(entries):
-            if isinstance(record, SampleError):
-                yield Skip(index, where, record.reason, record.detail)
-            else:
-                yield llava_job(index, where, record, root)
-
-    return jobs(), len(entries)
+    return entry_jobs(entries, lambda index, where, record: llava_job(index, where, record, root))
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
@@ -215,14 +222,8 @@ def read_table(
     columns = {"image": image_column, "caption": caption_column, "conversations": conversations_column}
     entries = list(rows)
 
-    def jobs() -> Iterator[Job | Skip]:
-        for index, (where, row) in enumerate(entries):
-            if isinstance(row, SampleError):
-                yield Skip(index, where, row.reason, row.detail)
-            else:
-                yield table_job(index, where, row, root, columns, from_csv=fmt != "jsonl")
-
-    return jobs(), len(entries)
+    return entry_jobs(entries, lambda index, where, row: table_job(index, where, row, root, columns,
+                                                                    from_csv=fmt != "jsonl"))
 
 
 def read_folder(images: str | Path) -> tuple[Iterator[Job | Skip], int]:
@@ -283,11 +284,4 @@ def read_interleaved(file: str | Path, image_root: str | Path | None = None) -> 
     root = Path(image_root) if image_root is not None else path.parent
     entries = list(_json_lines(path))
 
-    def jobs() -> Iterator[Job | Skip]:
-        for index, (where, record) in enumerate(entries):
-            if isinstance(record, SampleError):
-                yield Skip(index, where, record.reason, record.detail)
-            else:
-                yield interleaved_job(index, where, record, root)
-
-    return jobs(), len(entries)
+    return entry_jobs(entries, lambda index, where, record: interleaved_job(index, where, record, root))
