@@ -12,7 +12,6 @@ The token count uses LlavaNextProcessor's own function (unpadded grid features +
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -95,11 +94,6 @@ class AnyResTransform:
         self.resample = spec.resample
         self.lut = spec.lut
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        """(rows, cols) of tiles for an image of this size."""
-        best_h, best_w = select_best_resolution((height, width), self.pinpoints)
-        return best_h // self.tile, best_w // self.tile
-
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
         best_h, best_w = select_best_resolution((img.height, img.width), self.pinpoints)
@@ -140,10 +134,6 @@ class TokenCounter:
     def __call__(self, height: int, width: int) -> int:
         out = self.hf_processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
         return int(out["num_image_tokens"][0])
-
-
-def token_counter(hf_processor: Any) -> Callable[[int, int], int]:
-    return TokenCounter(hf_processor)
 
 
 def llava_next_processor(image_processor: Any, tokenizer: Any, vlm_config: Any) -> Any:

@@ -18,11 +18,11 @@ from transformers import AutoConfig, AutoImageProcessor, LlavaConfig, PreTrained
 from pretrain.config import Config, ModelConfig
 from pretrain.data.anyres import (
     AnyResTransform,
+    TokenCounter,
     anyres_image_processor,
     grid_pinpoints,
     is_anyres_processor,
     llava_next_processor,
-    token_counter,
 )
 from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
@@ -96,7 +96,7 @@ def sample_processor(cfg: Config, tokenizer: PreTrainedTokenizerBase, vlm_config
     max_tiles = cfg.model.max_image_tiles
     if is_anyres_processor(image_processor):
         # No draft decoding: the grid and the token count follow the image's full size.
-        count = token_counter(llava_next_processor(image_processor, tokenizer, vlm_config))
+        count = TokenCounter(llava_next_processor(image_processor, tokenizer, vlm_config))
         return SampleProcessor(text, AnyResTransform(image_processor), cfg.data.max_image_pixels,
                                image_token_count=count, max_image_tiles=max_tiles)
     transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)

@@ -251,7 +251,7 @@ def test_lengths_that_do_not_fit_are_refused(tmp_path):
 
 def test_anyres_prices_every_tile_of_the_largest_grid(tmp_path, tokenizer):
     from pretrain.config import build_config
-    from pretrain.data.anyres import token_counter
+    from pretrain.data.anyres import TokenCounter
     from pretrain.model.processing import build_processing
 
     none = load_config(recipe(tmp_path, TINY_MODEL))
@@ -263,7 +263,7 @@ def test_anyres_prices_every_tile_of_the_largest_grid(tmp_path, tokenizer):
         **TINY_MODEL, "image_tiling": "anyres", "tokenizer": "unused"}).read_text())}), tokenizer)
     from pretrain.data.anyres import llava_next_processor
 
-    count = token_counter(llava_next_processor(processing.image_processor, tokenizer, processing.vlm_config))
+    count = TokenCounter(llava_next_processor(processing.image_processor, tokenizer, processing.vlm_config))
     assert tiled.work.sample_len - flat.work.sample_len == count(96, 96) - 16
     assert tiled.work.image_positions == count(96, 96) and flat.work.image_positions == 16
     assert f"{count(96, 96)} image tokens" in render(tiled)  # the report says the decoder's image positions
