@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
 from pretrain.config import Config
@@ -28,6 +28,7 @@ from pretrain.data.sample import SampleProcessor
 from pretrain.export.hf import PREFIX, _Sources, plan, resolve_checkpoint, run_model_config
 from pretrain.export.layout import export_layout
 from pretrain.export.zero import ZeroCheckpoint
+from pretrain.model.build import model_class
 from pretrain.model.processing import sample_processor
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train import checkpoint as ckpt
@@ -59,14 +60,15 @@ def _copy_pieces(target: torch.Tensor, pieces: Iterable[torch.Tensor], name: str
 
 @torch.no_grad()
 def load_llava(tag_dir: Path, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """The Llava model of a checkpoint, built on `device` in `dtype`, holding the weights the export would write
-    (the export's own plan and lazily opened sources, so both read the same tensors from the same places)."""
-    config = LlavaConfig.from_pretrained(tag_dir / ckpt.HF_META)
+    """The Llava (LlavaNext for AnyRes) model of a checkpoint, built on `device` in `dtype`, holding the weights the
+    export would write (the export's own plan and lazily opened sources, so both read the same tensors from the same
+    places)."""
+    config = AutoConfig.from_pretrained(tag_dir / ckpt.HF_META)
     config.use_cache = config.text_config.use_cache = True  # as the export sets it: generation wants the cache
     zero = ZeroCheckpoint(tag_dir)
     planned = plan(export_layout(config), zero, _Sources(run_model_config(tag_dir)), frozen_from="checkpoint")
     with torch.device(device), no_init_weights():  # every weight is overwritten below: skip the random init
-        vlm = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        vlm = model_class(config)._from_config(config, dtype=dtype)
     state = vlm.state_dict()  # the layout's names are this model's (tied duplicates share their partner's data)
     for p in planned:
         _copy_pieces(state[p.tensor.name], p.pieces(), PREFIX + p.tensor.name)

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.data.batching import collate
+from pretrain.eval.loading import load_llava
 from pretrain.export.hf import convert, resolve_checkpoint
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.processing import build_processing
@@ -84,6 +85,10 @@ def test_anyres_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next(tmp
     state = consolidated(resolve_checkpoint(run))
     assert "model.image_newline" in state
     torch.testing.assert_close(model.model.image_newline.detach(), state["model.image_newline"], rtol=0, atol=0)
+    # `pretrain eval` reads the checkpoint without an export: the same LlavaNext model, image_newline included.
+    direct = load_llava(resolve_checkpoint(run), torch.device("cpu"), torch.float32)
+    assert type(direct).__name__ == "LlavaNextForConditionalGeneration"
+    torch.testing.assert_close(direct.model.image_newline.detach(), state["model.image_newline"], rtol=0, atol=0)
 
     wrapper = VLMForTraining(build_model(cfg.model, processing.tokenizer, seed=cfg.run.seed))
     wrapper.vlm.load_state_dict(state, strict=True)
