@@ -165,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "ours":
             report = count_ours(cfg)
         else:
-            dist.environment_from_slurm_or_alone()
-            dist.skip_shm_op_build()  # as dist.init does
             report = count_peer(cfg, out, args.batch or cfg.train.micro_batch_size, cfg.train.max_steps)
         if int(os.environ.get("RANK", "0")) == 0:
             out.write_text(json.dumps(report, indent=1) + "\n")

@@ -61,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "ours":
             result = _run_ours(cfg, out)
         else:
-            dist.environment_from_slurm_or_alone()
-            dist.skip_shm_op_build()  # as dist.init does
             from pretrain.bench.peer import train_peer
 
             result = train_peer(cfg, out, args.batch, args.steps)
