@@ -11,8 +11,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from pretrain.data.image import decode_image
 from pretrain.data.image_formats import to_rgb
 from pretrain.export.chat_template import export_chat_template
+from pretrain.tokens import IMAGE_TOKEN
 
-IMAGE = "<image>"
+IMAGE = IMAGE_TOKEN  # the placeholder a prompt marks each image with
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
