@@ -82,6 +82,9 @@ class VLMForTraining(nn.Module):
         # The most image-text pairs a micro-batch holds (host-known, the same on every rank): the contrastive
         # gather pads to it instead of reading the ranks' counts back; None: the counts are exchanged (a sync).
         self.pair_capacity: int | None = None
+        # The widths the alignment rows are padded to (the loader's, under flex_attention, which compiles a kernel
+        # per shape; set by the trainer's set-up); None: each call's longest row.
+        self.row_widths: tuple[int, ...] | None = None
 
     # -- image and text paths ------------------------------------------------------------------------------------
     @property
@@ -294,8 +297,9 @@ class VLMForTraining(nn.Module):
         return int(pad if pad is not None else 0)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids and the attention mask."""
+        """Right-padded ids and the attention mask, to the smallest of `row_widths` that holds every row."""
         width = max(len(r) for r in rows)
+        width = min((w for w in self.row_widths or () if w >= width), default=width)
         ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):

@@ -86,6 +86,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
                                       config=ds_config)
     del hf_ds
     module.frozen_tower = frozen_tower_for(model, t.stage, frozen)
+    module.row_widths = row_widths(cfg)
     # Every image takes at least image_seq_length tokens of a row: a bound every rank knows without asking.
     module.pair_capacity = t.micro_batch_size * max(1, cfg.data.max_length // model.config.image_seq_length)
     # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
