@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint slurm clean
+.PHONY: demo test test-fast install lint slurm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ slurm:
 test: $(STAMP) slurm
 	$(VENV)/bin/ruff check pretrain launch tools tests
 	$(VENV)/bin/lint-imports  # the import layers in pyproject.toml
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=25 tests
+
+# The tests that start no process (no torchrun, Slurm, loader workers or subprocess), for iteration: a few minutes.
+# The guard plug-in fails a test that starts one without being marked slow or slurm.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check pretrain launch tools tests
+	$(VENV)/bin/python -m pytest -q -p helpers.no_spawn -m "not slow and not slurm" --durations=10 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests

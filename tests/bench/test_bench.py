@@ -66,6 +66,7 @@ def test_bench_data_tiny(capsys, config, tmp_path):
     assert "GPU demand (h100, 50% MFU" in text
 
 
+@pytest.mark.slow
 def test_bench_train_tiny_with_peer(capsys, config, tmp_path):
     """Our Trainer then transformers' Trainer + DeepSpeed on the same model and data; no checkpoint is written."""
     code = main(["bench", "train", "--config", str(config), "--steps", "3", "--peer", "--nproc", "1",

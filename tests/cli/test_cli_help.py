@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers.runs import ROOT
 
 HEAVY = ("torch", "transformers", "pydantic", "deepspeed", "webdataset", "yaml")
@@ -27,6 +28,7 @@ print(json.dumps({"shown": shown, "heavy": [m for m in %r if m in sys.modules]})
 """
 
 
+@pytest.mark.slow
 def test_help_imports_no_library_code():
     out = subprocess.run([sys.executable, "-c", _SCRIPT % (HEAVY,)], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)

@@ -45,6 +45,7 @@ def _keys_by_fingerprint(processor, urls) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_ranks_and_workers_cover_an_epoch_once(processor, shapes):
     """2 ranks x 2 workers, one epoch each: the sample keys they read are disjoint and together the whole set."""
     urls = shapes["train"]["urls"]  # 8 shards x 64 samples
@@ -73,6 +74,7 @@ def test_shuffle_is_seeded(processor, shapes):
 
 @pytest.mark.parametrize("workers, packing, stop_at", [(0, False, 3), (0, False, 37), (2, False, 5), (2, False, 40),
                                                         (0, True, 9), (2, True, 14)])
+@pytest.mark.slow
 def test_exact_resume(processor, shapes, workers, packing, stop_at):
     """Stop after `stop_at` batches (mid-shard, across shard and epoch boundaries), resume from the state: the
     stream continues exactly as the uninterrupted one."""

@@ -48,6 +48,7 @@ def sources(shapes):
     return [urls[:5], pipe_urls(urls[5:6])]  # 5 local shards (split by shard, then by sample) and a stream of one
 
 
+@pytest.mark.slow
 def test_rest_of_the_epoch_is_split_exactly_over_other_layouts(processor, sources):
     """2 ranks x 2 workers stop mid-epoch; resumed on 1 x 0 and on 3 x 1, and 3 x 1 stopped again mid-rest and
     resumed on 2 x 0: each chain trains every sample of the epoch of both sources exactly once."""
@@ -63,6 +64,7 @@ def test_rest_of_the_epoch_is_split_exactly_over_other_layouts(processor, source
     assert _epoch(head + middle + tail, 0) == _all(sources)
 
 
+@pytest.mark.slow
 def test_resume_decodes_no_skipped_sample_and_follows_weights(processor, sources):
     """The resumed loader decodes only what it trains on (plus the carried-over sample); the weights still hold
     after the change."""
@@ -76,6 +78,7 @@ def test_resume_decodes_no_skipped_sample_and_follows_weights(processor, sources
     assert 0.6 < share < 0.9, share
 
 
+@pytest.mark.slow
 def test_changed_batching_and_an_added_source_keep_the_epoch(processor, sources, shapes, caplog):
     """Same ranks and workers but another micro-batch size, and a third source: the old sources' epoch still
     completes exactly once; the new source starts at its first epoch."""
@@ -87,6 +90,7 @@ def test_changed_batching_and_an_added_source_keep_the_epoch(processor, sources,
     assert max(_epoch(tail, 0, 2).values()) == 1 and len(_epoch(tail, 0, 2)) > 0
 
 
+@pytest.mark.slow
 def test_a_slot_that_never_handed_out_a_batch_counts_as_unstarted(processor, sources):
     """A checkpoint after one batch of 2 ranks x 2 workers holds only the slots that delivered; resumed on 1 x 0,
     the others' whole shares are part of the rest."""

@@ -50,6 +50,7 @@ def _ids(batch) -> list[tuple]:
     return [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+@pytest.mark.slow
 def test_pipe_urls_read_like_files(processor, shapes):
     files = expand_urls(shapes["train"]["urls"])
     kw = dict(rank=1, world_size=2, num_workers=0)
@@ -58,6 +59,7 @@ def test_pipe_urls_read_like_files(processor, shapes):
     assert piped == local
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, stop_at", [(0, 5), (0, 37), (2, 13)])
 def test_pipe_resume_is_exact_and_skips_bytes(processor, shapes, tmp_path, workers, stop_at):
     """Resumed mid-shard: the stream continues exactly; nothing before the resume point is decoded again, and each
@@ -80,6 +82,7 @@ def test_pipe_resume_is_exact_and_skips_bytes(processor, shapes, tmp_path, worke
         assert len(log.read_text().splitlines()) <= len(buffered) + 2
 
 
+@pytest.mark.slow
 def test_mixed_sources_with_stream_epoch_size(processor, shapes):
     """A local source and a `pipe:` source mixed 3:1; data.epoch_size=40 over 2 slots ends each slot's stream
     epoch after 20 samples (the local source keeps its shard-sized epochs), and resume stays exact."""
@@ -105,6 +108,7 @@ def _state_after(processor, sources, kw, n: int) -> dict:
     return json.loads(json.dumps(loader.state_dict()))
 
 
+@pytest.mark.slow
 def test_stream_epoch_restarts_with_a_new_shard_order(shapes):
     """After its share of epoch_size, a stream's slot starts the next epoch at the first sample of that epoch's
     first shard, not where it was."""

@@ -38,6 +38,7 @@ def test_auto_workers_follow_the_cpus_given_to_the_rank():
             DataConfig(train=[{"urls": "a.tar"}], num_workers=bad)
 
 
+@pytest.mark.slow
 def test_trainer_loaders_resolve_auto_and_validate_in_a_worker(tmp_path, assets, shapes):
     cfg = load_config(write_config(tmp_path / "c.yaml", assets, shapes, **{"data.num_workers": "auto"}))
     tokenizer = load_tokenizer(cfg.model)

@@ -70,6 +70,7 @@ def _srun_line(text: str) -> str:
 
 
 # ------------------------------------------------------------------ rendering, no cluster
+@pytest.mark.slow
 def test_dry_run_gpu_nodes(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _config(tmp_path, "runs/gpu", name="llava 7b")
@@ -99,6 +100,7 @@ def test_dry_run_gpu_nodes(tmp_path, capsys, monkeypatch):
     assert not run_dir.exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_dry_run_cpu_nodes_chain(tmp_path, capsys):
     cfg = _config(tmp_path, str(tmp_path / "run"))
     text = _dry_run(capsys, str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "3",
@@ -112,6 +114,7 @@ def test_dry_run_cpu_nodes_chain(tmp_path, capsys):
 
 @pytest.mark.parametrize(("flag", "workers", "want"), [([], "5", 6), (["--cpus-per-task", "2"], "5", 2),
                                                       ([], "auto", 8)])
+@pytest.mark.slow
 def test_cpus_per_task_default_to_the_loader_workers_plus_one(tmp_path, capsys, flag, workers, want):
     cfg = _config(tmp_path, str(tmp_path / "run"))
     text = _dry_run(capsys, str(cfg), "--nodes", "2", "--gpus-per-node", "4", *flag, f"data.num_workers={workers}")
@@ -174,6 +177,7 @@ def test_missing_config_fails(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_values_reach_the_shell_quoted(tmp_path, capsys):
     evil = ["x; touch ~/pwned", "$(touch ~/pwned)", "x`touch ~/pwned`", "a'b\"c"]
     cfg = _config(tmp_path / evil[1], str(tmp_path / "run $(touch ~/pwned)"), name="x; rm -rf ~")

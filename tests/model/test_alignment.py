@@ -219,6 +219,7 @@ def _features(case: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(sum(counts), 8, generator=g), torch.randn(sum(counts), 8, generator=g)
 
 
+@pytest.mark.slow
 def test_cross_rank_gather_gives_the_global_gradient():
     """Each rank's loss is the mean over its own pairs against the gathered global batch. After backward, each rank's
     features must hold the gradient of the SUM of all ranks' losses (the gather's backward brings the other ranks'

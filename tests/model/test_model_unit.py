@@ -197,6 +197,7 @@ def _packing_batches(samples: list[ProcessedSample], pad_id: int, packed_path: b
     return packed, alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
     """Packed rows (masks from the host-known sample_lengths) must score every sample as if it were alone."""

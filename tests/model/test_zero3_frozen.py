@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers.model import torchrun
 from helpers.runs import ROOT, write_config
 
@@ -29,6 +30,7 @@ def _gathered(report: dict, part: str) -> int:
     return sum(n for name, n in report["params"].items() if part in name)
 
 
+@pytest.mark.slow
 def test_finetune_never_gathers_the_frozen_tower_and_trains_alike(tmp_path, assets, shapes):
     on = _gathers(tmp_path, assets, shapes, "on", "--save", **{"train.stage": "finetune",
                                                                 "checkpoint.every_steps": 1})

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers.runs import ROOT
 
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -32,6 +33,7 @@ def _plant(path: Path, line: str) -> None:
     path.write_text(path.read_text() + f"\n\ndef _planted():\n    {line}\n")
 
 
+@pytest.mark.slow
 def test_the_tree_keeps_the_layers_and_a_planted_upward_import_or_cycle_breaks_them(tmp_path):
     kept = _lint(ROOT)
     assert kept.returncode == 0, kept.stdout + kept.stderr

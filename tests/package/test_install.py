@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers.runs import ROOT
 
 CONFIG = """\
@@ -45,6 +46,7 @@ def _install(tmp_path: Path) -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_submit_dry_run_from_a_plain_install_in_another_directory(tmp_path):
     site = _install(tmp_path)
     assert not (site / "slurm").exists() and not (tmp_path / "src" / "slurm").exists()  # no source tree to lean on

@@ -108,6 +108,7 @@ def _documents() -> list:
     ]
 
 
+@pytest.mark.slow
 def test_interleaved_converter(tmp_path: Path) -> None:
     images = _images(tmp_path)
     path = write(tmp_path / "docs.jsonl", "\n".join(json.dumps(d) for d in _documents()) + "\n{broken")

@@ -96,6 +96,7 @@ def test_llava_converter(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_rerun_is_byte_identical_whatever_the_worker_count(tmp_path: Path) -> None:
     json_path, images, _ = _llava_input(tmp_path)
     base = ["shards", "llava", "--json", str(json_path), "--image-root", str(images), "--samples-per-shard", "2"]
@@ -107,6 +108,7 @@ def test_rerun_is_byte_identical_whatever_the_worker_count(tmp_path: Path) -> No
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_many_jobs_through_the_pool_keep_input_order(tmp_path: Path) -> None:
     """More jobs than one pool window (256): results still come back in input order."""
     write(tmp_path / "images/a.png", image_bytes("PNG", (8, 8)))

@@ -76,6 +76,7 @@ def test_bad_samples_counted_by_reason(capsys, config, bad_shard):
     assert "1 with text cut to data.max_length=64" in lines[-2]
 
 
+@pytest.mark.slow
 def test_truncated_and_piped_shards_in_parallel(capsys, config, shapes, bad_shard, tmp_path):
     """A cut tar counts its lost tail as one truncated_tar and keeps what came before; `pipe:` shards read like
     files; 2 worker processes give the same counts as 1."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers.runs import ROOT
 
@@ -101,6 +102,7 @@ tdist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_a_cuda_only_group_refuses_cpu_tensors_and_the_layer_runs_at_world_size_one():
     """A group created as "cuda:gloo" behaves as NCCL does for a CPU tensor; the layer's device choice for it is
     CUDA, for a mixed group the caller's CPU. At world size 1 the layer still issues every collective."""

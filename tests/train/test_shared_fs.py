@@ -24,6 +24,7 @@ def _committed(root, step: int) -> None:
     ckpt.commit(root, tag.name, {"step": step, "world_size": 2, "zero_stage": 3})
 
 
+@pytest.mark.slow
 def test_rank0_decides_and_its_work_outlasts_the_collective_timeout(tmp_path):
     roots = [tmp_path / "node0" / "checkpoints", tmp_path / "node1" / "checkpoints"]
     _committed(roots[0], 4)

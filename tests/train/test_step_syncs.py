@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from helpers.model import torchrun
 from helpers.runs import ROOT, write_config
 
 
+@pytest.mark.slow
 def test_the_step_synchronises_once_per_optimizer_step(tmp_path, assets, shapes):
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{
         "train.grad_accum": 2, "train.log_every": 2, "train.max_steps": 6,

@@ -202,6 +202,7 @@ print("still running", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_first_signal_sets_a_request_a_repeat_is_the_same_event_a_second_exits_75(tmp_path):
     marker = tmp_path / "PREEMPTED"
     out = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT, str(marker)], capture_output=True, text=True,
@@ -295,6 +296,7 @@ def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(proc
         merge_loader_states(ckpt_dir, old_world=3)
 
 
+@pytest.mark.slow
 def test_dataloader_workers_ignore_cluster_signals(processor, shapes):
     """SIGTERM / SIGUSR1 / SIGINT sent to every process of a job (Slurm does so) leave the DataLoader workers
     serving batches: torch's own worker handler would let a SIGTERM kill them, and then the trainer's step."""
