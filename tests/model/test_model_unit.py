@@ -301,6 +301,27 @@ def test_decoder_masks_from_sample_lengths_read_nothing_back(tokenizer, impl):
     assert counts["positions"], "transformers' own packed-row detection reads the position ids back"
 
 
+def test_flash_attention_path_reads_back_once_per_forward_in_transformers_mask_code(tokenizer):
+    """What flash_attention_2 costs in host syncs, counted on the CPU (its kernel cannot run here): our kwargs carry
+    no mask and the position ids, so transformers' create_causal_mask checks those for packed sequences, one read
+    back per decoder forward (the docstring of pretrain.model.attention says so); the layers add none (the varlen
+    lengths are Python ints, test above)."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = build_model(_mcfg(), tokenizer).eval()
+    config = model.model.language_model.config
+    packed, _ = _packing_batches(_samples(model, tokenizer), tokenizer.pad_token_id, packed_path=True)
+    embeds = torch.zeros(*packed["input_ids"].shape, config.hidden_size)
+    inputs = attention_inputs("flash_attention_2", packed["sample_lengths"], embeds, packed["position_ids"])
+    config._attn_implementation = "flash_attention_2"
+    try:
+        with _SyncCount() as mode:
+            mask = create_causal_mask(config, embeds, inputs["attention_mask"], None, inputs["position_ids"])
+    finally:
+        config._attn_implementation = "sdpa"
+    assert mask is None and mode.seen == ["_local_scalar_dense"]
+
+
 # -- activation checkpointing -------------------------------------------------------------------------------------
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
