@@ -137,6 +137,13 @@ def test_summary_weighs_steps_by_time():
     assert out["data_wait_frac"] == pytest.approx(0.3 / 4)
     assert out["mfu"] == pytest.approx(8e12 / (4 * 2 * 989e12))
     assert summarize(records, 1, 2, "cpu")["mfu"] is None
+    # Beside the totals, the median step: a slow step (a recompilation in the window) cannot wreck it.
+    slow = [*records, {**records[1], "step": 4, "step_time_s": 40.0, "tokens_per_s": 2.5}]
+    out = summarize(slow, warmup=1, nproc=2, device="NVIDIA H100 80GB HBM3")
+    assert out["total_time_s"] == pytest.approx(44.0) and out["median"]["step_time_s"] == pytest.approx(3.0)
+    assert out["median"]["tokens_per_s"] == pytest.approx(100.0)
+    assert out["median"]["mfu"] == pytest.approx(4e12 / (3.0 * 2 * 989e12))
+    assert out["mfu"] == pytest.approx(12e12 / (44 * 2 * 989e12))
 
 
 def test_peer_uses_llavas_zero_config_at_our_stage(config):
