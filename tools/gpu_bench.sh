@@ -58,13 +58,13 @@ stage_shards() {
   "$PY" -m pretrain bench shards --out benchdata/train --shards 4 --samples-per-shard 250 --workers "$(nproc)"
 }
 
-# bench RECIPE CONFIG: ours then the peer, each trainer timed out within the stage's box.
+# bench RECIPE CONFIG: ours then the peer. Ours is on disk before the peer starts; each trainer's own timeout is the
+# stage's box, a backstop: the box stops the stage (pretrain bench stops its torchrun job on the SIGTERM, the trap
+# kills the job's recorded group in any case).
 bench() {
-  local per=$(((STAGE_BOX - 10) / 2))
   # shellcheck disable=SC2086
   "$PY" -m pretrain bench train --config "$2" $OVERRIDES --steps "$STEPS" --warmup-steps "$WARMUP" --peer \
-    --timeout "$per" --work-dir "$WORK/bench/$1" --json
-  cp "$WORK/bench/$1"/*/result.json "$WORK/$1.json" 2>/dev/null
+    --timeout "$STAGE_BOX" --work-dir "$WORK/bench/$1" --json
 }
 stage_mid() { bench mid "$MID"; }
 stage_small() { bench small "$SMALL"; }
@@ -107,6 +107,13 @@ cleanup() {
   for pgid in $(sort -u "$WORK/pgids"); do kill -TERM -- "-$pgid" 2>/dev/null; done
   sleep 1
   for pgid in $(sort -u "$WORK/pgids"); do kill -KILL -- "-$pgid" 2>/dev/null; done
+  local wait
+  for wait in 1 2 3 4 5 6 7 8 9 10; do  # until they are gone (the GPU's memory with them), 5 s at most
+    for pgid in $(sort -u "$WORK/pgids"); do
+      pgrep -g "$pgid" -r R,S,D,T > /dev/null && { sleep 0.5; continue 2; }
+    done
+    break
+  done
   say "done: summary in $OUT/summary.md"
   # The summary first in plain shell (it stands if Python cannot run), then the full one over it.
   { echo "# gpu_bench: $MODE mode, commit $PRETRAIN_COMMIT"; echo; echo "| stage | status | seconds | note |";

@@ -1,6 +1,7 @@
 """The table tools/gpu_bench.sh leaves in $OUT/summary.md, and $OUT/results.json (every stage's JSON), from what
-its stages wrote under WORK: stages.tsv, install.json, correctness.json, <recipe>.json (pretrain bench train's
-result). Standard library only, and every part optional: it runs whatever happened before it.
+its stages wrote under WORK: stages.tsv, install.json, correctness.json, bench/<recipe>/<run>/result.json (pretrain
+bench train's), any other <stage>.json. Standard library only, and every part optional: it runs whatever happened
+before it.
 
     python tools/gpu_bench_summary.py WORK OUT
 """
@@ -122,7 +123,10 @@ def timing_lines(results: dict[str, dict[str, Any]], ceiling: float | None) -> l
 def main(argv: list[str]) -> int:
     work, out = Path(argv[0]), Path(argv[1])
     install, checks = _load(work / "install.json"), _load(work / "correctness.json")
-    timing = {r: x for r in RECIPES if (x := _load(work / f"{r}.json")) is not None}
+    # pretrain bench train writes its result.json as soon as ours ends, again when the peer has: a stage stopped
+    # during the peer still shows our figures.
+    timing = {r: x for r in RECIPES for path in sorted((work / "bench" / r).glob("*/result.json"))[:1]
+              if (x := _load(path)) is not None}
     matmul = (checks or {}).get("checks", {}).get("matmul", {})
     ceiling = matmul.get("tflops") if matmul.get("ok") and matmul.get("dtype") == "bfloat16" else None
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -135,7 +139,7 @@ def main(argv: list[str]) -> int:
     merged = {"install": install, "correctness": checks, "train": timing,
               "bench_json": {r: _last_json_line(work / "logs" / f"{r}.log") for r in timing}}
     for extra in sorted(work.glob("*.json")):  # stages added later (their own JSON) come along
-        if extra.stem not in ("install", "correctness", *RECIPES):
+        if extra.stem not in ("install", "correctness"):
             merged[extra.stem] = _load(extra)
     (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
     print(f"summary: {out / 'summary.md'}")

@@ -41,6 +41,9 @@ from pretrain import distributed as dist
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 # Packed vs alone agree to rounding; these bound the relative difference (losses per sample, the gradient vector).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# Every collective of pretrain.distributed (the `collectives` check runs each; a test holds the list complete).
+COLLECTIVES = ("all_reduce", "all_reduce_values", "all_gather", "all_gather_with_grad", "broadcast_object",
+               "all_gather_object", "barrier", "rank0_work")
 # A mask leak must move the losses by this many tolerances for the comparison to count as able to fail.
 LEAK_MARGIN = 3.0
 
@@ -183,29 +186,35 @@ class _RecompileLog(logging.Handler):
         self.messages.append(record.getMessage().splitlines()[0])
 
 
-def flex_recompiles(dtype: torch.dtype, device: torch.device, cuda_sizes: bool = False) -> dict[str, Any]:
-    """Three training steps under flex_attention on batches of one width (different sample lengths): dynamo may
-    compile for the first, never again after it."""
-    from pretrain.data.batching import collate
-
+@contextlib.contextmanager
+def recompile_log():
+    """Dynamo's recompile messages while inside (a list that fills as they come)."""
     torch._logging.set_logs(recompiles=True)
     logger = logging.getLogger("torch._dynamo.guards.__recompiles")
     handler = _RecompileLog()
     logger.addHandler(handler)
     try:
-        wrapper, tokenizer = tiny_model("flex_attention", dtype, device, cuda_sizes=cuda_sizes)
-        width, after_first = 96, []
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def flex_recompiles(dtype: torch.dtype, device: torch.device, cuda_sizes: bool = False) -> dict[str, Any]:
+    """Three training steps under flex_attention on batches of one width (different sample lengths): dynamo may
+    compile for the first, never again after it."""
+    from pretrain.data.batching import collate
+
+    wrapper, tokenizer = tiny_model("flex_attention", dtype, device, cuda_sizes=cuda_sizes)
+    width, after_first = 96, []
+    with recompile_log() as messages:
         for step, lengths in enumerate([(30, 12, 20), (9, 25, 31), (40, 6, 11)]):
             items = samples(wrapper.vlm.config, lengths, seed=step)
             batch = collate([items[:2], items[2:]], tokenizer.pad_token_id, widths=(width,))
-            assert batch["input_ids"].shape[1] == width, batch["input_ids"].shape
-            seen = len(handler.messages)
+            seen = len(messages)
             loss, _ = wrapper(_on(batch, device))
             loss.backward()
             if step > 0:
-                after_first += handler.messages[seen:]
-    finally:
-        logger.removeHandler(handler)
+                after_first += messages[seen:]
     return {"ok": not after_first, "recompiles_after_first": after_first, "width": width, "batches": 3}
 
 
@@ -214,8 +223,8 @@ def collectives(device: torch.device) -> dict[str, Any]:
     rank, world = dist.rank_and_world()
     x = torch.arange(4, dtype=torch.float32, device=device) + 1
     results = {
-        "all_reduce": [torch.equal(dist.all_reduce(x, op).cpu(), x.cpu() * (world if op == "sum" else 1))
-                       for op in ("sum", "max", "min")] == [True] * 3 if world == 1 else None,
+        "all_reduce": all(torch.equal(dist.all_reduce(x, op).cpu(), x.cpu() * (world if op == "sum" else 1))
+                          for op in ("sum", "max", "min")),
         "all_reduce_values": dist.all_reduce_values([1.5, torch.tensor(2.0, device=device)]) == [1.5 * world,
                                                                                                   2.0 * world],
         "all_gather": [g.cpu().tolist() for g in dist.all_gather(x)] == [x.cpu().tolist()] * world,
@@ -229,6 +238,7 @@ def collectives(device: torch.device) -> dict[str, Any]:
     results["all_gather_with_grad"] = len(gathered) == world and bool((leaf.grad.cpu() == world).all())
     dist.barrier()
     results["barrier"] = True
+    assert set(results) == set(COLLECTIVES), sorted(set(results) ^ set(COLLECTIVES))
     return {"ok": all(results.values()), "checks": results, "backend": dist.backend_devices(), "world_size": world}
 
 

@@ -365,6 +365,20 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tokenizer, mode, chec
         torch.testing.assert_close(grads[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_the_training_wrapper_trains_components_loaded_from_directories(tokenizer, assets):
+    """from_pretrained (a hub id or a directory) leaves a model in eval mode, where transformers silently skips
+    activation checkpointing: the training wrapper puts every module in train mode, so checkpointed layers recompute."""
+    model = build_model(ModelConfig(llm=str(assets["llama"]), vision=str(assets["clip"])), tokenizer)
+    apply_stage(model, "full")
+    enable_activation_checkpointing(model, "full")
+    wrapper = VLMForTraining(model)
+    assert all(m.training for m in wrapper.modules())
+    calls = _attention_calls(model)
+    loss, n = wrapper(collate([[s] for s in _samples(model, tokenizer)], tokenizer.pad_token_id))
+    (loss / n).backward()
+    assert calls["llm"] == [2, 2] and calls["vision"][0] == 2  # forward + recompute
+
+
 # -- projector files ----------------------------------------------------------------------------------------------
 def test_projector_from_reads_llava_and_hf_layouts(tmp_path, tokenizer):
     model = build_model(_mcfg(), tokenizer)
