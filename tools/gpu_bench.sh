@@ -37,6 +37,7 @@
 # CPU mode (the rehearsal, GPU_BENCH_MODE=cpu): the same stages on this machine, with gloo, fp32 and tiny recipes
 # (GPU_BENCH_MID / GPU_BENCH_SMALL name configs, GPU_BENCH_OVERRIDES adds overrides); install checks this
 # environment instead of installing.
+
 # -- the stages: each runs in a child bash that sources this file with --functions (it then defines these and
 # returns), with the settings below exported; $WORK/<stage>.json is a stage's result for the summary. ----------
 stage_install() {

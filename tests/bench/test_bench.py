@@ -1,4 +1,5 @@
-"""`pretrain bench data|train` in their tiny CPU mode (so they never rot), and the pieces the figures rest on: the
+"""`pretrain bench data` in its tiny CPU mode (so it never rots; `bench train --peer` runs end to end in the
+gpu_bench rehearsal, tests/bench/test_gpu_bench.py), and the pieces the figures rest on: the
 common-practice path does the same work as ours, generated shards, throughput arithmetic, the peer's DS config."""
 
 from __future__ import annotations
@@ -64,32 +65,6 @@ def test_bench_data_tiny(capsys, config, tmp_path):
     assert text.index("## Data loading: `pretrain bench data`") < text.index("### bench data: config.yaml")
     assert "webdataset + HF processor + tokenizer" in text and "- commit: " in text and "--seconds 0.3" in text
     assert "GPU demand (h100, 50% MFU" in text
-
-
-def test_bench_train_tiny_with_peer(capsys, config, tmp_path):
-    """Our Trainer then transformers' Trainer + DeepSpeed on the same model and data; no checkpoint is written."""
-    code = main(["bench", "train", "--config", str(config), "--steps", "3", "--peer", "--nproc", "1",
-                 "--work-dir", str(tmp_path), "--json", "--timeout", "600"])
-    assert code == 0
-    result = _last_json(capsys)["train"]
-    ours, peer = result["ours"], result["peer"]
-    assert ours["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0
-    assert ours["mfu"] is None and ours["gpu_mem_gib"] is None  # CPU: no peak to divide by, no GPU memory
-    assert peer["micro_batch"] == 4  # unpacked recipe: 4 samples per micro-batch, as ours
-    assert ours["samples_per_step"] == peer["samples_per_step"] == 4
-    # The summaries, recomputed from each trainer's own metrics.jsonl (time-weighted, warm-up steps left out).
-    rates = {name: _rates_after_warmup(tmp_path / "tiny" / name / "metrics.jsonl", result["warmup_steps"])
-             for name in ("ours", "peer")}
-    assert ours["tokens_per_s"] == pytest.approx(rates["ours"]) and peer["tokens_per_s"] == pytest.approx(rates["peer"])
-    assert result["ratio"]["tokens_per_s"] == pytest.approx(rates["ours"] / rates["peer"])
-    assert (tmp_path / "tiny" / "ours" / "metrics.jsonl").is_file()
-    assert not (tmp_path / "tiny" / "ours" / "checkpoints").exists()
-
-
-def _rates_after_warmup(path, warmup: int) -> float:
-    rows = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if r["step"] > warmup]
-    assert rows, path
-    return sum(r["tokens_per_s"] * r["step_time_s"] for r in rows) / sum(r["step_time_s"] for r in rows)
 
 
 def test_common_practice_does_the_same_work(config, shapes, tmp_path):
