@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install lint slurm clean
+.PHONY: demo test test-fast install lint slurm clean gpu-wheels gpu-commit
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests
 	$(VENV)/bin/lint-imports
+
+# Before a lent GPU machine's one call of tools/gpu_bench.sh (its header): the wheels it lacks, and the commit.
+gpu-wheels: $(STAMP)
+	bash tools/gpu_wheels.sh
+
+gpu-commit:
+	bash tools/gpu_commit.sh
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -6,12 +6,18 @@ Cases (each `--steps` optimizer steps):
   uneven  rank 0: images + captions of `--long` label tokens (more than one loss chunk);
           rank 1: text only, `--short` label tokens (below one chunk), so no image and no pair
   empty   rank 0 as in uneven; rank 1: text only with no label token at all
+  flex    flex_attention's training path against sdpa: two engines of the same seeded model (alignment off,
+          non-reentrant activation checkpointing on every layer), one packed micro-batch per rank (different
+          samples and row layouts on each), one forward + backward: the losses and every parameter's full
+          gradient (gathered from ZeRO-3's partitions) must agree; and the flex loss on a batch whose boundaries
+          merge the packed samples must not (so the comparison can fail). On a CPU flex runs its own unfused
+          implementation (pretrain.bench.device_check.flex_backward_on_cpu: torch has no CPU backward for it).
 
     python tools/zero3_lockstep.py [--long 2000 --short 40 --chunk 1024 --steps 2]   (prints a table)
 
 It starts 2 ranks itself (torchrun) on tiny random models it writes, or runs as one of them (under torchrun, with
 `--llm/--vision` directories and `--out`): then every rank writes `OUT.rank<R>.json` with its label counts, images,
-pairs and the seconds each case took.
+pairs and the seconds each case took (and the flex case's differences).
 """
 
 from __future__ import annotations
@@ -82,6 +88,59 @@ def _engine(args: argparse.Namespace, world: int):
     return engine, model.config
 
 
+def _attention_engine(args: argparse.Namespace, world: int, impl: str):
+    """A plain (no alignment) ZeRO-3 engine of the seeded model with attention `impl`, checkpointing every layer."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pretrain.config import ModelConfig
+    from pretrain.model.build import ZeroContext, build_model, load_tokenizer
+    from pretrain.model.checkpointing import enable_activation_checkpointing
+    from pretrain.model.stages import apply_stage
+    from pretrain.model.vlm import VLMForTraining
+
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * world,
+                 "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False}
+    mcfg = ModelConfig(llm=args.llm, vision=args.vision, attn_implementation=impl)
+    tokenizer = load_tokenizer(mcfg)
+    keep = HfDeepSpeedConfig(ds_config)
+    model = build_model(mcfg, tokenizer, ZeroContext(ds_config), seed=0)
+    apply_stage(model, "full")
+    enable_activation_checkpointing(model, "full")
+    module = VLMForTraining(model).train()  # from_pretrained leaves eval mode; transformers' flex follows the mode
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)  # never steps
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    del keep
+    return engine, model.config, tokenizer.pad_token_id
+
+
+def flex_case(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """flex_attention vs sdpa under ZeRO-3 on packed rows: see the module docstring."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from pretrain.bench.device_check import flex_backward_on_cpu, packed_and_alone, samples
+
+    losses, grads = {}, {}
+    with flex_backward_on_cpu(torch.device("cpu")):
+        for impl in ("sdpa", "flex_attention"):
+            engine, cfg, pad = _attention_engine(args, world, impl)
+            lengths = (23, 14, 17) if rank == 0 else (9, 30, 12)  # other samples and row layouts on each rank
+            batch = packed_and_alone(samples(cfg, lengths, seed=rank), pad)[0]
+            loss, _ = engine(batch)
+            engine.backward(loss)
+            losses[impl] = float(loss.detach())
+            grads[impl] = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
+            if impl == "flex_attention":
+                merged = {**batch, "sample_lengths": [[sum(row)] for row in batch["sample_lengths"]]}
+                with torch.no_grad():
+                    losses["flex_merged"] = float(engine(merged)[0])
+    flat = {impl: torch.cat([g.reshape(-1).float() for g in grads[impl].values()]) for impl in grads}
+    grad_diff = float((flat["flex_attention"] - flat["sdpa"]).norm() / flat["sdpa"].norm())
+    return {"losses": losses, "grad_rel_diff": grad_diff, "parameters": len(grads["sdpa"]),
+            "loss_rel_diff": abs(losses["flex_attention"] - losses["sdpa"]) / abs(losses["sdpa"]),
+            "merged_rel_diff": abs(losses["flex_merged"] - losses["sdpa"]) / abs(losses["sdpa"])}
+
+
 def run_rank(args: argparse.Namespace) -> None:
     from pretrain import distributed as dist
     from pretrain.data.batching import collate
@@ -91,6 +150,10 @@ def run_rank(args: argparse.Namespace) -> None:
     pad = cfg.text_config.pad_token_id
     report: dict = {"rank": rank, "chunk": args.chunk, "cases": {}}
     for case in args.cases.split(","):
+        if case == "flex":
+            start = time.perf_counter()
+            report["cases"]["flex"] = flex_case(args, rank, world) | {"seconds": time.perf_counter() - start}
+            continue
         batch = collate([[s] for s in _samples(cfg, rank, case, args)], pad)
         images = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
         losses, start = [], time.perf_counter()
@@ -137,6 +200,10 @@ def launch(args: argparse.Namespace) -> int:
     print(f"{'case':8} {'labels r0/r1':>14} {'images r0/r1':>13} {'s/step':>7}")
     for case in args.cases.split(","):
         c = [r["cases"][case] for r in reports]
+        if case == "flex":
+            print("flex vs sdpa: " + ", ".join(f"rank {r}: loss {x['loss_rel_diff']:.1e}, gradients "
+                                               f"{x['grad_rel_diff']:.1e}" for r, x in enumerate(c)))
+            continue
         per_step = max(x["seconds"] for x in c) / args.steps
         print(f"{case:8} {c[0]['labels']:>7}/{c[1]['labels']:<6} {c[0]['images']:>6}/{c[1]['images']:<6} "
               f"{per_step:7.3f}")
@@ -150,7 +217,7 @@ def main() -> int:
     p.add_argument("--short", type=int, default=40, help="label tokens of a short text")
     p.add_argument("--chunk", type=int, default=LOSS_CHUNK, help="label rows per loss chunk")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--cases", default="even,uneven,empty")
+    p.add_argument("--cases", default="even,uneven,empty,flex")
     p.add_argument("--timeout", type=int, default=600, help="seconds before the launcher calls it a hang")
     p.add_argument("--collective-timeout-minutes", type=int, default=3)
     args = p.parse_args()

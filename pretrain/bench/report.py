@@ -27,15 +27,18 @@ def _versions() -> dict[str, str]:
 
 
 def _commit() -> str:
-    """`git rev-parse HEAD` of the checkout, `+changes` when the work tree differs from it."""
+    """`git rev-parse HEAD` of the checkout, `+changes` when the work tree differs from it; where there is no git
+    checkout (a copy of the tree on a GPU machine), PRETRAIN_COMMIT (tools/gpu_bench.sh sets it from .whl/COMMIT,
+    written by tools/gpu_commit.sh before the copy)."""
+    fallback = os.environ.get("PRETRAIN_COMMIT", "unknown")
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+changes" if dirty else "")
+        return fallback
+    return head + ("+changes" if dirty else "") if head else fallback
 
 
 def _cpu_name() -> str:

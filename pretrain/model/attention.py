@@ -10,7 +10,11 @@ Masks come from the host: every batch carries `sample_lengths`, so the sample bo
 reaches the device, and `attention_inputs` turns them into what each implementation takes without reading a device
 value back (transformers would otherwise re-derive the boundaries from the position ids, with host syncs, and for
 flash_attention_2 in every layer):
-- flash_attention_2: `cu_seq_lens_q/k` + `max_length_q/k` over all rows laid end to end (its no-sync varlen path);
+- flash_attention_2: `cu_seq_lens_q/k` + `max_length_q/k` (Python ints) over all rows laid end to end: its varlen
+  path then reads nothing back in the layers. transformers still syncs once per decoder forward there: with no
+  attention mask and position ids given, `create_causal_mask` checks the position ids for packed sequences
+  (masking_utils.find_packed_sequence_indices: `(packed_sequence_mask[:, -1] == 0).all()` read as a bool, one
+  `aten::_local_scalar_dense`), once per micro-batch, not per layer (tests/model/test_model_unit.py counts it);
 - flex_attention: a BlockMask from per-token document ids (no dense mask is ever built);
 - sdpa / eager: a 4-D mask built on the device from the same ids (transformers takes a 4-D mask as it is);
 - rows that are one full sample each (no padding, no packing): no mask at all, plain causal attention.
@@ -22,10 +26,13 @@ CPU.
 CUDA extension really imports and runs a tiny call (a wheel built for another torch or CUDA imports fine by name and
 fails at load time); on CUDA without it, flex_attention for packed rows (data.packing) and sdpa for padded ones;
 sdpa on the CPU. The reason for the choice is logged. On CUDA sdpa's dense (B, 1, L, L) mask for packed rows rules
-out its flash kernel; flex_attention's block mask does not. transformers compiles flex per shape (dynamic=False),
-and dynamo gives up after a few recompilations and runs the slow eager path, so under flex the loader pads every
-batch to one of FLEX_WIDTHS widths (`flex_row_widths`): packed rows are nearly full anyway (an explicit flex choice
-for padded rows pays up to a quarter of data.max_length of padding per row).
+out its flash kernel; flex_attention's block mask does not. transformers compiles flex_attention once with
+`torch.compile(flex_attention)`, i.e. dynamic=None (integrations/flex_attention.py; dynamic=False only under torch
+2.6 in training): the first row width compiles a static kernel, a new width recompiles (dynamo then tries a kernel
+dynamic in that size), each compilation costs seconds to minutes, and past dynamo's recompile limit it runs the slow
+eager path. So under flex the loader pads every batch to one of FLEX_WIDTHS widths (`flex_row_widths`): packed rows
+are nearly full anyway (an explicit flex choice for padded rows pays up to a quarter of data.max_length of padding
+per row), and benchmarks report the median step beside the mean.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ rows x vocabulary x 4 bytes (16k label tokens x 152k vocabulary: ~10 GB per micr
 rows keeps them all the same. `LinearCrossEntropy` saves only its inputs and one fp32 log-sum-exp per row; logits
 exist for `chunk` rows at a time, in forward and again (recomputed) in backward, so the loss adds O(chunk x
 vocabulary) whatever the label count. The price is the head's matmul run twice, as activation checkpointing would.
+The head's gradient sums over chunks in fp32 (one vocabulary x hidden fp32 buffer in backward), cast once to the
+weight's precision: a bf16 running sum would round at every chunk.
 
 ZeRO-3 lockstep. Under ZeRO-3 every call of a module gathers its parameters: a collective every rank must issue the
 same number of times in the same order. The head is called exactly once per forward whatever the label count (none
@@ -56,8 +58,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, targets, weight, bias, lse = ctx.saved_tensors
         need_hidden, _, need_weight, need_bias, _ = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
+        # The head's gradients sum over every chunk: accumulated in fp32 and cast once at the end. In bf16 (8
+        # significant bits) each chunk's addition rounds the running sum, and at a large vocabulary the error of
+        # many chunks shows (tests/model/test_loss.py).
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for rows in _chunks(hidden.shape[0], ctx.chunk):
             h, t = hidden[rows], targets[rows]
             # d loss / d logits = softmax - one_hot(target), in place on the recomputed fp32 logits.
@@ -66,10 +71,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             d = d.mul_(grad).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = d @ weight
-            if grad_weight is not None:
+            if grad_weight is not None and h.dtype == torch.float32:
                 grad_weight.addmm_(d.T, h)
+            elif grad_weight is not None:  # one chunk's product in the inputs' precision, summed in fp32
+                grad_weight += (d.T @ h).float()
             if grad_bias is not None:
-                grad_bias += d.sum(0)
+                grad_bias += d.sum(0, dtype=torch.float32)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, None, grad_weight, grad_bias, None
 
 

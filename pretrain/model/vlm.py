@@ -85,6 +85,9 @@ class VLMForTraining(nn.Module):
         # The widths the alignment rows are padded to (the loader's, under flex_attention, which compiles a kernel
         # per shape; set by the trainer's set-up); None: each call's longest row.
         self.row_widths: tuple[int, ...] | None = None
+        # A fresh training wrapper trains: from_pretrained leaves the decoder and tower in eval mode, where
+        # transformers skips activation checkpointing (GradientCheckpointingLayer recomputes only in training).
+        self.train()
 
     # -- image and text paths ------------------------------------------------------------------------------------
     @property

@@ -302,6 +302,27 @@ def test_decoder_masks_from_sample_lengths_read_nothing_back(tokenizer, impl):
     assert counts["positions"], "transformers' own packed-row detection reads the position ids back"
 
 
+def test_flash_attention_path_reads_back_once_per_forward_in_transformers_mask_code(tokenizer):
+    """What flash_attention_2 costs in host syncs, counted on the CPU (its kernel cannot run here): our kwargs carry
+    no mask and the position ids, so transformers' create_causal_mask checks those for packed sequences, one read
+    back per decoder forward (the docstring of pretrain.model.attention says so); the layers add none (the varlen
+    lengths are Python ints, test above)."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = build_model(_mcfg(), tokenizer).eval()
+    config = model.model.language_model.config
+    packed, _ = _packing_batches(_samples(model, tokenizer), tokenizer.pad_token_id, packed_path=True)
+    embeds = torch.zeros(*packed["input_ids"].shape, config.hidden_size)
+    inputs = attention_inputs("flash_attention_2", packed["sample_lengths"], embeds, packed["position_ids"])
+    config._attn_implementation = "flash_attention_2"
+    try:
+        with _SyncCount() as mode:
+            mask = create_causal_mask(config, embeds, inputs["attention_mask"], None, inputs["position_ids"])
+    finally:
+        config._attn_implementation = "sdpa"
+    assert mask is None and mode.seen == ["_local_scalar_dense"]
+
+
 # -- activation checkpointing -------------------------------------------------------------------------------------
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
@@ -343,6 +364,20 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tokenizer, mode, chec
     assert any("vision_tower" in k for k in grads)
     for k in grads:
         torch.testing.assert_close(grads[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_the_training_wrapper_trains_components_loaded_from_directories(tokenizer, assets):
+    """from_pretrained (a hub id or a directory) leaves a model in eval mode, where transformers silently skips
+    activation checkpointing: the training wrapper puts every module in train mode, so checkpointed layers recompute."""
+    model = build_model(ModelConfig(llm=str(assets["llama"]), vision=str(assets["clip"])), tokenizer)
+    apply_stage(model, "full")
+    enable_activation_checkpointing(model, "full")
+    wrapper = VLMForTraining(model)
+    assert all(m.training for m in wrapper.modules())
+    calls = _attention_calls(model)
+    loss, n = wrapper(collate([[s] for s in _samples(model, tokenizer)], tokenizer.pad_token_id))
+    (loss / n).backward()
+    assert calls["llm"] == [2, 2] and calls["vision"][0] == 2  # forward + recompute
 
 
 # -- projector files ----------------------------------------------------------------------------------------------
