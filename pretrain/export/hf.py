@@ -103,6 +103,11 @@ class _Sources:
     def pieces(self, name: str) -> Iterator[torch.Tensor]:
         return self._weights.pieces(name)
 
+    def pieces_checked(self, name: str) -> Iterator[torch.Tensor]:
+        if self.shape(name) is None:
+            raise FileNotFoundError(f"{name}: not in the run's sources (model.init_from / model.llm)")
+        return self.pieces(name)
+
 
 def plan(layout: ExportLayout, zero: ZeroCheckpoint, sources: _Sources, frozen_from: str,
          lora: LoraSources | None = None) -> list[Planned]:
@@ -119,10 +124,11 @@ def plan(layout: ExportLayout, zero: ZeroCheckpoint, sources: _Sources, frozen_f
             planned.append(Planned(t, "merged", lambda n=t.name: lora.merged(n)))
             continue
         held = zero.resolve(PREFIX + t.name) or (lora.resolve(t.name) if lora is not None else None)
-        if held is not None and zero.locs[held].shape != t.shape:
-            raise ValueError(f"{t.name}: shape {zero.locs[held].shape} in the checkpoint, {t.shape} in the config")
         frozen = held is None or held not in zero.trainable
-        if frozen and (held is None or frozen_from == "source") and sources.shape(t.name) == t.shape:
+        from_source = frozen and (held is None or frozen_from == "source") and sources.shape(t.name) == t.shape
+        if not from_source and held is not None and zero.locs[held].shape != t.shape:  # (a 4-bit QLoRA base: source)
+            raise ValueError(f"{t.name}: shape {zero.locs[held].shape} in the checkpoint, {t.shape} in the config")
+        if from_source:
             planned.append(Planned(t, "source", lambda n=t.name: sources.pieces(n)))
         elif held is not None:
             planned.append(Planned(t, "checkpoint", lambda n=held: zero.pieces(n)))
@@ -186,8 +192,11 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
     mcfg = run_model_config(tag_dir, run_config)
     if adapter:
         return _export_adapter(tag_dir, out, layout, zero, mcfg, run_config)
-    lora = LoraSources(zero, PREFIX, mcfg.lora if mcfg else None)
-    planned = plan(layout, zero, _Sources(mcfg), frozen_from, lora)
+    sources = _Sources(mcfg)
+    if mcfg is not None and mcfg.lora.quantize != "none":
+        frozen_from = "source"  # QLoRA: the checkpoint's frozen decoder is 4-bit; the originals are exported
+    lora = LoraSources(zero, PREFIX, mcfg.lora if mcfg else None, source_base=sources.pieces_checked)
+    planned = plan(layout, zero, sources, frozen_from, lora)
     _log_origins(planned, zero)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

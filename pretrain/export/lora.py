@@ -16,7 +16,7 @@ into its modules_to_save copies). Every tensor comes from the checkpoint's fp32 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,11 +41,15 @@ def _whole(zero: ZeroCheckpoint, name: str) -> torch.Tensor:
 
 
 class LoraSources:
-    """Where the merged export finds an adapted layer's parts in a checkpoint (names with the `vlm.` prefix)."""
+    """Where the merged export finds an adapted layer's parts in a checkpoint (names with the `vlm.` prefix). A
+    QLoRA run's checkpoint holds its base weights in 4 bits: `source_base` then reads the unquantized originals
+    (the run's model.init_from / model.llm) by export name."""
 
-    def __init__(self, zero: ZeroCheckpoint, prefix: str, lcfg: LoraConfig | None) -> None:
+    def __init__(self, zero: ZeroCheckpoint, prefix: str, lcfg: LoraConfig | None,
+                 source_base: Callable[[str], Iterator[torch.Tensor]] | None = None) -> None:
         self.zero, self.prefix = zero, prefix
         self.scale = scaling(lcfg) if lcfg is not None and lcfg.enabled else None
+        self.source_base = source_base if lcfg is not None and lcfg.quantize != "none" else None
         self.renamed = {base_name(n): n for n in zero.locs if BASE + "." in n}
         if self.renamed and self.scale is None:
             raise ValueError("the checkpoint holds LoRA adapters but the run's config (model.lora) is not found: "
@@ -68,7 +72,10 @@ class LoraSources:
 
         def pieces() -> Iterator[torch.Tensor]:
             m = _whole(self.zero, magnitude) if magnitude in self.zero.locs else None
-            w = merged_weight(_whole(self.zero, held), _whole(self.zero, parts["A"]), _whole(self.zero, parts["B"]),
+            shape = self.zero.locs[parts["B"]].shape[0], self.zero.locs[parts["A"]].shape[1]
+            base = (torch.cat([p.reshape(-1).float() for p in self.source_base(name)]).reshape(shape)
+                    if self.source_base else _whole(self.zero, held))
+            w = merged_weight(base, _whole(self.zero, parts["A"]), _whole(self.zero, parts["B"]),
                               self.scale, m).reshape(-1)
             yield from w.split(CHUNK)
 
