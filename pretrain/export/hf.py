@@ -165,7 +165,8 @@ def write_weights(out: Path, planned: list[Planned], dtype: torch.dtype, max_sha
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+    earlier = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise FileExistsError(f"{out}: exists and is not an earlier export; refusing to replace it")
 
 
