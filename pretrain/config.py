@@ -27,6 +27,34 @@ class RunConfig(Section):
     seed: int = 0
 
 
+class LoraConfig(Section):
+    """LoRA / QLoRA adapters, built with PEFT (pretrain/model/lora.py). r = 0: off."""
+
+    r: int = Field(default=0, ge=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # Module names (PEFT's matching: a name or the end of a dotted path) in the decoder; None = every linear layer
+    # of the decoder but the LM head, as LLaVA's find_all_linear_names. The projector trains in full.
+    target_modules: list[str] | None = None
+    # Adapters on the vision tower's linears too, its base frozen (train.stage=full only).
+    vision: bool = False
+    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)
+    dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora)
+    # nf4: the decoder's frozen base in 4 bits (bitsandbytes, CUDA only): QLoRA.
+    quantize: Literal["none", "nf4"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_module(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and not names:
+            raise ValueError("an empty list adapts nothing; leave it unset for every linear layer of the decoder")
+        return names
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 class ModelConfig(Section):
     """See pretrain/model/*.py for the why of each choice."""
 
@@ -65,6 +93,8 @@ class ModelConfig(Section):
     # too_many_image_tiles); None = no cap. anyres grids needing more than this are left out of the default
     # pinpoints.
     max_image_tiles: int | None = Field(default=None, ge=1)
+    # LoRA adapters on the decoder (and optionally the tower) with their base weights frozen; see LoraConfig.
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("image_grid_pinpoints")
     @classmethod
@@ -229,6 +259,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Config:
         _check_objectives(self)
+        _check_lora(self)
         ds = self.deepspeed
         if ds.offload_params != "none" and ds.zero_stage != 3:
             raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
@@ -286,6 +317,22 @@ def _check_objectives(cfg: Config) -> None:
     if o.alignment and cfg.model.image_tiling != "none":
         # Pairs pool one fixed-size token grid per image; AnyRes images have as many tokens as their size gives.
         raise ValueError("objectives contrastive/itm need model.image_tiling=none")
+
+
+def _check_lora(cfg: Config) -> None:
+    lora, stage = cfg.model.lora, cfg.train.stage
+    if not lora.enabled:
+        return
+    if stage == "align":
+        raise ValueError("model.lora.r > 0 with train.stage=align: nothing to adapt (align trains the projector "
+                         "only, the decoder is frozen); use train.stage=finetune or full, or model.lora.r=0")
+    if lora.vision and stage != "full":
+        raise ValueError(f"model.lora.vision needs train.stage=full (the tower is frozen in {stage})")
+    if lora.quantize != "none" and cfg.deepspeed.zero_stage == 3:
+        raise ValueError("model.lora.quantize=nf4 with deepspeed.zero_stage=3 is not supported: 4-bit weights are "
+                         "kept whole on every GPU (bitsandbytes), so use zero_stage 0, 1 or 2 for QLoRA")
+    if lora.quantize != "none" and lora.vision:
+        raise ValueError("model.lora.quantize=nf4 quantizes the decoder only; drop model.lora.vision")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(model.llm/vision/init_from), which the checkpoint's absence of them also selects")
     p.add_argument("--run-config", default=None,
                    help="the run's config.yaml for the sources (default: the run directory's)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapter as a PEFT directory (adapter_config.json, "
+                        "adapter_model.safetensors) over model.init_from, instead of the merged model")
     p.set_defaults(handler=run)
 
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = convert(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size,
-                      frozen_from=args.frozen_from, run_config=args.run_config)
+                      frozen_from=args.frozen_from, run_config=args.run_config, adapter=args.adapter)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}")
         return 1

@@ -25,7 +25,7 @@ def not_an_export(path: str) -> str | None:
     from pathlib import Path
 
     d = Path(path)
-    if (d / "config.json").is_file():
+    if (d / "config.json").is_file() or (d / "adapter_config.json").is_file():  # an export, or a LoRA adapter
         return None
     if (d / "checkpoints").is_dir() or (d / "COMMITTED").is_file() or (d / "latest").is_file():
         what = "a training run directory" if (d / "checkpoints").is_dir() else "a checkpoint"

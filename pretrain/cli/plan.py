@@ -68,7 +68,9 @@ def render(plan: Plan, source: str = "") -> str:
         f"pretrain plan: {source} on {plan.n_gpus} x {g.name} ({g.memory_bytes / GIB:.1f} GiB, "
         f"{g.peak_flops / 1e12:.0f} TFLOP/s dense bf16)",
         f"model    llm {_n(p.llm)} + vision {_n(p.vision)} + projector {_n(p.projector)} = {_n(p.total)} params; "
-        f"stage {w.stage} trains {_n(p.trainable(w.stage))}",
+        f"stage {w.stage} trains {_n(w.trained_params(p))}"
+        + (f" (LoRA: {_n(w.lora.adapters)} adapter params, {_n(w.lora.frozen_base)} base frozen)"
+           if w.lora.adapters else ""),
         f"work     rows of {w.row_tokens} tokens ({'packed, ' if w.packing else ''}{w.samples_per_row:.3g} x "
         f"{w.sample_len}-token samples, {w.image_positions} image tokens and "
         f"{w.logit_tokens} logit positions each); {w.micro_batch} rows/GPU/micro-step; {w.precision}; "

@@ -27,6 +27,7 @@ from pretrain.data.image import ImageTransform
 from pretrain.data.sample import SampleProcessor
 from pretrain.export.hf import PREFIX, _Sources, plan, resolve_checkpoint, run_model_config
 from pretrain.export.layout import export_layout
+from pretrain.export.lora import LoraSources
 from pretrain.export.zero import ZeroCheckpoint
 from pretrain.model.build import model_class
 from pretrain.model.processing import sample_processor
@@ -66,7 +67,9 @@ def load_llava(tag_dir: Path, device: torch.device, dtype: torch.dtype) -> Llava
     config = AutoConfig.from_pretrained(tag_dir / ckpt.HF_META)
     config.use_cache = config.text_config.use_cache = True  # as the export sets it: generation wants the cache
     zero = ZeroCheckpoint(tag_dir)
-    planned = plan(export_layout(config), zero, _Sources(run_model_config(tag_dir)), frozen_from="checkpoint")
+    mcfg = run_model_config(tag_dir)
+    lora = LoraSources(zero, PREFIX, mcfg.lora if mcfg else None)  # a LoRA run: its adapters merged, as exported
+    planned = plan(export_layout(config), zero, _Sources(mcfg), frozen_from="checkpoint", lora=lora)
     with torch.device(device), no_init_weights():  # every weight is overwritten below: skip the random init
         vlm = model_class(config)._from_config(config, dtype=dtype)
     state = vlm.state_dict()  # the layout's names are this model's (tied duplicates share their partner's data)

@@ -33,9 +33,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaCon
 from pretrain.config import ModelConfig
 from pretrain.export.chat_template import export_chat_template
 from pretrain.export.layout import ExportLayout, ExportTensor, export_layout
+from pretrain.export.lora import LoraSources, write_adapter
 from pretrain.export.safetensors_stream import StreamingSafetensorsWriter, TensorSpec
 from pretrain.export.sources import SourceWeights
 from pretrain.export.zero import ZeroCheckpoint
+from pretrain.model.lora import target_pattern
 from pretrain.tokens import IMAGE_TOKEN
 from pretrain.train import checkpoint as ckpt
 
@@ -81,7 +83,7 @@ def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
 @dataclass
 class Planned:
     tensor: ExportTensor
-    origin: str  # "checkpoint" | "source"
+    origin: str  # "checkpoint" | "source" | "merged" (a LoRA run's base weight + adapter)
     pieces: Callable[[], Iterator[torch.Tensor]]
 
 
@@ -101,21 +103,32 @@ class _Sources:
     def pieces(self, name: str) -> Iterator[torch.Tensor]:
         return self._weights.pieces(name)
 
+    def pieces_checked(self, name: str) -> Iterator[torch.Tensor]:
+        if self.shape(name) is None:
+            raise FileNotFoundError(f"{name}: not in the run's sources (model.init_from / model.llm)")
+        return self.pieces(name)
 
-def plan(layout: ExportLayout, zero: ZeroCheckpoint, sources: _Sources, frozen_from: str) -> list[Planned]:
+
+def plan(layout: ExportLayout, zero: ZeroCheckpoint, sources: _Sources, frozen_from: str,
+         lora: LoraSources | None = None) -> list[Planned]:
     """Where each exported tensor comes from. Trainable ones: the checkpoint's fp32 master weights. Frozen ones:
     the checkpoint's copy, or the source's when the checkpoint lacks it or `frozen_from == "source"` (and the
-    source has it in the same shape: rows added for new tokens exist only in the checkpoint)."""
+    source has it in the same shape: rows added for new tokens exist only in the checkpoint). A LoRA run's adapted
+    weights: base and adapter merged (pretrain.export.lora)."""
     for dropped, kept in layout.tied.items():
         if PREFIX + dropped in zero.locs and zero.resolve(PREFIX + dropped) != zero.resolve(PREFIX + kept):
             raise ValueError(f"the config ties {dropped} to {kept}, but the checkpoint trained them separately")
     planned, missing = [], []
     for t in layout.tensors:
-        held = zero.resolve(PREFIX + t.name)
-        if held is not None and zero.locs[held].shape != t.shape:
-            raise ValueError(f"{t.name}: shape {zero.locs[held].shape} in the checkpoint, {t.shape} in the config")
+        if lora is not None and lora.merged(t.name) is not None:
+            planned.append(Planned(t, "merged", lambda n=t.name: lora.merged(n)))
+            continue
+        held = zero.resolve(PREFIX + t.name) or (lora.resolve(t.name) if lora is not None else None)
         frozen = held is None or held not in zero.trainable
-        if frozen and (held is None or frozen_from == "source") and sources.shape(t.name) == t.shape:
+        from_source = frozen and (held is None or frozen_from == "source") and sources.shape(t.name) == t.shape
+        if not from_source and held is not None and zero.locs[held].shape != t.shape:  # (a 4-bit QLoRA base: source)
+            raise ValueError(f"{t.name}: shape {zero.locs[held].shape} in the checkpoint, {t.shape} in the config")
+        if from_source:
             planned.append(Planned(t, "source", lambda n=t.name: sources.pieces(n)))
         elif held is not None:
             planned.append(Planned(t, "checkpoint", lambda n=held: zero.pieces(n)))
@@ -152,7 +165,8 @@ def write_weights(out: Path, planned: list[Planned], dtype: torch.dtype, max_sha
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+    earlier = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise FileExistsError(f"{out}: exists and is not an earlier export; refusing to replace it")
 
 
@@ -164,9 +178,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: str | int = "5GB",
-            *, frozen_from: str = "checkpoint", run_config: str | Path | None = None) -> Path:
+            *, frozen_from: str = "checkpoint", run_config: str | Path | None = None, adapter: bool = False) -> Path:
     """Export a committed checkpoint. `frozen_from="source"` takes frozen weights from the run's sources even where
-    the checkpoint has them (DeepSpeed keeps frozen weights in the training dtype only, e.g. bf16)."""
+    the checkpoint has them (DeepSpeed keeps frozen weights in the training dtype only, e.g. bf16). `adapter`: a
+    LoRA run's adapter as a PEFT directory over its model.init_from (pretrain.export.lora), instead of merged."""
     if dtype not in DTYPES or frozen_from not in FROZEN_FROM:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, frozen_from one of {list(FROZEN_FROM)}")
     tag_dir, out = resolve_checkpoint(checkpoint), Path(out_dir)
@@ -175,7 +190,14 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
     config = AutoConfig.from_pretrained(meta)  # a LlavaConfig, or a LlavaNextConfig for an AnyRes run
     layout = export_layout(config)
     zero = ZeroCheckpoint(tag_dir)
-    planned = plan(layout, zero, _Sources(run_model_config(tag_dir, run_config)), frozen_from)
+    mcfg = run_model_config(tag_dir, run_config)
+    if adapter:
+        return _export_adapter(tag_dir, out, layout, zero, mcfg, run_config)
+    sources = _Sources(mcfg)
+    if mcfg is not None and mcfg.lora.quantize != "none":
+        frozen_from = "source"  # QLoRA: the checkpoint's frozen decoder is 4-bit; the originals are exported
+    lora = LoraSources(zero, PREFIX, mcfg.lora if mcfg else None, source_base=sources.pieces_checked)
+    planned = plan(layout, zero, sources, frozen_from, lora)
     _log_origins(planned, zero)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,12 +218,37 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
     return out
 
 
+def _export_adapter(tag_dir: Path, out: Path, layout: ExportLayout, zero: ZeroCheckpoint, mcfg: ModelConfig | None,
+                    run_config: str | Path | None) -> Path:
+    if mcfg is None or not mcfg.lora.enabled:
+        raise ValueError(f"--adapter: {tag_dir} is not from a LoRA run (model.lora.r is 0 or its config is missing)")
+    stage = run_stage(tag_dir, run_config)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_adapter(zero, PREFIX, mcfg, stage, target_pattern(layout.model, mcfg.lora), tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported the adapter of %s -> %s (over %s)", tag_dir, out, mcfg.init_from)
+    return out
+
+
+def run_stage(tag_dir: Path, run_config: str | Path | None = None) -> str:
+    candidates = [Path(run_config)] if run_config else [tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"]
+    path = next(p for p in candidates if p.is_file())
+    return yaml.safe_load(path.read_text())["train"]["stage"]
+
+
 def _log_origins(planned: list[Planned], zero: ZeroCheckpoint) -> None:
     from_source = [p.tensor.name for p in planned if p.origin == "source"]
     if from_source:
         log.info("%d frozen tensors taken from the run's sources (e.g. %s)", len(from_source), from_source[0])
-    low = [p.tensor.name for p in planned if p.origin == "checkpoint"
-           and zero.locs[zero.resolve(PREFIX + p.tensor.name)].dtype.itemsize < 4 and p.tensor.floating]
+    held = {p.tensor.name: zero.resolve(PREFIX + p.tensor.name) for p in planned
+            if p.origin == "checkpoint" and p.tensor.floating}
+    low = [name for name, h in held.items() if h is not None and zero.locs[h].dtype.itemsize < 4]
     if low:
         log.info("%d frozen tensors are stored in 16 bits in the checkpoint (the training dtype); "
                  "--frozen-from source takes the full-precision originals", len(low))

@@ -17,6 +17,16 @@ IMAGE = IMAGE_TOKEN  # the placeholder a prompt marks each image with
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def adapter_base(hf_dir: str | Path) -> str | None:
+    """The base model directory of a PEFT adapter directory; None for a plain export."""
+    config = Path(hf_dir) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
 def load_image(path: str | Path) -> Image.Image:
     """An image file as training reads a shard's image: EXIF orientation, then training's colour rules (alpha
     composited on white, CMYK / palette / LAB / 16-bit converted as `pretrain.data.image_formats.to_rgb` says)."""
@@ -59,11 +69,17 @@ class Captioner:
 
     def __init__(self, hf_dir: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
-        self.processor = AutoProcessor.from_pretrained(hf_dir)
+        base = adapter_base(hf_dir)  # a PEFT adapter directory (`pretrain convert --adapter`) over this export
+        self.processor = AutoProcessor.from_pretrained(base or hf_dir)
         # Exports written before the typed-content template: wrap their training template the same way.
         self.processor.chat_template = export_chat_template(self.processor.chat_template)
         self.device = torch.device(device)
-        self.model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(base or hf_dir, dtype=dtype)
+        if base is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, hf_dir).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
         self.tok = self.processor.tokenizer
 
     def prompt_text(self, prompt: str | None, n_images: int = 1) -> str:

@@ -37,6 +37,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.model.attention import AttentionChoice, resolve_attention
 from pretrain.model.components import load_component_config
+from pretrain.model.lora import add_adapters, check_quantize, quantized_loading
 from pretrain.model.projector import ACTIVATION, is_linear, load_projector, projector_activation, set_identity
 from pretrain.tokens import IMAGE_TOKEN, PAD_TOKEN
 
@@ -126,7 +127,11 @@ def attention_for(mcfg: ModelConfig, zero: ZeroContext, packing: bool = False) -
 
 def _load_decoder(mcfg: ModelConfig, text_cfg: PretrainedConfig, attn: str, dtype: torch.dtype) -> nn.Module:
     if isinstance(mcfg.llm, str):
-        return AutoModelForCausalLM.from_pretrained(mcfg.llm, dtype=dtype, attn_implementation=attn)
+        quant = quantized_loading(mcfg.lora, dtype, skip=["lm_head"])
+        return AutoModelForCausalLM.from_pretrained(mcfg.llm, dtype=dtype, attn_implementation=attn, **quant)
+    if mcfg.lora.quantize != "none":
+        raise ConfigError("model.lora.quantize=nf4 loads the decoder's weights quantized: model.llm must be a "
+                          "directory or hub id, not an inline config")
     model_cls = AutoModelForCausalLM._model_mapping[type(text_cfg)]
     return model_cls._from_config(text_cfg, dtype=dtype, attn_implementation=attn)
 
@@ -152,6 +157,7 @@ def build_model(
     Each random initialisation is seeded on its own, so the weights are the same on every rank and for every ZeRO
     stage (zero.Init and loading consume the RNG differently)."""
     zero = zero or ZeroContext()
+    check_quantize(mcfg.lora)
     attn = attention_for(mcfg, zero, packing)
     if mcfg.init_from:
         model = _from_export(mcfg, attn, dtype)
@@ -159,6 +165,9 @@ def build_model(
         model = _assemble(mcfg, tokenizer, zero, attn, dtype, seed)
     torch.manual_seed(seed + 3)
     resize_vocab(model, tokenizer)
+    if mcfg.lora.enabled:  # the new adapter weights are partitioned with the grown rows, just below
+        layers = add_adapters(model, mcfg.lora, seed + 5)
+        log.info("LoRA r=%d on %d linear layers", mcfg.lora.r, layers)
     zero.partition(model)
     if mcfg.projector_from:
         loaded = load_projector(model.model.multi_modal_projector, mcfg.projector_from, is_linear(model.config))
@@ -217,7 +226,8 @@ def _from_export(mcfg: ModelConfig, attn: AttentionChoice, dtype: torch.dtype) -
     if not Path(mcfg.init_from).exists() and mcfg.init_from.startswith((".", "/")):
         raise ConfigError(f"model.init_from: {mcfg.init_from} does not exist")
     cls = model_class(AutoConfig.from_pretrained(mcfg.init_from))
-    model = cls.from_pretrained(mcfg.init_from, dtype=dtype, attn_implementation=attn.as_hf())
+    quant = quantized_loading(mcfg.lora, dtype, skip=["vision_tower", "multi_modal_projector", "lm_head"])
+    model = cls.from_pretrained(mcfg.init_from, dtype=dtype, attn_implementation=attn.as_hf(), **quant)
     _check_agrees(mcfg, model.config)
     return model
 

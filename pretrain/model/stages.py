@@ -4,6 +4,12 @@ align: projector only (LLaVA stage 1). finetune: projector + decoder (LLaVA stag
 tower included. Frozen parameters get requires_grad=False and no optimizer group, so they carry no optimizer state
 (DeepSpeed keeps them out of its fp32 master copy too). The fixed identity layer of a `linear` projector is frozen in
 every stage. Biases and norm weights get no weight decay.
+
+With LoRA (`model.lora`, pretrain.model.lora) the adapted components train their adapters only: the decoder's (and
+with `lora.vision` the tower's) base weights stay frozen in every stage, so the optimizer holds state for the
+adapters and the projector (and a fully trained part, e.g. the tower in `full` without `lora.vision`). Adapters take
+their component's learning-rate multiplier (`train.lr_multipliers.llm`), the projector its own: LLaVA's
+`mm_projector_lr`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.model.flops import trainable_parts
+from pretrain.model.lora import is_adapter
 from pretrain.model.projector import frozen_names
 
 
@@ -25,14 +32,17 @@ def component_of(name: str) -> str:
     return "llm"
 
 
-def apply_stage(model: LlavaForConditionalGeneration, stage: str) -> dict[str, int]:
-    """Freeze by stage; returns trainable parameter counts per component (ZeRO-3 aware)."""
+def apply_stage(model: LlavaForConditionalGeneration, stage: str,
+                adapted: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Freeze by stage; in the `adapted` components (LoRA) only the adapters train. Returns trainable parameter
+    counts per component (ZeRO-3 aware)."""
     trainable = trainable_parts(stage)  # the one stage table, shared with the cost model
     fixed = frozen_names(model.config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         comp = component_of(name)
-        p.requires_grad_(comp in trainable and not name.endswith(fixed))
+        base_frozen = comp in adapted and not is_adapter(name)
+        p.requires_grad_(comp in trainable and not base_frozen and not name.endswith(fixed))
         if p.requires_grad:
             counts[comp] = counts.get(comp, 0) + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
     return counts

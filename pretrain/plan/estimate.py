@@ -22,6 +22,7 @@ from pretrain.config import DeepSpeedConfig, batch_split
 from pretrain.model.flops import (
     PEAK_FLOPS,
     PROJECTOR_DEPTH,
+    ParamCounts,
     StepFlops,
     VLMShape,
     count_params,
@@ -29,6 +30,7 @@ from pretrain.model.flops import (
     step_flops,
     trainable_parts,
 )
+from pretrain.plan.lora import LoraCounts
 
 GIB = 1024**3
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
@@ -86,6 +88,12 @@ class Workload:
     # Decoder positions the images of a sample take; None: image_tokens per tower pass (AnyRes differs: its grid
     # features are unpadded and get a newline per row).
     decoder_image_tokens: int | None = None
+    # LoRA (pretrain.plan.lora): adapter parameters added, and base parameters of trained parts it freezes.
+    lora: LoraCounts = LoraCounts()
+
+    def trained_params(self, counts: ParamCounts) -> int:
+        """Parameters with gradients and optimizer state: the stage's, with LoRA's adapters in place of its base."""
+        return counts.trainable(self.stage) - self.lora.frozen_base + self.lora.adapters
 
     @property
     def image_positions(self) -> int:
@@ -150,7 +158,7 @@ def memory_per_gpu(work: Workload, ds: DeepSpeedConfig, n_gpus: int, overhead_gi
     `overhead_gib` stands for the CUDA context, NCCL's buffers and allocator fragmentation (an assumption).
     """
     counts = count_params(work.shape)
-    trainable, total = counts.trainable(work.stage), counts.total
+    trainable, total = work.trained_params(counts), counts.total + work.lora.adapters
     pb = gb = 2 if work.precision == "bf16" else 4
     k_opt = OPTIMIZER_BYTES[work.precision]
     stage, n = ds.zero_stage, n_gpus
@@ -314,7 +322,7 @@ def comm_per_step(work: Workload, ds: DeepSpeedConfig, n: int, accum: int, compu
     if n <= 1:
         return []
     counts = count_params(work.shape)
-    trainable, parts = counts.trainable(work.stage), trainable_parts(work.stage)
+    trainable, parts = work.trained_params(counts), trainable_parts(work.stage)
     pb = gb = 2 if work.precision == "bf16" else 4
     ring = (n - 1) / n
     grads = trainable * gb * ring
@@ -337,7 +345,7 @@ def _offload_seconds(work: Workload, ds: DeepSpeedConfig, n: int, cluster: Clust
     pb = 2 if work.precision == "bf16" else 4
     seconds = 0.0
     if ds.offload_optimizer != "none" and ds.zero_stage >= 1:
-        shard = counts.trainable(work.stage) / n
+        shard = work.trained_params(counts) / n
         seconds += shard * 2 * pb / cluster.gpu.pcie_Bps  # gradients down, updated weights up
         seconds += shard / cluster.cpu_adam_params_per_s
     if ds.offload_params != "none" and ds.zero_stage == 3:

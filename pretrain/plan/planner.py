@@ -9,6 +9,7 @@ from pretrain.config import Config, ConfigError, DeepSpeedConfig
 from pretrain.data.anyres import grid_pinpoints, largest_grid_cost
 from pretrain.model.flops import ParamCounts, StepFlops, count_params
 from pretrain.plan.estimate import GPUS, Cluster, GPUSpec, Memory, StepEstimate, Workload, estimate_step, memory_per_gpu
+from pretrain.plan.lora import lora_counts
 from pretrain.plan.shapes import model_shape
 
 SCALE = tuple(2**k for k in range(3, 13))  # 8 ... 4096 GPUs
@@ -37,7 +38,8 @@ class Plan:
             "assumptions": {k: v for k, v in asdict(self.cluster).items() if k != "gpu"},
             "stage": w.stage, "zero_stage": self.ds.zero_stage, "offload_optimizer": self.ds.offload_optimizer,
             "offload_params": self.ds.offload_params,
-            "workload": {f.name: getattr(w, f.name) for f in fields(w) if f.name != "shape"}
+            "workload": {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("shape", "lora")}
+            | {"lora": asdict(w.lora)}
             | {"samples_per_row": w.samples_per_row, "row_tokens": w.row_tokens,
                "image_tokens": w.shape.image_tokens},
             "params": {**asdict(self.params), "total": self.params.total,
@@ -75,7 +77,8 @@ def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None 
         packing=cfg.data.packing, micro_batch=micro_batch or cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, global_batch=cfg.train.global_batch_size, precision=cfg.train.precision,
         checkpointing=cfg.model.activation_checkpointing,
-        checkpointing_every_k=cfg.model.activation_checkpointing_every_k, chunked_ce=chunked_ce)
+        checkpointing_every_k=cfg.model.activation_checkpointing_every_k, chunked_ce=chunked_ce,
+        lora=lora_counts(shape, cfg.model.lora, cfg.train.stage))
 
 
 def stage_variant(ds: DeepSpeedConfig, stage: int) -> DeepSpeedConfig:
