@@ -2,10 +2,10 @@
 ...), a folder of them as downloaded from the Hub, and a Hugging Face `datasets` `save_to_disk` directory (Arrow IPC
 stream files), all read with pyarrow.
 
-Rows are read one record batch at a time (a Parquet row group, an Arrow batch), only the columns a sample needs, so
-memory stays bounded whatever the file size; images keep their original bytes and travel in the Job to the workers
-that check them (build.py). The schema is read up front: a table whose columns we cannot map fails before anything
-is written, naming its columns and the flags that map them.
+Rows are read one Parquet row group (one Arrow batch) at a time, only the columns a sample needs, so memory stays
+bounded by the row group whatever the file size (the Hub writes groups of about 100 MB at most). Images keep their
+original bytes and travel in the Job to the workers that check them (build.py). The schema is read up front: a
+table whose columns we cannot map fails before anything is written, naming its columns and the flags that map them.
 
 Columns understood (`--text-column` picks the text, its kind follows from its type):
 - `conversations`: LLaVA turns, a list of {from, value};
@@ -37,7 +37,7 @@ from pretrain.shards.sources import IMAGE_TOKEN, RESERVED, USER_ROLES, check_con
 TEXT_COLUMNS = ("conversations", "messages", "texts", "caption", "text")
 IMAGE_COLUMNS = ("images", "image")
 NO_IMAGES = "none"  # --image-column none: text-only rows
-BATCH_ROWS = 64  # rows converted to Python at a time (a Parquet row group is read whole by pyarrow)
+BATCH_ROWS = 64  # rows converted to Python objects at a time
 MESSAGE_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -186,7 +186,9 @@ def _batches(table: TableFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
                     yield batch.slice(start, BATCH_ROWS).select(columns)
         return
     with pq.ParquetFile(table.path) as parquet:
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+        # One row group at a time: asked for all of them, pyarrow reads ahead through the whole file.
+        for group in range(parquet.metadata.num_row_groups):
+            yield from parquet.iter_batches(BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False)
 
 
 def _read_path(path: str, image_root: Path) -> bytes:
