@@ -38,7 +38,6 @@ TEXT_COLUMNS = ("conversations", "messages", "texts", "caption", "text")
 IMAGE_COLUMNS = ("images", "image")
 NO_IMAGES = "none"  # --image-column none: text-only rows
 BATCH_ROWS = 64  # rows converted to Python objects at a time
-MESSAGE_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 @dataclass(frozen=True)
@@ -241,11 +240,8 @@ def to_conversations(value: Any, kind: str) -> list[dict[str, str]]:
         return [{"from": t.get("from"), "value": t.get("value")} for t in value]
     turns = []
     for i, entry in enumerate(value):
-        if kind == "messages":
-            if entry.get("role") not in MESSAGE_ROLES:
-                raise SampleError(BAD_CONVERSATION, f"message {i}: role {entry.get('role')!r} is not one of "
-                                                    f"{sorted(MESSAGE_ROLES)}")
-            turns.append({"from": MESSAGE_ROLES[entry["role"]], "value": _message_text(entry.get("content"), i)})
+        if kind == "messages":  # user / assistant / system are turn roles of ours too (checked with the rest)
+            turns.append({"from": entry.get("role"), "value": _message_text(entry.get("content"), i)})
         else:  # texts: The Cauldron's {user, assistant} pairs
             turns += [{"from": "human", "value": entry.get("user")}, {"from": "gpt", "value": entry.get("assistant")}]
     return turns

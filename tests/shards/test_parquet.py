@@ -95,7 +95,7 @@ def test_typed_messages_and_captions(tmp_path: Path) -> None:
     manifest, members = _build(tmp_path, tmp_path / "messages.parquet")
     assert [s["reason"] for s in manifest["skipped"]] == ["image_count_mismatch", "bad_conversation"]
     assert _meta(members, "000000000")["conversations"] == [
-        {"from": "human", "value": "<image>\nWhich is larger?\n<image>"}, {"from": "gpt", "value": "The second."}]
+        {"from": "user", "value": "<image>\nWhich is larger?\n<image>"}, {"from": "assistant", "value": "The second."}]
 
     captions = pa.table({"jpg": [JPEG, PNG], "alt": ["A grey square.", ""], "source": ["coco", "coco"]})
     pq.write_table(captions, tmp_path / "captions.parquet")
