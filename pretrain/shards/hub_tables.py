@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pretrain.data.errors import BAD_CONVERSATION, EMPTY_TEXT, IMAGE_COUNT_MISMATCH, MISSING_IMAGE, SampleError
 from pretrain.shards.build import Job, Skip
-from pretrain.shards.sources import IMAGE_TOKEN, RESERVED, USER_ROLES, check_conversations
+from pretrain.shards.sources import IMAGE_TOKEN, RESERVED, USER_ROLES, check_conversations, resolve_image
 
 TEXT_COLUMNS = ("conversations", "messages", "texts", "caption", "text")
 IMAGE_COLUMNS = ("images", "image")
@@ -192,7 +192,7 @@ def _batches(table: TableFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
 
 def _read_path(path: str, image_root: Path) -> bytes:
     try:
-        return (image_root / path).read_bytes()
+        return Path(resolve_image(path, image_root)).read_bytes()
     except OSError:
         raise SampleError(MISSING_IMAGE, path) from None
 

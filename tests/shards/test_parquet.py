@@ -37,17 +37,19 @@ def _meta(members: dict[str, bytes], key: str) -> dict:
 def test_onevision_image_and_conversations(tmp_path: Path) -> None:
     turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]
     table = pa.table({
-        "id": ["a", "b", "c", "d", "e"],
-        "image": [_image(JPEG), _image(PNG, "b.png"), None, _image(CORRUPT), _image(None, "on_disk.png")],
+        "id": ["a", "b", "c", "d", "e", "f"],
+        "image": [_image(JPEG), _image(PNG, "b.png"), None, _image(CORRUPT), _image(None, "on_disk.png"),
+                  _image(None, "https://example.com/f.jpg")],
         "conversations": [turns, turns, [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
-                          turns, turns],
-        "data_source": ["vqa"] * 5,
+                          turns, turns, turns],
+        "data_source": ["vqa"] * 6,
     })
     (tmp_path / "on_disk.png").write_bytes(PNG)  # an Image struct with only a path: the file beside the table
     pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=2)
     manifest, members = _build(tmp_path, tmp_path / "*.parquet")
     assert [(s["input"], s["reason"]) for s in manifest["skipped"]] == [
-        ("train-00000-of-00001.parquet#3", "corrupt_image")]
+        ("train-00000-of-00001.parquet#3", "corrupt_image"), ("train-00000-of-00001.parquet#5", "missing_image")]
+    assert "fetch them first, e.g. with img2dataset" in manifest["skipped"][1]["detail"]
     assert members["000000000.jpg"] == JPEG and members["000000001.png"] == PNG  # the original bytes
     assert members["000000004.png"] == PNG
     assert "000000002.json" in members and not any(k.startswith("000000002.") and k != "000000002.json"
