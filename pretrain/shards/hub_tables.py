@@ -144,18 +144,18 @@ def _in_split(path: Path, root: Path, split: str) -> bool:
 
 
 def table_files(file: str | Path, split: str | None = None) -> list[TableFile]:
-    """The tables `file` names: a Parquet file, a quoted glob of them, a folder of them (recursively, sorted;
-    `split` keeps one split's files) or a `save_to_disk` directory."""
+    """The tables `file` names: a Parquet file, a quoted glob of them, a folder of them (recursively, sorted) or a
+    `save_to_disk` directory; `split` keeps one split's files (or picks the split of a DatasetDict)."""
     path = Path(file).expanduser()
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         files, root, arrow = _save_to_disk_files(path, split), path, True
     else:
         if path.is_dir():
             root, files = path, sorted(path.rglob("*.parquet"))
-            files = [f for f in files if split is None or _in_split(f, root, split)]
-        else:
-            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        else:  # a file (its name may hold glob characters: "[", "?") or a glob
+            files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             root = Path(os.path.commonpath([f.parent for f in files])) if files else path.parent
+        files = [f for f in files if split is None or _in_split(f, root, split)]
         arrow = False
     if not files:
         raise FileNotFoundError(f"{file}: no Parquet files{f' of split {split!r}' if split else ''} found")

@@ -71,7 +71,8 @@ def test_cauldron_images_and_texts_get_placeholders(tmp_path: Path) -> None:
     folder = tmp_path / "the_cauldron"
     (folder / "ai2d").mkdir(parents=True)
     pq.write_table(table, folder / "ai2d" / "train-00000-of-00001.parquet")
-    manifest, members = _build(tmp_path, folder)
+    pq.write_table(table.slice(0, 1), folder / "ai2d" / "test-00000-of-00001.parquet")  # another split: left out
+    manifest, members = _build(tmp_path, folder, "--split", "train")
     assert [(s["input"], s["reason"]) for s in manifest["skipped"]] == [
         ("ai2d/train-00000-of-00001.parquet#3", "empty_text")]
     assert members["000000000.0.jpg"] == JPEG and members["000000000.1.png"] == PNG
