@@ -63,7 +63,7 @@ def _download(server: str, root: Path) -> Path:
     subprocess.run([str(IMG2DATASET), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
                     "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(out),
                     "--processes_count", "1", "--thread_count", "2", "--resize_mode", "no",
-                    "--number_sample_per_shard", "4", "--timeout", "5", "--retries", "0", "--enable_wandb", "False"],
+                    "--number_sample_per_shard", "4", "--timeout", "30", "--retries", "0", "--enable_wandb", "False"],
                    check=True, capture_output=True, timeout=240, env=env)
     return out
 
