@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install lint slurm clean gpu-wheels gpu-commit
+.PHONY: demo test test-fast install lint slurm img2dataset clean gpu-wheels gpu-commit
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,17 @@ demo: $(STAMP)
 slurm:
 	bash tools/install_slurm.sh
 
-test: $(STAMP) slurm
+# The real img2dataset, for the tests that read its output as it is. It pins webdataset<0.3 (this project: 1.x),
+# so it gets a venv of its own.
+IMG2DATASET_VENV ?= .venv-img2dataset
+$(IMG2DATASET_VENV)/.installed: tools/img2dataset-requirements.txt
+	$(PYTHON) -m venv $(IMG2DATASET_VENV)
+	$(IMG2DATASET_VENV)/bin/python -m pip install --quiet -r tools/img2dataset-requirements.txt
+	touch $@
+
+img2dataset: $(IMG2DATASET_VENV)/.installed
+
+test: $(STAMP) slurm img2dataset
 	$(VENV)/bin/ruff check pretrain launch tools tests
 	$(VENV)/bin/lint-imports  # the import layers in pyproject.toml
 	$(VENV)/bin/python -m pytest -q --durations=25 tests
@@ -46,4 +56,4 @@ gpu-commit:
 	bash tools/gpu_commit.sh
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(IMG2DATASET_VENV) demo_out .pytest_cache

@@ -20,13 +20,15 @@ from pretrain.shards.writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_
 def register(subparsers: Any) -> Any:
     """Add `shards` to the top-level sub-commands; returns the `shards` sub-command action (the hook for `verify`)."""
     parser = subparsers.add_parser("shards", help="build and inspect WebDataset shards")
-    sub = parser.add_subparsers(dest="shards_command", metavar="{synthetic,llava,jsonl,folder,interleaved,inspect,...}")
+    sub = parser.add_subparsers(dest="shards_command",
+                                metavar="{synthetic,llava,jsonl,folder,interleaved,parquet,inspect,...}")
     sub.required = True
     _add_synthetic(sub)
     _add_llava(sub)
     _add_jsonl(sub)
     _add_folder(sub)
     _add_interleaved(sub)
+    _add_parquet(sub)
     _add_inspect(sub)
     parser.set_defaults(_shards_subcommands=sub)
     return sub
@@ -101,6 +103,21 @@ def _add_interleaved(sub: Any) -> None:
     p.add_argument("--image-root", help="folder image paths are relative to (default: the file's folder)")
     _add_conversion_options(p)
     p.set_defaults(handler=cmd_interleaved)
+
+
+def _add_parquet(sub: Any) -> None:
+    p = sub.add_parser("parquet", help="Hub-style Parquet with the images inside (LLaVA-OneVision-Data, The Cauldron, "
+                       "...), a folder of it, or a datasets save_to_disk directory -> shards")
+    p.add_argument("--file", required=True, help="a .parquet file, a quoted glob ('data/*.parquet'), a folder of "
+                   "Parquet files (searched recursively) or a save_to_disk directory")
+    p.add_argument("--image-column", help="image struct {bytes, path}, bytes, path, or a list of them; 'none': text "
+                   "only (default: 'images', else 'image')")
+    p.add_argument("--text-column", help="conversations (from/value), messages (role/content), texts (user/assistant)"
+                   " or a caption string (default: the first of conversations, messages, texts, caption, text)")
+    p.add_argument("--split", help="one split of a folder or a save_to_disk DatasetDict (e.g. train)")
+    p.add_argument("--image-root", help="folder that image paths in the table are relative to (default: its folder)")
+    _add_conversion_options(p)
+    p.set_defaults(handler=cmd_parquet)
 
 
 def _add_inspect(sub: Any) -> None:
@@ -195,6 +212,17 @@ def cmd_interleaved(args: argparse.Namespace) -> int:
 
     extra = {"input": args.file, "image_root": args.image_root}
     return _build(args, "interleaved", lambda: read_interleaved(args.file, args.image_root), extra)
+
+
+def cmd_parquet(args: argparse.Namespace) -> int:
+    from pretrain.shards.hub_tables import read_hub_tables
+
+    def read() -> Any:
+        return read_hub_tables(args.file, image_column=args.image_column, text_column=args.text_column,
+                               split=args.split, image_root=args.image_root)
+
+    extra = {"input": args.file, "split": args.split}
+    return _build(args, "parquet", read, extra)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

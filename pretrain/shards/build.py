@@ -1,4 +1,4 @@
-"""Converting user data (LLaVA JSON, JSON lines / CSV, image folders) into WebDataset shards.
+"""Converting user data (LLaVA JSON, JSON lines / CSV, image folders, Hub tables) into WebDataset shards.
 
 A source reader (`sources.py`) turns the input into an ordered stream of `Job`s (one per sample: its
 metadata and where its image and caption live) and `Skip`s (inputs already known to be bad, e.g. a broken JSON line).
@@ -43,6 +43,8 @@ class Job:
     caption_path: str | None = None  # read in the worker into meta["caption"]
     caption: bool = False  # a caption sample: also write KEY.txt
     image_paths: tuple[str, ...] = ()  # several images: written as KEY.0.ext, KEY.1.ext, ... in this order
+    image_data: tuple[bytes, ...] = ()  # images read with the input (a table that embeds them): one is KEY.ext,
+    # several KEY.0.ext, KEY.1.ext, ...
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,17 @@ def process(item: Job | Skip, options: BuildOptions) -> dict[str, Any] | Skip:
         if item.caption_path is not None:
             meta["caption"] = read_caption_file(item.caption_path)
         sample: dict[str, Any] = {"__key__": sample_key(item.index)}
-        if item.image_path is not None:
-            ext, data, width, height = _checked_image(item.image_path, options)
+        if item.image_path is not None or len(item.image_data) == 1:
+            encoded = _read_image(item.image_path) if item.image_path is not None else item.image_data[0]
+            ext, data, width, height = _checked_image(encoded, options)
             sample[ext] = data
             meta.update(width=width, height=height)
-        if item.image_paths:
+        numbered = item.image_paths or (item.image_data if len(item.image_data) > 1 else ())
+        if numbered:
             sizes = []
-            for i, path in enumerate(item.image_paths):
-                ext, data, width, height = _checked_image(path, options)
+            for i, source in enumerate(numbered):
+                ext, data, width, height = _checked_image(
+                    _read_image(source) if isinstance(source, str) else source, options)
                 sample[f"{i}.{ext}"] = data
                 sizes.append({"width": width, "height": height})
             meta["image_sizes"] = sizes  # per image, in KEY.i order
@@ -130,9 +135,8 @@ def process(item: Job | Skip, options: BuildOptions) -> dict[str, Any] | Skip:
         return Skip(item.index, item.input, e.reason, e.detail)
 
 
-def _checked_image(path: str, options: BuildOptions) -> tuple[str, bytes, int, int]:
+def _checked_image(data: bytes, options: BuildOptions) -> tuple[str, bytes, int, int]:
     """(extension, bytes, width, height) of one image as it goes into the shard; SampleError if it is unusable."""
-    data = _read_image(path)
     ext, width, height = check_image(data, options.max_pixels, options.full_decode)
     if options.reencode:
         data = reencode(data, options.reencode, options.reencode_quality, options.max_side)

@@ -1,7 +1,8 @@
 """`pretrain shards inspect`: what a shard set holds (counts, sizes, keys, a few samples) before anyone trains on it.
 
 Counts and sizes come from `manifest.json` when the shards' directory has one (no tar is read in full); otherwise
-the tar headers are scanned (local files are seeked through, not read). Example samples are always read from the
+the tar headers are scanned (local files are seeked through, not read), and img2dataset's `NAME_stats.json` beside a
+tar counts its failed downloads as skipped. Example samples are always read from the
 tars themselves, so a manifest that no longer matches its shards shows up.
 """
 
@@ -172,6 +173,7 @@ def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = Fa
         report["extensions"] = dict(sorted(totals.items()))
         report["images_per_sample"] = dict(sorted(per_sample.items(), key=lambda kv: int(kv[0])))
     report["skipped_by_reason"] = _skips([url for url, _ in entries])
+    report["skipped_by_reason"].update(img2dataset_failures([url for url, entry in entries if entry is None]))
     if "images_per_sample" not in report:  # not scanned: the build's own counts
         report["images_per_sample"] = _skips([url for url, _ in entries], "images_per_sample")
     errors = [s for s in shards if "error" in s]
@@ -188,6 +190,19 @@ def _skips(urls: list[str], field: str = "skipped_by_reason") -> dict[str, int]:
     for d in dirs:
         if (d / MANIFEST_NAME).exists():
             total.update(read_manifest(d).get(field, {}))
+    return dict(sorted(total.items()))
+
+
+def img2dataset_failures(urls: list[str]) -> dict[str, int]:
+    """What img2dataset could not turn into samples, from the `NAME_stats.json` it writes beside each `NAME.tar`
+    (its own manifest): {"failed_to_download": n, "failed_to_resize": m} over the shards that have one."""
+    total: Counter[str] = Counter()
+    for url in urls:
+        stats = Path(url).with_name(Path(url).stem + "_stats.json")
+        if is_remote(url) or not stats.is_file():
+            continue
+        counts = _load_json(stats.read_bytes())
+        total.update({k: v for k, v in counts.items() if k.startswith("failed_") and isinstance(v, int) and v})
     return dict(sorted(total.items()))
 
 

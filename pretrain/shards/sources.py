@@ -74,7 +74,8 @@ def _image_field(value: Any) -> list[str]:
     return paths
 
 
-def _resolve(image: str, image_root: Path) -> str:
+def resolve_image(image: str, image_root: Path) -> str:
+    """The file an image path of a record names; a URL is an error that says how to fetch it."""
     if "://" in image:
         raise SampleError(MISSING_IMAGE, f"{image}: URLs are not downloaded (fetch them first, e.g. with img2dataset)")
     return str(image_root / image)
@@ -98,9 +99,9 @@ def llava_job(index: int, where: str, record: Any, image_root: Path, source: str
             return Job(index, where, meta)
         if len(images) > 1:  # stored as KEY.0.ext, KEY.1.ext, ...
             meta["image"] = images
-            return Job(index, where, meta, image_paths=tuple(_resolve(i, image_root) for i in images))
+            return Job(index, where, meta, image_paths=tuple(resolve_image(i, image_root) for i in images))
         meta["image"] = images[0]
-        return Job(index, where, meta, image_path=_resolve(images[0], image_root))
+        return Job(index, where, meta, image_path=resolve_image(images[0], image_root))
     except SampleError as e:
         return Skip(index, where, e.reason, e.detail)
 
@@ -194,7 +195,7 @@ def table_job(
         image = images[0]
         used = (columns["image"], caption_column, columns["conversations"] or "")
         meta = {"caption": caption.strip(), "image": image, "source": "jsonl", **_copy_fields(row, used)}
-        return Job(index, where, meta, image_path=_resolve(image, image_root), caption=True)
+        return Job(index, where, meta, image_path=resolve_image(image, image_root), caption=True)
     except SampleError as e:
         return Skip(index, where, e.reason, e.detail)
 
@@ -270,7 +271,7 @@ def interleaved_job(index: int, where: str, record: Any, image_root: Path) -> Jo
                 raise SampleError(BAD_JSON, f"item {i}: not a string")
         if not any(t and t.strip() for t in texts):
             raise SampleError(EMPTY_TEXT, "no text in the document")
-        paths = [_resolve(image, image_root) for image in images if image is not None]
+        paths = [resolve_image(image, image_root) for image in images if image is not None]
         meta = {"texts": texts, "images": images, "source": "interleaved", **_copy_fields(record, ("texts", "images"))}
         return Job(index, where, meta, image_paths=tuple(paths))
     except SampleError as e:

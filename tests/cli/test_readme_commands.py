@@ -2,9 +2,10 @@
 against local stand-ins, so a README change that breaks a command fails the suite.
 
 Stand-ins (the only changes made to a command): the recipes' hub models are the tiny local ones; the LLaVA JSON is
-32 synthetic records cut into shards of 8 (shard `000111` of the real set is `000003` here); `--nproc 8` GPUs are 2
-CPU ranks with 4x the accumulation (the same global batch); `--workers 16` is 2; `pretrain submit` gets `--dry-run`
-(no sbatch here); training runs stop after 1 step with one loader worker.
+32 synthetic records cut into shards of 8 (shard `000111` of the real set is `000003` here); the Hub tables are two
+rows each in their schemas; `--nproc 8` GPUs are 2 CPU ranks with 4x the accumulation (the same global batch);
+`--workers 16` is 2; `pretrain submit` gets `--dry-run` (no sbatch here); training runs stop after 1 step with one
+loader worker.
 """
 
 from __future__ import annotations
@@ -73,6 +74,31 @@ def _stand_in_data(cwd: Path, assets: dict, shapes: dict) -> None:
     (demo / "data").mkdir()
     for split in ("train", "val"):
         (demo / "data" / split).symlink_to(shapes[split]["dir"])
+    _stand_in_tables(cwd)
+
+
+def _stand_in_tables(cwd: Path) -> None:
+    """The Hub tables the README names, two rows each in their real schemas."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [{"bytes": make_sample("train", i)["png"], "path": None} for i in range(2)]
+    turns = [[{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]] * 2
+    onevision = cwd / "LLaVA-OneVision-Data" / "CLEVR-Math(MathV360K)"
+    onevision.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"], "image": images, "conversations": turns}),
+                   onevision / "train-00000-of-00001.parquet")
+    (cwd / "the_cauldron" / "ai2d").mkdir(parents=True)
+    texts = [[{"user": "What?", "assistant": "Shapes."}]] * 2
+    pq.write_table(pa.table({"images": [[i] for i in images], "texts": texts}),
+                   cwd / "the_cauldron" / "ai2d" / "train-00000-of-00001.parquet")
+    features = datasets.Features({"image": datasets.Image(), "conversations": datasets.List(
+        {"from": datasets.Value("string"), "value": datasets.Value("string")})})
+    datasets.Dataset.from_dict({"image": images, "conversations": turns}, features=features).save_to_disk(
+        str(cwd / "my_dataset_saved_to_disk"))
+    pq.write_table(pa.table({"jpg": [i["bytes"] for i in images], "alt": ["Shapes.", "More shapes."]}),
+                   cwd / "coco.parquet")
 
 
 def local_command(line: str, cwd: Path) -> list[str]:
@@ -145,3 +171,5 @@ def test_every_readme_command_runs_as_written(tmp_path, assets, shapes, capfd, m
     assert json.loads(evaluated.strip().splitlines()[-1])["val"]["loss"] > 0
     assert sum("#SBATCH --nodes=" in v for k, v in outputs.items() if k.startswith("pretrain submit")) >= 3
     assert (tmp_path / "demo_out" / "run" / "DONE").is_file()
+    for built in ("clevr_math", "cauldron", "mine", "coco"):  # the Hub tables' shards
+        assert json.loads((tmp_path / "data" / built / "manifest.json").read_text())["num_samples"] == 2
