@@ -112,6 +112,10 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=1)
     # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.
     epoch_size: int | None = Field(default=None, ge=1)
+    # Streams (pipe:, http): an attempt that gets no byte for this long fails, and is retried this many times from
+    # the byte reached (pretrain.data.remote); then the shard is lost and counted (unreadable_shard).
+    stream_timeout_s: float = Field(default=60.0, gt=0)
+    stream_retries: int = Field(default=3, ge=0)
     # A source whose skipped fraction passes this (after `bad_min_samples`) is a broken data set: stop the run.
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1)
     bad_min_samples: int = Field(default=200, ge=1)
