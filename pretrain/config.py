@@ -172,6 +172,9 @@ class CheckpointConfig(Section):
     allow_config_change: bool = False
     keep_last: int = Field(default=3, ge=1)
     keep_every: int = Field(default=0, ge=0)
+    # What a resume checks of a committed checkpoint: every listed file's size, or its size and CRC-32 (`crc`:
+    # a flipped bit passes the checkpoint over for the previous one). Cost at 1B parameters: benchmarks/RESULTS.md.
+    verify: Literal["sizes", "crc"] = "crc"
 
 
 class DeepSpeedConfig(Section):

@@ -61,7 +61,7 @@ class Trainer:
         shared_fs.check_one_run_dir(self.run_dir, self.rank)
         self.device = dist.device()
         self.resume_from, self.resume_meta = shared_fs.agree_on_resume(cfg.checkpoint.resume, self.ckpt_root,
-                                                                       self.rank)
+                                                                       self.rank, cfg.checkpoint.verify)
         if self.resume_from:  # every rank: a changed config stops them all alike
             check_resume_config(cfg, self.resume_from)
         if self.rank == 0:
@@ -138,15 +138,18 @@ class Trainer:
         try:
             self._write_checkpoint(tag)
             report = self.written.report(path)
+            crcs = ckpt.checksums(path, report) if self.cfg.checkpoint.verify == "crc" else None
         except (OSError, RuntimeError) as err:
             raise ckpt.write_failure(self.ckpt_root, tag, err) from err
-        reports = dist.all_gather_object(report)  # also: every rank has written its shards and state
+        gathered = dist.all_gather_object((report, crcs))  # also: every rank has written its shards and state
+        reports = [r for r, _ in gathered]
+        crcs = None if crcs is None else {n: c for _, rank_crcs in gathered for n, c in rank_crcs.items()}
 
         def commit() -> None:
             self.faults.maybe_slow_commit()
             try:
                 ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
-                                                  "zero_stage": self.cfg.deepspeed.zero_stage}, reports)
+                                                  "zero_stage": self.cfg.deepspeed.zero_stage}, reports, crcs)
             except OSError as err:
                 raise ckpt.write_failure(self.ckpt_root, tag, err) from err
             ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
