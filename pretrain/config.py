@@ -167,6 +167,9 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(default=0, ge=0)
+    # Also save once this many minutes of wall clock (rank 0's, agreed through the step's collective) have passed
+    # since the start or the last save: what a crash can lose, whatever a step takes. 0: off.
+    every_minutes: float = Field(default=30.0, ge=0)
     resume: str = "auto"  # auto | none | a checkpoint: a run directory, its checkpoints/latest, a tag directory
     # Resume although the model, data, optimizer, schedule, precision or stage changed (listed in the log).
     allow_config_change: bool = False
