@@ -13,14 +13,16 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pretrain.data.errors import UNREADABLE_SHARD
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.remote import StreamPolicy
-from pretrain.data.stream import ShardReader, SourceStream
+from pretrain.data.stream import DataSourceError, ShardReader, SourceStream
 from pretrain.data.urls import expand_urls
+from pretrain.train.trainer import Trainer
 
 
 @pytest.fixture()
@@ -60,6 +62,11 @@ def test_unreadable_shards_are_lost_by_their_manifest_count(processor, shard_dir
     stats = loader.stats()
     assert stats["ok"] == [320]
     assert stats["skipped"][0] == {UNREADABLE_SHARD: 192}
+    # The trainer's check over these counts (as reduced over ranks) stops the run, naming the reason.
+    data = SimpleNamespace(max_bad_fraction=0.05, bad_min_samples=200, train=[SimpleNamespace(urls=str(shard_dir))])
+    with pytest.raises(DataSourceError, match=r"192 of 512 samples skipped .*unreadable_shard"):
+        Trainer._check_bad_fraction(SimpleNamespace(cfg=SimpleNamespace(data=data)), stats["ok"],
+                                    [sum(d.values()) for d in stats["skipped"]], stats["skipped"])
 
 
 def test_resume_after_a_buffered_shard_vanished_trains_the_rest_once(processor, shard_dir):
