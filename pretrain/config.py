@@ -142,6 +142,10 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=1)
     # Samples per epoch for streams whose size is unknown (pipe:, http); None = read the manifests.
     epoch_size: int | None = Field(default=None, ge=1)
+    # Streams (pipe:, http): an attempt that gets no byte for this long fails, and is retried this many times from
+    # the byte reached (pretrain.data.remote); then the shard is lost and counted (unreadable_shard).
+    stream_timeout_s: float = Field(default=60.0, gt=0)
+    stream_retries: int = Field(default=3, ge=0)
     # A source whose skipped fraction passes this (after `bad_min_samples`) is a broken data set: stop the run.
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1)
     bad_min_samples: int = Field(default=200, ge=1)
@@ -193,11 +197,17 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(default=0, ge=0)
+    # Also save once this many minutes of wall clock (rank 0's, agreed through the step's collective) have passed
+    # since the start or the last save: what a crash can lose, whatever a step takes. 0: off.
+    every_minutes: float = Field(default=30.0, ge=0)
     resume: str = "auto"  # auto | none | a checkpoint: a run directory, its checkpoints/latest, a tag directory
     # Resume although the model, data, optimizer, schedule, precision or stage changed (listed in the log).
     allow_config_change: bool = False
     keep_last: int = Field(default=3, ge=1)
     keep_every: int = Field(default=0, ge=0)
+    # What a resume checks of a committed checkpoint: every listed file's size, or its size and CRC-32 (`crc`:
+    # a flipped bit passes the checkpoint over for the previous one). Cost at 1B parameters: benchmarks/RESULTS.md.
+    verify: Literal["sizes", "crc"] = "crc"
 
 
 class DeepSpeedConfig(Section):

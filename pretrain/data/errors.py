@@ -25,6 +25,9 @@ BAD_UTF8 = "bad_utf8"
 TOO_LONG = "too_long"
 BAD_CONVERSATION = "bad_conversation"
 TRUNCATED_TAR = "truncated_tar"
+# A shard that cannot be read (any OSError: a vanished file, EIO, ESTALE, a permission taken away, a stream that
+# stalled or failed past its retries): its samples are counted lost, by its manifest's count (pretrain.data.stream).
+UNREADABLE_SHARD = "unreadable_shard"
 BAD_ROW = "bad_row"  # a CSV row with the wrong number of columns (converters)
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # <image> placeholders != images of the sample
 TOO_MANY_IMAGES = "too_many_images"  # a sample whose own tiles pass data.max_images_per_batch (loader)
@@ -33,4 +36,4 @@ TOO_MANY_TILES = "too_many_image_tiles"  # a sample's images need more tiles tha
 # Every rank reduces counters over this fixed list (unknown reasons count as "other").
 REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_IMAGE, MISSING_TEXT,
            EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, BAD_ROW, IMAGE_COUNT_MISMATCH,
-           TOO_MANY_IMAGES, TOO_MANY_TILES, "other")
+           TOO_MANY_IMAGES, TOO_MANY_TILES, UNREADABLE_SHARD, "other")

@@ -36,6 +36,7 @@ from pretrain.data.batching import Batcher, collate, vision_cost
 from pretrain.data.elastic import source_fingerprint
 from pretrain.data.errors import SampleError
 from pretrain.data.loader_spec import LoaderSpec
+from pretrain.data.remote import StreamPolicy
 from pretrain.data.sample import SampleProcessor
 from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
 from pretrain.data.urls import is_remote
@@ -62,7 +63,7 @@ class SlotPipeline:
     def __init__(self, spec: LoaderSpec, processor: SampleProcessor, slot: int, state: SlotState | None) -> None:
         self.spec, self.processor, self.slot = spec, processor, slot
         n_slots = spec.world_size * max(spec.num_workers, 1)
-        self.reader = ShardReader()
+        self.reader = ShardReader(StreamPolicy(spec.stream_timeout_s, spec.stream_retries))
         st = state or SlotState()
         n = len(spec.sources)
         self.streams = [
@@ -87,13 +88,20 @@ class SlotPipeline:
         raws = self.reader.read_refs([(url, index) for _, url, index in refs])
         # States written before epochs were recorded have none: the stream's current one is the best guess.
         epochs = [*st.pending_epochs, *st.buffer_epochs] or [self.streams[src].state.epoch for src, _, _ in refs]
-        for raw, epoch in zip(raws, epochs):
-            raw.epoch = epoch
+        for (src, _, _), raw, epoch in zip(refs, raws, epochs):
+            if raw is None:  # its shard vanished or broke since the save: the sample is lost, and counted
+                lost = self.streams[src].state.lost
+                lost[errors.UNREADABLE_SHARD] = lost.get(errors.UNREADABLE_SHARD, 0) + 1
+            else:
+                raw.epoch = epoch
         for (src, _, _), raw in zip(st.pending, raws):
-            sample = self.processor(raw.parts)
-            self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample), vision_cost(sample))
+            if raw is not None:
+                sample = self.processor(raw.parts)
+                self.batcher.push(((src, raw.url, raw.index, raw.epoch), raw.key, sample), len(sample),
+                                  vision_cost(sample))
         for (src, _, _), raw in zip(st.buffer, raws[len(st.pending):]):
-            self.buffer.items.append((src, raw))
+            if raw is not None:
+                self.buffer.items.append((src, raw))
 
     def state(self) -> SlotState:
         return SlotState(

@@ -23,4 +23,6 @@ class LoaderSpec:
     pad_id: int = 0
     row_widths: tuple[int, ...] | None = None  # the only widths a batch is padded to (flex_attention); None: any
     epoch_size: int | None = None  # samples per epoch of a stream source (all slots together); None: its shards
+    stream_timeout_s: float = 60.0  # `pipe:` / http(s) shards: no byte for this long fails the attempt ...
+    stream_retries: int = 3  # ... and a failed attempt is retried this many times (pretrain.data.remote)
     single_pass: bool = False  # one epoch of every source, then the last (partial) batch and the end (validation)

@@ -15,22 +15,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
 from webdataset.gopen import set_options
 
 from pretrain.data import errors
+from pretrain.data.remote import RetryingStream, StreamPolicy, open_stream
+from pretrain.data.tar_index import Member, file_size, group_members, stream_members, truncation
 from pretrain.data.urls import MANIFEST_NAME, is_remote
 
-# webdataset's key rule: the key is the path up to the first dot of the basename.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
+log = logging.getLogger(__name__)
 
 def seeded_rng(*parts: object) -> random.Random:
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -47,97 +46,65 @@ class RawSample:
 
 
 class TarShardError(Exception):
-    """A shard that ended early or could not be opened; its remaining samples are lost and counted."""
+    """A shard that ended early (`truncated_tar`) or could not be read at all or any more (`unreadable_shard`: any
+    OSError, a missing file, a failed stream); its remaining samples are lost and counted."""
 
-
-@dataclass
-class _Member:
-    name: str
-    offset: int
-    size: int
-
-
-def _group(members: Iterator[tuple[str, object]]) -> Iterator[tuple[str, list[tuple[str, object]]]]:
-    """Consecutive members sharing a key form a sample (webdataset's group_by_keys)."""
-    key, group = None, []
-    for name, payload in members:
-        m = _KEY_EXT.match(name)
-        if not m:
-            continue
-        k, ext = m.group(1), m.group(2)
-        if key is not None and k != key:
-            yield key, group
-            group = []
-        key = k
-        group.append((ext.lower(), payload))
-    if key is not None:
-        yield key, group
-
-
-def _stream_members(tf: tarfile.TarFile, start: int) -> Iterator[tuple[str, bytes | None]]:
-    """Members of a tar read as a stream, with their data read at once (a stream cannot seek back to it later);
-    members of samples before `start` are passed over unread: tarfile skips their bytes without keeping them."""
-    key, index = None, -1
-    for info in tf:
-        m = _KEY_EXT.match(info.name) if info.isfile() else None
-        if not m:
-            continue
-        if m.group(1) != key:
-            key, index = m.group(1), index + 1
-        yield info.name, tf.extractfile(info).read() if index >= start else None
-
-
-def _size(path: str) -> int:
-    return Path(path).stat().st_size
-
-
-def _truncation(path: str, members: list[_Member]) -> str | None:
-    """Reading headers alone seeks past a cut: check that the data fits the file and the end-of-archive block
-    follows the last member, as every complete tar has."""
-    size = _size(path)
-    if not members:
-        return None if size >= 1024 else "truncated: no end-of-archive marker"
-    last = members[-1]
-    end = last.offset + -(-last.size // 512) * 512
-    if last.offset + last.size > size:
-        return f"truncated: member {last.name} ends past the end of the file"
-    with open(path, "rb") as f:
-        f.seek(end)
-        block = f.read(512)
-    if len(block) < 512 or block.strip(b"\0"):
-        return "truncated: no end-of-archive marker after the last member"
-    return None
+    def __init__(self, message: str, reason: str = errors.TRUNCATED_TAR) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ShardReader:
-    """Reads one worker's shards; keeps an index per local shard for seeks."""
+    """Reads one worker's shards; keeps an index per local shard for seeks. Streams (`pipe:`, http) are read under
+    `policy` (a stall timeout and bounded retries: pretrain.data.remote)."""
 
-    def __init__(self) -> None:
-        self._index: dict[str, list[tuple[str, list[tuple[str, _Member]]]]] = {}
-        self._errors: dict[str, str | None] = {}
+    def __init__(self, policy: StreamPolicy | None = None) -> None:
+        self.policy = policy or StreamPolicy()
+        self._index: dict[str, list[tuple[str, list[tuple[str, Member]]]]] = {}
+        self._errors: dict[str, tuple[str, str] | None] = {}  # url -> (reason, message) of an early end
         self._manifests: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._whole = [0, 0]  # samples and shards read whole: the size of a lost shard no manifest lists
 
-    def _local_index(self, url: str) -> list[tuple[str, list[tuple[str, _Member]]]]:
+    def _local_index(self, url: str) -> list[tuple[str, list[tuple[str, Member]]]]:
         if url not in self._index:
             members, error = [], None
             try:
                 with tarfile.open(url, "r:") as tf:
                     for info in tf:
                         if info.isfile():
-                            members.append((info.name, _Member(info.name, info.offset_data, info.size)))
-            except (tarfile.TarError, OSError, EOFError) as err:
-                error = str(err)
-            error = error or _truncation(url, [m for _, m in members])
-            size = _size(url) if members else 0  # once per shard, not per member
-            index = list(_group(iter(m for m in members if m[1].offset + m[1].size <= size)))
+                            members.append((info.name, Member(info.name, info.offset_data, info.size)))
+            except OSError as err:
+                error = (errors.UNREADABLE_SHARD, f"{type(err).__name__}: {err}")
+            except (tarfile.TarError, EOFError) as err:
+                error = (errors.TRUNCATED_TAR, str(err))
+            try:
+                cut = None if error else truncation(url, [m for _, m in members])
+                error = error or (cut and (errors.TRUNCATED_TAR, cut))
+                size = file_size(url) if members else 0  # once per shard, not per member
+            except OSError as err:
+                error, size = (errors.UNREADABLE_SHARD, f"{type(err).__name__}: {err}"), 0
+            index = list(group_members(iter(m for m in members if m[1].offset + m[1].size <= size)))
             if error and index:
                 index = index[:-1]  # the last sample before the cut may be missing parts
             self._index[url] = index
             self._errors[url] = error
+            if not error:
+                self._whole[0] += len(index)
+                self._whole[1] += 1
         return self._index[url]
 
     def count(self, url: str) -> int | None:
         return None if is_remote(url) else len(self._local_index(url))
+
+    def _manifest_entry(self, path: Path) -> tuple[int, int] | None:
+        """(samples, bytes) of a shard as its directory's manifest.json lists it; None when it does not."""
+        if path.parent not in self._manifests:
+            try:
+                listed = json.loads((path.parent / MANIFEST_NAME).read_text())["shards"]
+                self._manifests[path.parent] = {s["url"]: (int(s["samples"]), int(s["bytes"])) for s in listed}
+            except (OSError, ValueError, KeyError, TypeError):
+                self._manifests[path.parent] = {}
+        return self._manifests[path.parent].get(path.name)
 
     def listed_count(self, url: str) -> int | None:
         """A local shard's sample count without reading it: from its directory's manifest.json when that lists the
@@ -147,49 +114,73 @@ class ShardReader:
         if url in self._index:
             return len(self._index[url])
         path = Path(url)
-        if path.parent not in self._manifests:
-            try:
-                listed = json.loads((path.parent / MANIFEST_NAME).read_text())["shards"]
-                self._manifests[path.parent] = {s["url"]: (int(s["samples"]), int(s["bytes"])) for s in listed}
-            except (OSError, ValueError, KeyError, TypeError):
-                self._manifests[path.parent] = {}
-        samples, size = self._manifests[path.parent].get(path.name, (None, None))
-        if samples is not None and path.is_file() and _size(url) == size:
-            return samples
+        entry = self._manifest_entry(path)
+        try:
+            if entry is not None and path.is_file() and file_size(url) == entry[1]:
+                return entry[0]
+        except OSError:
+            pass
         return self.count(url)
 
-    def read_at(self, url: str, index: int) -> RawSample:
-        if is_remote(url):
-            for sample in self.iterate(url, index):
-                return sample
-            raise TarShardError(f"{url}: sample {index} not found")
-        key, parts = self._local_index(url)[index]
-        with open(url, "rb") as f:
-            data = {}
-            for ext, m in parts:
-                f.seek(m.offset)
-                data[ext] = f.read(m.size)
-        return RawSample(key, url, index, data)
+    def expected_count(self, url: str) -> int | None:
+        """How many samples a shard holds, for counting what was lost when it failed: its manifest's count (what
+        was written, whatever happened to the file since); else its own index if it was read whole; else the mean
+        of the shards this reader has read whole; None when nothing is known (the loss then counts 1)."""
+        if not is_remote(url):
+            entry = self._manifest_entry(Path(url))
+            if entry is not None:
+                return entry[0]
+            if url in self._index and not self._errors.get(url):
+                return len(self._index[url])
+        samples, shards = self._whole
+        return round(samples / shards) if shards else None
 
-    def read_refs(self, refs: list[tuple[str, int]]) -> list[RawSample]:
-        """Samples by (url, index), in the order given. A stream is read once for all the samples wanted from it
-        (a resume restores a whole shuffle buffer of them), not once per sample."""
+    def _forget(self, url: str) -> None:
+        """Drop what is known of an unreadable shard: the next epoch tries it again (a file system may recover)."""
+        self._index.pop(url, None)
+        self._errors.pop(url, None)
+
+    def read_refs(self, refs: list[tuple[str, int]]) -> list[RawSample | None]:
+        """Samples by (url, index), in the order given; None for one that cannot be read any more (its shard
+        vanished, was cut or cannot be opened). A stream is read once for all the samples wanted from it (a resume
+        restores a whole shuffle buffer of them), not once per sample."""
         wanted: dict[str, set[int]] = {}
         for url, index in refs:
-            if is_remote(url):
-                wanted.setdefault(url, set()).add(index)
+            wanted.setdefault(url, set()).add(index)
         found: dict[tuple[str, int], RawSample] = {}
         for url, indices in wanted.items():
-            with contextlib.closing(self.iterate(url, min(indices))) as samples:
-                for sample in samples:
-                    if sample.index in indices:
+            problem = "no longer in the shard"
+            try:
+                with contextlib.closing(self._iterate_sparse(url, sorted(indices))) as samples:
+                    for sample in samples:
                         found[url, sample.index] = sample
-                    if sample.index >= max(indices):
-                        break
-        missing = [ref for ref in refs if ref[0] in wanted and tuple(ref) not in found]
-        if missing:
-            raise TarShardError(f"{missing[0][0]}: sample {missing[0][1]} not found")
-        return [found[url, index] if url in wanted else self.read_at(url, index) for url, index in refs]
+            except TarShardError as err:
+                problem = str(err)
+            missing = [i for i in indices if (url, i) not in found]
+            if missing:
+                log.warning("data: %d buffered sample(s) of %s cannot be read back (%s): counted as lost",
+                            len(missing), url, problem)
+        return [found.get((url, index)) for url, index in refs]
+
+    def _iterate_sparse(self, url: str, indices: list[int]) -> Iterator[RawSample]:
+        """The samples at sorted `indices` that the shard still holds: seeks in a local shard, one pass over a
+        stream. TarShardError when it cannot be read."""
+        if not is_remote(url):
+            try:
+                index = self._local_index(url)
+                for i in (i for i in indices if i < len(index)):
+                    yield from self._local_range(url, i, i + 1, 1)
+            except OSError as err:
+                self._forget(url)
+                raise TarShardError(f"{url}: {type(err).__name__}: {err}", errors.UNREADABLE_SHARD) from err
+            return
+        wanted = set(indices)
+        with contextlib.closing(self.iterate(url, indices[0])) as samples:
+            for sample in samples:
+                if sample.index in wanted:
+                    yield sample
+                if sample.index >= indices[-1]:
+                    return
 
     def iterate(self, url: str, start: int = 0) -> Iterator[RawSample]:
         """Samples from `start` on. Raises TarShardError at the end if the shard was truncated or unreadable."""
@@ -197,22 +188,19 @@ class ShardReader:
 
     def iterate_range(self, url: str, start: int, stop: int | None = None, step: int = 1) -> Iterator[RawSample]:
         """Samples `range(start, stop, step)` (stop None: to the shard's end). A local shard seeks to each one; a
-        stream passes over the others without keeping their bytes. Raises TarShardError at the end as `iterate`."""
+        stream passes over the others without keeping their bytes. Raises TarShardError at the end as `iterate`,
+        and at once for any OSError (a vanished file, EIO, ESTALE, a permission taken away)."""
         if not is_remote(url):
-            if not Path(url).is_file():
-                raise TarShardError(f"{url}: no such shard")
-            index = self._local_index(url)
-            end = len(index) if stop is None else min(stop, len(index))
-            with open(url, "rb") as f:
-                for i in range(start, end, step):
-                    key, parts = index[i]
-                    data = {}
-                    for ext, m in parts:
-                        f.seek(m.offset)
-                        data[ext] = f.read(m.size)
-                    yield RawSample(key, url, i, data)
+            try:
+                yield from self._local_range(url, start, stop, step)
+            except OSError as err:
+                self._forget(url)
+                raise TarShardError(f"{url}: {type(err).__name__}: {err}", errors.UNREADABLE_SHARD) from err
             if self._errors.get(url):
-                raise TarShardError(f"{url}: {self._errors[url]}")
+                reason, message = self._errors[url]
+                if reason == errors.UNREADABLE_SHARD:
+                    self._forget(url)
+                raise TarShardError(f"{url}: {message}", reason)
             return
         with contextlib.closing(self._iterate_stream(url, start)) as samples:
             for raw in samples:
@@ -221,22 +209,44 @@ class ShardReader:
                 if (raw.index - start) % step == 0:
                     yield raw
 
+    def _local_range(self, url: str, start: int, stop: int | None, step: int) -> Iterator[RawSample]:
+        if not Path(url).is_file():
+            raise FileNotFoundError(f"no such shard: {url}")
+        index = self._local_index(url)
+        end = len(index) if stop is None else min(stop, len(index))
+        if start >= end:
+            return
+        with open(url, "rb") as f:
+            for i in range(start, end, step):
+                key, parts = index[i]
+                data = {}
+                for ext, m in parts:
+                    f.seek(m.offset)
+                    data[ext] = f.read(m.size)
+                yield RawSample(key, url, i, data)
+
     def _iterate_stream(self, url: str, start: int) -> Iterator[RawSample]:
-        stream = None
+        stream, count = None, 0
         try:
-            stream = wds.gopen(url, "rb")
+            stream = open_stream(url, self.policy)
             with tarfile.open(fileobj=stream, mode="r|*") as tf:
-                for i, (key, parts) in enumerate(_group(_stream_members(tf, start))):
+                for i, (key, parts) in enumerate(group_members(stream_members(tf, start))):
+                    count = i + 1
                     if i >= start:
                         yield RawSample(key, url, i, dict(parts))
             finished, stream = stream, None
-            finished.close()  # a pipe's exit status is checked here
-        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            finished.close()  # a pipe's exit status is checked here (webdataset's opener)
+            self._whole[0] += count
+            self._whole[1] += 1
+        except OSError as err:
+            raise TarShardError(f"{url}: {err}", errors.UNREADABLE_SHARD) from err
+        except (tarfile.TarError, EOFError, ValueError) as err:
             raise TarShardError(f"{url}: {err}") from err
         finally:
             if stream is not None:
                 # Stopped early (a resume point, an epoch cap) or failed: a pipe's writer may die of SIGPIPE.
-                set_options(stream, ignore_errors=True)
+                if not isinstance(stream, RetryingStream):
+                    set_options(stream, ignore_errors=True)
                 stream.close()
 
 
@@ -290,8 +300,8 @@ class SourceStream:
                         st.sample_pos = raw.index + 1
                         raw.epoch = epoch
                         yield raw
-            except TarShardError:
-                st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
+            except TarShardError as err:
+                self._lose(err, url, start + max(0, -(-(st.sample_pos - start) // step)) * step, stop, step)
             st.rest_pos, st.sample_pos = st.rest_pos + 1, 0
         st.rest, st.rest_pos = [], 0
 
@@ -316,13 +326,27 @@ class SourceStream:
                             yield raw
                             if self._epoch_full():
                                 break
-                except TarShardError:
-                    st.lost[errors.TRUNCATED_TAR] = st.lost.get(errors.TRUNCATED_TAR, 0) + 1
+                except TarShardError as err:
+                    if by_sample:  # this slot's samples: every n_slots-th index, shifted by the epoch offset
+                        first = st.sample_pos + (self.slot - offset - st.sample_pos) % self.n_slots
+                        self._lose(err, url, first, None, self.n_slots)
+                    else:
+                        self._lose(err, url, st.sample_pos, None, 1)
                 st.shard_pos, st.sample_pos = st.shard_pos + 1, 0
             if not yielded and st.shard_pos >= len(shards) and not self._any_readable(shards):
                 raise DataSourceError(f"data source {self.source} has no readable samples in {len(shards)} shard(s) "
                                       f"(first: {shards[0] if shards else '-'})")
             st.epoch, st.shard_pos, st.sample_pos, st.taken = st.epoch + 1, 0, 0, 0
+
+    def _lose(self, err: TarShardError, url: str, first: int, stop: int | None, step: int) -> None:
+        """Count this slot's samples of a failed shard that it had not read, `range(first, stop, step)` up to the
+        shard's expected size (its manifest's count: ShardReader.expected_count), toward data.max_bad_fraction
+        under the error's reason; at least 1, also where the size is unknown."""
+        expected = self.reader.expected_count(url)
+        end = stop if expected is None else expected if stop is None else min(stop, expected)
+        lost = max(1, len(range(first, end, step)) if end is not None else 1)
+        self.state.lost[err.reason] = self.state.lost.get(err.reason, 0) + lost
+        log.warning("data: shard lost, %d sample(s) counted as %s: %s", lost, err.reason, err)
 
     def _epoch_full(self) -> bool:
         return self.epoch_samples is not None and self.state.taken >= self.epoch_samples

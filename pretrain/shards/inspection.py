@@ -45,10 +45,10 @@ def with_manifest_entries(urls: str | list[str]) -> list[tuple[str, dict[str, An
 
 
 def _open_tar(url: str) -> tarfile.TarFile:
-    if is_remote(url):
-        from webdataset.gopen import gopen  # remote / piped shards stream through webdataset's opener
+    if is_remote(url):  # streamed with a stall timeout and bounded retries, as training reads them
+        from pretrain.data.remote import StreamPolicy, open_stream
 
-        return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+        return tarfile.open(fileobj=open_stream(url, StreamPolicy()), mode="r|*")
     return tarfile.open(url, mode="r:*")
 
 

@@ -130,7 +130,8 @@ def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcess
         shuffle_buffer=cfg.data.shuffle_buffer, rows_per_batch=cfg.train.micro_batch_size,
         max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id, row_widths=row_widths(cfg),
         max_images_per_batch=cfg.data.max_images_per_batch,
-        epoch_size=cfg.data.epoch_size if train else None, single_pass=not train)
+        epoch_size=cfg.data.epoch_size if train else None, single_pass=not train,
+        stream_timeout_s=cfg.data.stream_timeout_s, stream_retries=cfg.data.stream_retries)
     for i, urls in enumerate(spec.sources):
         if not urls:
             raise FileNotFoundError(f"data source {i} ({sources[i].urls!r}) matches no shards")

@@ -68,14 +68,14 @@ def check_one_run_dir(run_dir: Path, rank: int, grace_s: float = TOKEN_GRACE_S) 
         "node mounts at the same path (NFS, Lustre, GPFS, ...), not a node-local disk such as /tmp")
 
 
-def agree_on_resume(resume: str, root: Path, rank: int) -> tuple[Path | None, dict[str, Any]]:
+def agree_on_resume(resume: str, root: Path, rank: int, verify: str = "sizes") -> tuple[Path | None, dict[str, Any]]:
     """Collective: rank 0 resolves checkpoint.resume (auto / none / a path) and every rank takes its choice, so
     two nodes whose directory caches differ cannot load different checkpoints. Returns (checkpoint, its COMMITTED
     meta); a bad explicit path raises FileNotFoundError on every rank."""
     choice: dict[str, Any] = {}
     if rank == 0:
         try:
-            path = ckpt.resolve_resume(resume, Path(root))
+            path = ckpt.resolve_resume(resume, Path(root), verify)  # checkpoint.verify: sizes or CRC-32s
             choice = {"path": str(path) if path else None, "meta": ckpt.read_meta(path) if path else {}}
         except (FileNotFoundError, OSError) as err:
             choice = {"error": str(err)}

@@ -61,7 +61,7 @@ class Trainer:
         shared_fs.check_one_run_dir(self.run_dir, self.rank)
         self.device = dist.device()
         self.resume_from, self.resume_meta = shared_fs.agree_on_resume(cfg.checkpoint.resume, self.ckpt_root,
-                                                                       self.rank)
+                                                                       self.rank, cfg.checkpoint.verify)
         if self.resume_from:  # every rank: a changed config stops them all alike
             check_resume_config(cfg, self.resume_from)
         if self.rank == 0:
@@ -138,15 +138,18 @@ class Trainer:
         try:
             self._write_checkpoint(tag)
             report = self.written.report(path)
+            crcs = ckpt.checksums(path, report) if self.cfg.checkpoint.verify == "crc" else None
         except (OSError, RuntimeError) as err:
             raise ckpt.write_failure(self.ckpt_root, tag, err) from err
-        reports = dist.all_gather_object(report)  # also: every rank has written its shards and state
+        gathered = dist.all_gather_object((report, crcs))  # also: every rank has written its shards and state
+        reports = [r for r, _ in gathered]
+        crcs = None if crcs is None else {n: c for _, rank_crcs in gathered for n, c in rank_crcs.items()}
 
         def commit() -> None:
             self.faults.maybe_slow_commit()
             try:
                 ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
-                                                  "zero_stage": self.cfg.deepspeed.zero_stage}, reports)
+                                                  "zero_stage": self.cfg.deepspeed.zero_stage}, reports, crcs)
             except OSError as err:
                 raise ckpt.write_failure(self.ckpt_root, tag, err) from err
             ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
@@ -182,6 +185,7 @@ class Trainer:
         it = iter(self.loader)
         window = _Window()
         code = exit_codes.EXIT_OK
+        saved_at = time.monotonic()  # checkpoint.every_minutes counts from the start and from each save
         try:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
@@ -191,9 +195,11 @@ class Trainer:
                 self._pending_tokens += window.add(batches)
                 self.flops.add(batches)
                 counts = _LogCounts.pack(self, window) if logging else None
-                # The stop request (and on logging steps the counters) ride on the step's one collective.
+                # The stop request, whether rank 0's clock says a timed save is due (one clock, so every rank
+                # decides alike) and on logging steps the counters ride on the step's one collective.
+                due = self._timed_save_due(saved_at)
                 out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1,
-                                 shared=counts.values if counts else (), read_grad_norm=logging,
+                                 shared=[due, *(counts.values if counts else ())], read_grad_norm=logging,
                                  stop_requested=lambda: self.stop.requested)
                 self.step += 1
                 if recorder is not None:
@@ -201,16 +207,17 @@ class Trainer:
                 self.faults.maybe_die(self.rank, self.step)
                 self._count_nonfinite(out)
                 if counts is not None:
-                    self._log(writer, out, window, counts.unpack(out.shared))
+                    self._log(writer, out, window, counts.unpack(out.shared[1:]))
                     window = _Window()
                 writer.advance(1, None if math.isnan(out.loss) else out.loss)
                 if t.val_every and self.step % t.val_every == 0:
                     self.validator.run(writer, self.step)
                 signalled = out.stop
                 sliced = t.stop_at_step is not None and self.step >= t.stop_at_step
-                every = self.cfg.checkpoint.every_steps
-                if signalled or sliced or (every and self.step % every == 0) or self.step == t.max_steps:
+                every, timed = self.cfg.checkpoint.every_steps, out.shared[0] > 0
+                if signalled or sliced or timed or (every and self.step % every == 0) or self.step == t.max_steps:
                     self.save()
+                    saved_at = time.monotonic()
                 if signalled:
                     code = exit_codes.EXIT_PREEMPTED
                     self._mark("PREEMPTED")
@@ -224,6 +231,12 @@ class Trainer:
             if recorder is not None:
                 recorder.close()
         return code
+
+    def _timed_save_due(self, saved_at: float) -> float:
+        """1.0 on rank 0 once checkpoint.every_minutes have passed since `saved_at`, else 0.0 (summed over ranks
+        with the step's collective: the decision is rank 0's on every rank)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return float(self.rank == 0 and minutes > 0 and time.monotonic() - saved_at >= minutes * 60)
 
     def _count_nonfinite(self, out: StepResult) -> None:
         if not out.nonfinite:
@@ -258,10 +271,12 @@ class Trainer:
             "tflops_per_rank": flops / elapsed / self.world / 1e12,
             "step_time_s": elapsed / w.steps, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
             "skipped": {k: v for k, v in skipped.items() if v},
+            "truncated": int(totals["truncated"]),  # samples whose text was cut to data.max_length, so far
         }
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()}})
+        writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()},
+                                               "data/truncated": values["truncated"]})
 
     def _sync_tokens(self) -> None:
         """Collective: add every rank's tokens since the last sync to tokens_seen."""
@@ -312,13 +327,14 @@ class _LogCounts:
         for d in stats["skipped"]:
             for k, v in d.items():
                 reasons[REASONS.index(k) if k in REASONS else -1] += v
-        values = [w.tokens, w.samples, trainer.flops.take(), trainer._pending_tokens, *stats["ok"],
+        values = [w.tokens, w.samples, trainer.flops.take(), trainer._pending_tokens, stats["truncated"], *stats["ok"],
                   *[sum(s.values()) for s in stats["skipped"]], *reasons]
         return cls([float(v) for v in values], len(stats["ok"]), stats["skipped"])
 
     def unpack(self, sums: list[float]) -> dict:
         n = self.n_sources
-        tokens, samples, flops, pending = sums[:4]
-        ok, bad, reasons = sums[4:4 + n], sums[4 + n:4 + 2 * n], sums[4 + 2 * n:]
-        return {"tokens": tokens, "samples": samples, "flops": flops, "pending": pending, "ok": ok, "bad": bad,
+        tokens, samples, flops, pending, truncated = sums[:5]
+        ok, bad, reasons = sums[5:5 + n], sums[5 + n:5 + 2 * n], sums[5 + 2 * n:]
+        return {"tokens": tokens, "samples": samples, "flops": flops, "pending": pending, "truncated": truncated,
+                "ok": ok, "bad": bad,
                 "reasons": {k: int(v) for k, v in zip(REASONS, reasons)}, "reasons_by_source": self.reasons_by_source}

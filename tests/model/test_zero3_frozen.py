@@ -13,6 +13,8 @@ import pytest
 from helpers.model import torchrun
 from helpers.runs import ROOT, write_config
 
+from pretrain.model.tiny import write_tiny_vision
+
 TOOL = ROOT / "tools" / "zero3_gathers.py"
 
 
@@ -40,9 +42,13 @@ def test_finetune_never_gathers_the_frozen_tower_and_trains_alike(tmp_path, asse
     assert _gathered(on, "language_model") > 0 and _gathered(on, "multi_modal_projector") > 0, on["params"]
     assert all(on["per_step"][step]["bytes"] > 0 for step in ("0", "1")), on["per_step"]
     assert len(on["losses"]) == 2
-    # Exact resume with the replica: from the step-1 checkpoint, step 2 trains to the same loss.
+    # Exact resume with the replica: from the step-1 checkpoint, step 2 trains to the same loss, although the
+    # resumed run builds its tower from other weights (another random CLIP of the same shape): the checkpoint's
+    # tower is loaded into the partitioned one, and the replica must be made again from it, not kept from the build.
     step1 = tmp_path / "on" / "run" / "checkpoints" / "step_00000001"
-    resumed = _gathers(tmp_path, assets, shapes, "resumed", **{"train.stage": "finetune",
-                                                              "checkpoint.resume": str(step1)})
+    other = write_tiny_vision(tmp_path / "other_clip", "clip", seed=1)
+    resumed = _gathers(tmp_path, assets, shapes, "resumed", **{
+        "train.stage": "finetune", "checkpoint.resume": str(step1), "model.vision": str(other),
+        "checkpoint.allow_config_change": True})
     assert resumed["losses"] == on["losses"][1:]
     assert _gathered(resumed, "vision_tower") == 0

@@ -1,5 +1,6 @@
 """One 2-rank ZeRO-3 run with a user's DeepSpeed JSON (LLaVA's zero3.json), validation with generated captions, and
-the TensorBoard event file read back with TensorBoard's own EventAccumulator."""
+the TensorBoard event file read back with TensorBoard's own EventAccumulator. The same run cuts every caption to
+data.max_length (the count reaches metrics.jsonl) and saves by the clock alone (checkpoint.every_minutes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_trainer_units import LLAVA_ZERO3
 
 from pretrain.data.errors import REASONS
+from pretrain.train import checkpoint as ckpt
 from pretrain.train.schedule import lr_lambda
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,11 @@ def run(tmp_path_factory, assets, shapes):
         "deepspeed.config_file": str(root / "zero3.json"), "train.max_steps": STEPS, "train.lr": LR,
         "train.warmup_steps": WARMUP, "train.schedule": "linear", "train.min_lr_ratio": 0.1,
         "train.lr_multipliers": {"projector": 2.0}, "train.val_every": 2, "train.val_batches": 2,
-        "train.val_captions": 2, "train.val_caption_tokens": 6})
+        "train.val_captions": 2, "train.val_caption_tokens": 6,
+        # Every test sample renders to 25 tokens, its image's included: 24 cuts one text token off each.
+        "data.max_length": 24,
+        # 6 ms: due at every step by rank 0's clock; every_steps stays 0.
+        "checkpoint.every_minutes": 1e-4, "checkpoint.every_steps": 0, "checkpoint.keep_last": STEPS})
     out = launch(cfg)
     assert out.returncode == 0, out.stdout + out.stderr
     return root / "run"
@@ -87,3 +93,17 @@ def test_validation_captions_reach_tensorboard_and_val_jsonl(run):
     for r in records:
         assert len(r["captions"]) == 2
         assert all(c["truth"] and isinstance(c["generated"], str) for c in r["captions"])
+
+
+def test_cut_texts_reach_the_metrics_and_saves_follow_the_clock(run):
+    """Every sample's text was cut to fit: metrics.jsonl counts them (at least the 8 samples of each step so far)
+    and TensorBoard has the series. With only checkpoint.every_minutes set, a checkpoint was committed at every
+    step, each holding both ranks' files: the ranks took the clock's decision together."""
+    rows = metrics(run)
+    assert all(r["truncated"] >= 8 * r["step"] for r in rows), [r["truncated"] for r in rows]
+    assert "data/truncated" in _events(run).Tags()["scalars"]
+    root = run / "checkpoints"
+    assert ckpt.tags(root) == [ckpt.tag_for(s) for s in range(1, STEPS + 1)]
+    for tag in ckpt.tags(root):
+        meta = ckpt.read_meta(root / tag)
+        assert set(meta["written_by"]) == {"0", "1"} and ckpt.is_committed(root / tag, verify="crc"), tag
