@@ -100,10 +100,14 @@ def tracked(tmp_path_factory, assets, shapes):
                               ["train.val_every=0"])
         (run_id,) = after_first
 
-        def holds_step_4() -> bool:
-            return any(m.step == 4 for m in client.get_metric_history(run_id, "train/loss"))
-
-        wait_for(holds_step_4, 240, "step 4 in MLflow", proc=second)
+        deadline = time.monotonic() + 240
+        while not any(m.step == 4 for m in client.get_metric_history(run_id, "train/loss")):
+            if second.poll() is not None or time.monotonic() > deadline:
+                kill_tree(second.pid)
+                pytest.fail(f"the resumed attempt logged no step 4 into MLflow run {run_id} (runs now: "
+                            f"{list(_mlflow_state(client, 'tracked'))}):\n"
+                            f"{(root / 'train1.log').read_text()[-4000:]}")
+            time.sleep(0.2)
         kill_tree(server.pid)
         server.wait(timeout=30)
         code = second.wait(timeout=300)
