@@ -97,7 +97,7 @@ class MetricsWriter:
 
     def run_ids(self) -> dict[str, str]:
         """The W&B / MLflow runs this run logs to, for the checkpoint (a resumed run continues them)."""
-        return {s.name: s.run_id for s in self.sinks if s.run_id}
+        return {k: v for sink in self.sinks for k, v in sink.resume_ids().items()}
 
     def advance(self, n: int, loss: float | None) -> None:
         if self.pbar is not None:

@@ -36,11 +36,11 @@ CLOSE_TIMEOUT_S = 30.0  # at the end of a run: how long the trackers get to deli
 _MLFLOW_BATCH, _MLFLOW_VALUE_CHARS = 100, 6000
 # Every logged step has this tag: a resumed MLflow run reads where its history ends from it.
 STEP_TAG = "train/step_time_s"
+RUN_KEY_TAG = "pretrain.run_key"
 
 
 class TensorBoardSink:
     name = "tensorboard"
-    run_id = None
 
     def __init__(self, run_dir: Path, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -59,6 +59,9 @@ class TensorBoardSink:
     def close(self) -> None:
         self.tb.close()
 
+    def resume_ids(self) -> dict[str, str]:
+        return {}
+
 
 class WandbSink:
     """A W&B run; without an API key (and no WANDB_MODE) it runs offline into the run directory (`wandb sync` it
@@ -66,10 +69,11 @@ class WandbSink:
 
     name = "wandb"
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], run_name: str, run_id: str | None,
+    def __init__(self, run_dir: Path, config: dict[str, Any], run_name: str, resumed: dict[str, str],
                  logged_through: int) -> None:
         _require("wandb")
         self.run_dir, self.config, self.run_name = run_dir, config, run_name
+        run_id = resumed.get("wandb")
         self.run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.run = None
         # The steps an interrupted attempt logged past the checkpoint being resumed were sent already (an offline
@@ -103,6 +107,9 @@ class WandbSink:
         if self.run is not None:
             self.run.finish()
 
+    def resume_ids(self) -> dict[str, str]:
+        return {"wandb": self.run_id}
+
 
 def _require(module: str) -> None:
     """Installed or not, without importing it on the training thread (the tracker's thread imports it)."""
@@ -125,15 +132,20 @@ def _wandb_key() -> bool:
 
 
 class MlflowSink:
-    """An MLflow run at MLFLOW_TRACKING_URI, in MLFLOW_EXPERIMENT_NAME (or _ID); resumed by id. Parameters are the
+    """An MLflow run at MLFLOW_TRACKING_URI, in MLFLOW_EXPERIMENT_NAME (or _ID); resumed by id, or, where the server
+    had not answered before the checkpoint was written, found by the tag `pretrain.run_key` that this sink chose
+    when it started (kept in the checkpoint from the first one on). Parameters are the
     flattened config (a resumed run adds the keys it lacks: MLflow refuses to change a logged parameter), the
     resolved config also as the artifact config.yaml; captions as step images and text artifacts."""
 
     name = "mlflow"
 
-    def __init__(self, config: dict[str, Any], config_yaml: str, run_name: str, run_id: str | None) -> None:
+    def __init__(self, config: dict[str, Any], config_yaml: str, run_name: str, resumed: dict[str, str]) -> None:
         _require("mlflow")
-        self.config, self.config_yaml, self.run_name, self.run_id = config, config_yaml, run_name, run_id
+        self.config, self.config_yaml, self.run_name = config, config_yaml, run_name
+        self.run_id: str | None = resumed.get("mlflow")
+        self.resumed_key = resumed.get("mlflow_key")
+        self.key = self.resumed_key or secrets.token_hex(16)
         self.client = None
         self.history_end = 0  # the last step the run already holds (a resumed run does not send it again)
 
@@ -142,13 +154,17 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()
+        experiment = _mlflow_experiment(self.client)
+        if not self.run_id and self.resumed_key:
+            found = self.client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{self.resumed_key}'")
+            self.run_id = found[0].info.run_id if found else None
         if self.run_id:
             run = self.client.get_run(self.run_id)
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, STEP_TAG)
             self.history_end = max((m.step for m in history), default=0)
         else:
-            run = self.client.create_run(_mlflow_experiment(self.client), run_name=self.run_name)
+            run = self.client.create_run(experiment, run_name=self.run_name, tags={RUN_KEY_TAG: self.key})
             self.run_id = run.info.run_id
         have = run.data.params
         params = [Param(k, v) for k, v in _flatten(self.config).items() if k not in have]
@@ -173,6 +189,9 @@ class MlflowSink:
     def close(self) -> None:
         if self.client is not None and self.run_id:
             self.client.set_terminated(self.run_id, "FINISHED")
+
+    def resume_ids(self) -> dict[str, str]:
+        return {"mlflow_key": self.key, **({"mlflow": self.run_id} if self.run_id else {})}
 
 
 def _mlflow_experiment(client: Any) -> str:
@@ -213,9 +232,8 @@ class Background:
         self.thread.start()
         self._put(("open",))
 
-    @property
-    def run_id(self) -> str | None:
-        return self.sink.run_id
+    def resume_ids(self) -> dict[str, str]:
+        return self.sink.resume_ids()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._put(("scalars", step, values))
@@ -266,8 +284,8 @@ class Background:
 
 
 def open_trackers(names: list[str], run_dir: Path, start_step: int, logged_through: int, config: dict[str, Any],
-                  config_yaml: str, run_name: str, run_ids: dict[str, str]) -> list[Any]:
-    """The sinks of `run.trackers` (rank 0 only). `run_ids`: the W&B / MLflow runs a resumed run continues;
+                  config_yaml: str, run_name: str, resumed: dict[str, str]) -> list[Any]:
+    """The sinks of `run.trackers` (rank 0 only). `resumed`: the W&B / MLflow runs a resumed run continues;
     `logged_through`: the last step metrics.jsonl held before the steps past the checkpoint were dropped."""
     sinks: list[Any] = []
     for name in names:
@@ -275,9 +293,9 @@ def open_trackers(names: list[str], run_dir: Path, start_step: int, logged_throu
             if name == "tensorboard":
                 sinks.append(TensorBoardSink(run_dir, start_step))
             elif name == "wandb":
-                sinks.append(Background(WandbSink(run_dir, config, run_name, run_ids.get("wandb"), logged_through)))
+                sinks.append(Background(WandbSink(run_dir, config, run_name, resumed, logged_through)))
             elif name == "mlflow":
-                sinks.append(Background(MlflowSink(config, config_yaml, run_name, run_ids.get("mlflow"))))
+                sinks.append(Background(MlflowSink(config, config_yaml, run_name, resumed)))
         except ImportError as err:
             log.warning("%s: tracker not installed (%s; `pip install 'pretrain[trackers]'`); training goes on "
                         "without it", name, err)

@@ -94,6 +94,13 @@ def tracked(tmp_path_factory, assets, shapes):
         client = MlflowClient(uri)
         after_first = _mlflow_state(client, "tracked")
         first_rows = metrics(root / "run")
+        # A checkpoint written before the server answered holds only the key the sink chose: it finds the run.
+        kept = ckpt.read_rank_state(root / "run" / "checkpoints" / ckpt.tag_for(2), 0)["tracker_runs"]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            mp.setenv("MLFLOW_EXPERIMENT_NAME", "tracked")
+            by_key = MlflowSink({}, "", "tracked", {"mlflow_key": kept["mlflow_key"]})
+            by_key.open()
         # Second attempt resumes at step 2; the server dies once it holds step 4, while steps 5-6 are slowed.
         second = _train_alone(cfg, {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                                     "PRETRAIN_TEST_FAULTS": json.dumps({"step_sleep": 1.0, "step_sleep_from": 5})},
@@ -116,7 +123,7 @@ def tracked(tmp_path_factory, assets, shapes):
         # The server is gone; its sqlite store is read directly.
         after_second = _mlflow_state(MlflowClient(f"sqlite:///{db}"), "tracked")
         return {"run": root / "run", "root": root, "first": after_first, "second": after_second, "logs": logs,
-                "first_rows": first_rows, "run_id": run_id}
+                "first_rows": first_rows, "run_id": run_id, "by_key": (by_key.run_id, by_key.history_end)}
     finally:
         kill_tree(server.pid)
 
@@ -156,6 +163,7 @@ def test_mlflow_gets_the_metrics_jsonl_values_params_and_captions_and_one_run_ac
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4, (key, steps)
         assert held[key] == series[: len(steps)], key
     assert second[run_id]["status"] == "RUNNING"  # the run never got to say FINISHED
+    assert tracked["by_key"] == (run_id, 3)  # found by its key alone, and where its history ends
 
 
 @pytest.mark.slow
@@ -176,7 +184,8 @@ def test_wandb_without_a_key_logs_offline_into_the_run_directory_one_run_each_st
     ids = set().union(*(wandb_files.run_ids(p) for p in segments))
     assert len(ids) == 1
     state = ckpt.read_rank_state(run / "checkpoints" / ckpt.tag_for(6), 0)
-    assert state["tracker_runs"] == {"wandb": ids.pop(), "mlflow": tracked["run_id"]}
+    runs = state["tracker_runs"]
+    assert runs["wandb"] == ids.pop() and runs["mlflow"] == tracked["run_id"] and len(runs["mlflow_key"]) == 32
     histories = [wandb_files.history(p) for p in segments]
     assert sorted(histories[0]) == [1, 2, 3] and sorted(histories[1]) == [4, 5, 6]  # no step sent twice
     merged = {**histories[0], **histories[1]}
@@ -228,7 +237,7 @@ def test_a_server_that_never_answers_never_blocks_logging_drops_and_counts_warns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{black_hole.getsockname()[1]}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")
-    sink = Background(MlflowSink({"train": {"lr": 1}}, "", "hangs", None), maxsize=4)
+    sink = Background(MlflowSink({"train": {"lr": 1}}, "", "hangs", {}), maxsize=4)
     deadline = time.monotonic() + 120
     while not accepted and time.monotonic() < deadline:  # the tracker's thread is inside its first request
         time.sleep(0.05)
@@ -243,3 +252,4 @@ def test_a_server_that_never_answers_never_blocks_logging_drops_and_counts_warns
     black_hole.close()
     for conn in accepted:
         conn.close()
+
