@@ -88,7 +88,7 @@ def figure(curves: RunCurves, title: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True, sharex=True)
     for ax, (name, ylabel, lines) in zip(axes.flat, _panels(curves)):
         for legend, (x, y) in lines.items():
             ax.plot(x, y, label=legend, marker="." if len(x) < 50 else None, linewidth=1.2)
@@ -96,8 +96,9 @@ def figure(curves: RunCurves, title: str) -> Any:
             ax.axvline(r["step"], color="tab:red", linestyle="--", linewidth=1,
                        label="resumed" if i == 0 else None)
         if not any(x for x, _ in lines.values()):
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.text(0.5, 0.5, f"no {name}", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(name)
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
