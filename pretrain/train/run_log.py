@@ -75,13 +75,13 @@ class MetricsWriter:
             self.pbar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              mininterval=1.0)
 
-    def log(self, step: int, values: dict[str, Any], tb_only: dict[str, float] | None = None) -> None:
-        """One metrics.jsonl record; the trackers also get `tb_only` (per-group rates, skips per reason)."""
+    def log(self, step: int, values: dict[str, Any], trackers_only: dict[str, float] | None = None) -> None:
+        """One metrics.jsonl record; the trackers also get `trackers_only` (per-group rates, skips per reason)."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
-        self.scalars(step, _numbers({**values, **(tb_only or {})}))
+        self.scalars(step, _numbers({**values, **(trackers_only or {})}))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for sink in self.sinks:

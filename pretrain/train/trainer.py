@@ -269,7 +269,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()}})
+        writer.log(self.step, values, trackers_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()}})
 
     def _sync_tokens(self) -> None:
         """Collective: add every rank's tokens since the last sync to tokens_seen."""
