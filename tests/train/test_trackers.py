@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 def _start_mlflow(root: Path) -> tuple[subprocess.Popen, str, Path]:
     port, db = _free_port(), root / "mlflow.db"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner: a test server
+    # No background job runner (a test server), no usage telemetry (no network in tests).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root, env=env,
                             stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,7 +87,8 @@ def tracked(tmp_path_factory, assets, shapes):
             "run.trackers": ["tensorboard", "wandb", "mlflow"], "run.name": "tracked", "train.max_steps": 6,
             "checkpoint.every_steps": 2, "train.val_every": 2, "train.val_batches": 1, "train.val_captions": 1,
             "train.val_caption_tokens": 4, "train.max_nonfinite_in_row": 1})
-        env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tracked", "NETRC": str(root / "no-netrc")}
+        env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tracked", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "NETRC": str(root / "no-netrc")}
         # First attempt: a NaN loss at step 4 stops it after step 3 was logged past the checkpoint of step 2.
         first = _train_alone(cfg, {**env, "PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [4]})})
         wait_for(lambda: _server_up(uri), 240, "MLflow server")
@@ -99,6 +101,7 @@ def tracked(tmp_path_factory, assets, shapes):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", uri)
             mp.setenv("MLFLOW_EXPERIMENT_NAME", "tracked")
+            mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
             by_key = MlflowSink({}, "", "tracked", {"mlflow_key": kept["mlflow_key"]})
             by_key.open()
         # Second attempt resumes at step 2; the server dies once it holds step 4, while steps 5-6 are slowed.
@@ -225,6 +228,7 @@ def test_report_of_a_directory_without_metrics_says_what_it_needs(tmp_path):
     assert main(["report", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow  # MLflow's first import runs `uname -p` (platform.platform() in its telemetry schema)
 def test_a_server_that_never_answers_never_blocks_logging_drops_and_counts_warns_once(tmp_path, monkeypatch,
                                                                                         caplog):
     """A real MLflow client against a socket that accepts and never replies: the tracker's thread hangs in its
@@ -236,6 +240,7 @@ def test_a_server_that_never_answers_never_blocks_logging_drops_and_counts_warns
     threading.Thread(target=lambda: accepted.append(black_hole.accept()[0]), daemon=True).start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{black_hole.getsockname()[1]}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")
     sink = Background(MlflowSink({"train": {"lr": 1}}, "", "hangs", {}), maxsize=4)
     deadline = time.monotonic() + 120
