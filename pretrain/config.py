@@ -25,6 +25,9 @@ class RunConfig(Section):
     output_dir: str = "runs/default"
     name: str = "run"
     seed: int = 0
+    # Where rank 0 logs besides metrics.jsonl, each configured by the tool's own environment variables (WANDB_*,
+    # MLFLOW_*); see pretrain/train/trackers.py. An empty list logs to metrics.jsonl only.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
 
 
 class LoraConfig(Section):

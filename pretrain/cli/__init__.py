@@ -9,7 +9,8 @@ import logging
 import sys
 
 # Sub-command modules, in the order `pretrain --help` lists them.
-COMMANDS = ("train", "launch", "submit", "demo", "shards", "verify", "convert", "generate", "eval", "bench", "plan")
+COMMANDS = ("train", "launch", "submit", "demo", "shards", "verify", "convert", "generate", "eval", "bench", "plan",
+            "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,6 +84,8 @@ class Trainer:
         self._pending_tokens = 0  # this rank's tokens not yet counted into tokens_seen
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.writer: MetricsWriter | None = None
+        self.tracker_runs: dict[str, str] = {}  # rank 0: the W&B / MLflow runs a resumed run continues
         loader_state = self._resume()
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True)
@@ -111,6 +113,8 @@ class Trainer:
             self.engine.module.frozen_tower.refresh()
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
+        if self.rank == 0:
+            self.tracker_runs = (ckpt.read_rank_state(path, 0) or {}).get("tracker_runs", {})
         old_world = client.get("world_size", self.resume_meta.get("world_size"))
         if old_world != self.world:
             # Another world size: no rank's loader position or RNG maps one to one; the loader splits the rest of
@@ -164,8 +168,10 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         path = self.ckpt_root / tag
         self.faults.maybe_disk_full(self.rank, self.step, str(path))
-        self.written.add(ckpt.write_rank_state(path, self.rank, {"loader": self.loader.state_dict(),
-                                                                  "rng": ckpt.rng_state(), "step": self.step}))
+        state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
+        if self.rank == 0:
+            state["tracker_runs"] = self.writer.run_ids() if self.writer else self.tracker_runs
+        self.written.add(ckpt.write_rank_state(path, self.rank, state))
         if self.rank == 0:
             save_config(self.cfg, path / "config.yaml")  # the resolved config this checkpoint was trained with
             # What an export needs besides the weights: the Llava config, tokenizer and image processor.
@@ -178,7 +184,9 @@ class Trainer:
     def fit(self) -> int:
         """Train to train.max_steps (or stop_at_step); returns EXIT_OK, or EXIT_PREEMPTED after a signal."""
         t = self.cfg.train
-        writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar)
+        writer = MetricsWriter(self.run_dir, t.max_steps, self.step, self.rank == 0, t.progress_bar,
+                               self.cfg.run.trackers, self.cfg.model_dump(mode="json"), self.tracker_runs)
+        self.writer = writer
         recorder = None
         if self.cfg.data.record_samples:
             recorder = SampleRecorder(self.run_dir, self.rank, self.world, self.step)
@@ -275,8 +283,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        writer.log(self.step, values, tb_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()},
-                                               "data/truncated": values["truncated"]})
+        writer.log(self.step, values, trackers_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()},
+                                                     "data/truncated": values["truncated"]})
 
     def _sync_tokens(self) -> None:
         """Collective: add every rank's tokens since the last sync to tokens_seen."""

@@ -226,8 +226,8 @@ class Validator:
         writer.scalar("val/loss", val, step)
         writer.scalar("val/perplexity", m["perplexity"], step)
         for i, c in enumerate(caps):
-            writer.image(f"val/caption_{i}", captioned_image(c["image"], c["generated"], c["truth"]), step)
-            writer.text(f"val/caption_{i}", f"**model:** {c['generated']}  \n**truth:** {c['truth']}", step)
+            writer.caption(f"val/caption_{i}", captioned_image(c["image"], c["generated"], c["truth"]),
+                           f"**model:** {c['generated']}  \n**truth:** {c['truth']}", step)
         if self.rank == 0:
             record = {"step": step, "val_loss": val,
                       "captions": [{"generated": c["generated"], "truth": c["truth"]} for c in caps]}

@@ -34,8 +34,8 @@ def test_help_imports_no_library_code():
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result["shown"].values()) == {0} and len(result["shown"]) == 18, result["shown"]
-    assert "plan" in result["shown"] and "shards verify" in result["shown"]
+    assert set(result["shown"].values()) == {0} and len(result["shown"]) == 19, result["shown"]
+    assert "plan" in result["shown"] and "report" in result["shown"] and "shards verify" in result["shown"]
     assert result["heavy"] == [], result["heavy"]
     assert "a100-40gb" in subprocess.run([sys.executable, "-m", "pretrain", "plan", "--help"], capture_output=True,
                                          text=True, timeout=120, cwd=ROOT).stdout
