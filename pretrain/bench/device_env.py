@@ -50,10 +50,21 @@ def read_list(path: Path) -> dict[str, str | None]:
     return out
 
 
-def project_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
-    import tomllib  # Python 3.11+: the device's 3.12 and this project's tools
+# The project's requirements that nothing the device call runs imports (each imported where its command starts), so
+# they stay out of the carry (64 MiB a call: pyarrow's wheel alone is ~40 MB).
+NOT_ON_DEVICE = {
+    "pyarrow": "pretrain shards parquet: shards are built on the CPU box",
+    "matplotlib": "pretrain report: drawn wherever the run directory is read",
+}
 
-    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+
+def project_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The project's requirements that the device call needs (all of them but NOT_ON_DEVICE)."""
+    import tomllib  # Python 3.11+: the device's 3.12 and this project's tools
+    from packaging.requirements import Requirement
+
+    listed = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return [r for r in listed if canonical(Requirement(r).name) not in NOT_ON_DEVICE]
 
 
 def applies(requirement: Any) -> bool:

@@ -62,9 +62,10 @@ def test_gpu_bench_rehearsal_runs_every_stage_and_returns_the_table(tmp_path, as
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
     stages = _stages(work)
-    assert list(stages) == ["install", "correctness", "shards", "mid", "small"]
+    assert list(stages) == ["install", "correctness", "shards", "mid", "small", "qlora"]
     assert all(s[0] == "ok" for s in stages.values()), stages
     results = json.loads((out / "results.json").read_text())
+    assert results["qlora"]["ok"], results["qlora"]  # CPU mode: the same LoRA path, unquantized
     assert results["install"]["ok"] and results["install"]["deepspeed_accelerator"] == "cpu"
     checks = results["correctness"]["checks"]
     assert {k for k, c in checks.items() if c["ok"]} == {
