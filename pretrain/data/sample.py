@@ -22,6 +22,7 @@ from pretrain.data.image import decode_image
 from pretrain.data.image_formats import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from pretrain.data.interleaved import is_interleaved, process_document
 from pretrain.data.text import TextProcessor
+from pretrain.data.video import VIDEO_EXTENSIONS
 
 _NUMBERED = re.compile(r"^(\d+)\.([^.]+)$")  # `0.jpg` of `KEY.0.jpg`
 
@@ -102,6 +103,25 @@ def all_image_bytes(parts: dict[str, bytes]) -> list[bytes]:
     if gaps:
         raise SampleError(errors.MISSING_IMAGE, f"image {gaps[0]} of {max(numbered) + 1}")
     return [numbered[i] for i in sorted(numbered)]
+
+
+KINDS = ("image", "images", "video", "interleaved", "text")
+
+
+def sample_kind(parts: dict[str, bytes | str]) -> str:
+    """A shard sample's kind from its part names (and its KEY.json for interleaved documents): one of KINDS. A clip
+    makes a video sample whatever images come with it."""
+    exts = [name.rsplit(".", 1)[-1] for name in parts if not name.startswith("__")]
+    if any(e in VIDEO_EXTENSIONS for e in exts):
+        return "video"
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except (ValueError, TypeError):
+        meta = {}
+    if isinstance(meta, dict) and is_interleaved(meta):
+        return "interleaved"
+    n = sum(e in IMAGE_EXTENSIONS for e in exts)
+    return "text" if n == 0 else "image" if n == 1 else "images"
 
 
 def expected_images(meta: dict) -> int:
