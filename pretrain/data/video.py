@@ -22,12 +22,17 @@ from __future__ import annotations
 import bisect
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from pretrain.data import errors
 from pretrain.data.errors import SampleError
+from pretrain.data.image import ImageTransform
+from pretrain.data.image_processors import TORCHVISION_BACKEND, spec_from_processor
 
 # Containers a shard sample's clip may come in (the original bytes, never re-encoded).
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -220,3 +225,35 @@ def decode_all_then_sample(data: bytes, indices: list[int]) -> list[np.ndarray]:
         return [out[i] for i in indices]
     finally:
         container.close()
+
+
+def video_lookup_table(processor: Any) -> np.ndarray:
+    """transformers' video processors' rescale + normalise of every uint8 value, per channel (3, 256): their
+    TorchvisionBackend fuses the two into float32 `(x - mean / f) / (std / f)` (`_fuse_mean_std_and_rescale_factor`,
+    then torchvision's normalize: sub, then div), redone here with the same float32 operations since torchvision
+    itself does not load beside the CPU torch the project pins."""
+    x = torch.arange(256, dtype=torch.float32).expand(3, 256).clone()
+    rescale, normalize = bool(processor.do_rescale), bool(processor.do_normalize)
+    mean = torch.tensor(list(processor.image_mean))
+    std = torch.tensor(list(processor.image_std))
+    if rescale and normalize:
+        mean, std = mean * (1.0 / processor.rescale_factor), std * (1.0 / processor.rescale_factor)
+    if normalize:
+        x = x.sub_(mean[:, None]).div_(std[:, None])
+    elif rescale:
+        x = x * processor.rescale_factor
+    return x.numpy().astype(np.float32)
+
+
+class FrameTransform:
+    """A decoded frame (H, W, 3) uint8 -> (3, S, S) float32, as transformers' LlavaNextVideoVideoProcessor with the
+    tower processor's settings makes it: its TorchvisionBackend resize (antialiased interpolate on uint8) and centre
+    crop, then the fused rescale / normalise (`video_lookup_table`)."""
+
+    def __init__(self, tower_processor: Any) -> None:
+        spec = spec_from_processor(tower_processor)
+        self.transform = ImageTransform(replace(spec, backend=TORCHVISION_BACKEND,
+                                                lut=video_lookup_table(tower_processor)))
+
+    def __call__(self, frame: np.ndarray) -> torch.Tensor:
+        return self.transform(Image.fromarray(frame))
