@@ -62,6 +62,16 @@ def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> Mod
     return ModelConfig(**yaml.safe_load(path.read_text())["model"]) if path else None
 
 
+def save_processor(meta: Path, config: LlavaConfig, out: Path) -> None:
+    """The processor of the export into `out`. A video model (LlavaNextVideo) gets LlavaNextVideoProcessor: the
+    LlavaNext processor's files plus the video processor's config (pretrain.export.video_processor)."""
+    processor_from(meta, config).save_pretrained(out)
+    if hasattr(config, "video_token_id"):
+        from pretrain.export.video_processor import add_video_processor
+
+        add_video_processor(out, config)
+
+
 def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
     tokenizer = AutoTokenizer.from_pretrained(meta)
     tokenizer.chat_template = export_chat_template(tokenizer.chat_template)  # typed messages -> training's text
@@ -188,7 +198,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
         config.architectures = [type(layout.model).__name__]  # as save_pretrained records it
         config.save_pretrained(tmp)
         layout.model.generation_config.save_pretrained(tmp)
-        processor_from(meta, config).save_pretrained(tmp)
+        save_processor(meta, config, tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

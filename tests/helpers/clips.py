@@ -9,6 +9,9 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from pretrain.config import Config, build_config
+from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES
+
 
 def frame_pixels(i: int, width: int, height: int) -> np.ndarray:
     """Frame i: a flat grey level 6 * i (mod 252) with a bright square whose position also moves with i."""
@@ -57,3 +60,13 @@ def make_clip(frames: int = 24, fps: int = 12, width: int = 64, height: int = 48
 def frame_number(rgb: np.ndarray) -> int:
     """Which frame of `make_clip` a decoded frame is (from its grey level; lossy coding moves it a little)."""
     return int(round(float(np.median(rgb[20:, :, 0])) / 6))
+
+
+def video_config(vision: str = "clip", frames: int = 4, **data) -> Config:
+    """A tiny AnyRes video run's config (data.video_frames = `frames`), for in-process tests."""
+    return build_config({
+        "model": {"llm": dict(DECODER_SHAPES["llama"]), "vision": dict(VISION_SHAPES[vision]), "tokenizer": "unused",
+                  "image_tiling": "anyres"},
+        "data": {"train": [{"urls": "unused.tar"}], "max_length": 2048, "video_frames": frames, **data},
+        "train": {"max_steps": 1},
+    })

@@ -9,28 +9,17 @@ import json
 
 import pytest
 import torch
-from helpers.clips import make_clip
+from helpers.clips import make_clip, video_config
 from helpers.shards import image_bytes
 from transformers import LlavaNextVideoForConditionalGeneration
 
-from pretrain.config import build_config
 from pretrain.data.batching import collate, vision_cost
 from pretrain.data.errors import SampleError
 from pretrain.model.build import build_model
 from pretrain.model.processing import build_processing
-from pretrain.model.tiny import DECODER_SHAPES, VISION_SHAPES
 from pretrain.model.video import tokens_per_frame
 from pretrain.model.vlm import VLMForTraining
 from pretrain.tokens import VIDEO_TOKEN
-
-
-def video_config(vision: str = "clip", frames: int = 4, **data):
-    return build_config({
-        "model": {"llm": dict(DECODER_SHAPES["llama"]), "vision": dict(VISION_SHAPES[vision]), "tokenizer": "unused",
-                  "image_tiling": "anyres"},
-        "data": {"train": [{"urls": "unused.tar"}], "max_length": 2048, "video_frames": frames, **data},
-        "train": {"max_steps": 1},
-    })
 
 
 @pytest.fixture(scope="module")
