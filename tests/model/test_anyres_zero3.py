@@ -20,8 +20,10 @@ from helpers.shards import image_bytes, write_tar
 from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaNextProcessor
 
+from pretrain.config import DataSource
 from pretrain.data.batching import collate
 from pretrain.eval.loading import load_llava
+from pretrain.eval.run import EvalOptions, evaluate
 from pretrain.export.hf import convert, resolve_checkpoint
 from pretrain.model.build import build_model, load_tokenizer
 from pretrain.model.processing import build_processing
@@ -125,3 +127,12 @@ def test_anyres_video_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_ne
         loss_sum, n = wrapper(collate([[sample]], tok.pad_token_id))
         theirs = model(**inputs, labels=torch.tensor([sample.labels])).loss
     torch.testing.assert_close(loss_sum / n, theirs, rtol=1e-5, atol=1e-6)
+
+    # `pretrain eval` validates on every kind through the training loader: all 8 samples, none left out of the
+    # loss; the image-ablation gap sees the tiled images and the clips; the task metrics say what they cannot use.
+    cfg.data.val = [DataSource(urls=urls)]
+    result = evaluate(cfg, run, EvalOptions(samples=8, batch_size=4, max_new_tokens=2, device="cpu",
+                                            tasks=("loss", "captioning")))
+    assert result["val"]["samples"] == 8 and result["val"]["skipped"] == {}
+    assert abs(result["val"]["image_gap"]) > 1e-6
+    assert result["task_samples"] == {"used": 0, "left_out": {"video": 5, "tiled": 1, "text": 1, "interleaved": 1}}

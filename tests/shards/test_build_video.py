@@ -11,6 +11,7 @@ from helpers.clips import make_clip
 from helpers.shards import image_bytes, tar_members, write
 
 from pretrain.cli import main
+from pretrain.shards.inspection import inspect_shards
 
 
 def _turns(question: str, answer: str) -> list[dict[str, str]]:
@@ -76,3 +77,21 @@ def test_jsonl_video_and_full_decode(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["reason"] for s in manifest["skipped"]] == ["corrupt_video"]
     assert manifest["samples_by_kind"] == {"video": 1}
+
+
+def test_inspect_and_verify_count_samples_by_kind(tmp_path: Path, capsys) -> None:
+    root = _media(tmp_path / "media")
+    write(root / "b.png", image_bytes("PNG", seed=2))
+    turns = _turns("<video>\nWhat?", "x")
+    records = [{"video": "clips/a.mp4", "conversations": turns},
+               {"image": "a.jpg", "conversations": _turns("<image>", "y")},
+               {"image": ["a.jpg", "b.png"], "conversations": _turns("<image><image>", "z")},
+               {"conversations": _turns("hi", "hello")}]
+    out = tmp_path / "out"
+    json_path = write(tmp_path / "data.json", json.dumps(records))
+    assert main(["shards", "llava", "--json", str(json_path), "--image-root", str(root), "--out", str(out),
+                 "--no-progress"]) == 0
+    kinds = {"image": 1, "images": 1, "text": 1, "video": 1}
+    assert inspect_shards(str(out))["samples_by_kind"] == kinds  # from the manifest
+    scanned = inspect_shards(str(out), scan=True)
+    assert scanned["samples_by_kind"] == kinds and "24 frames" in scanned["examples"][0]["video"]
