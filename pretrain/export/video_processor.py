@@ -22,23 +22,26 @@ from pretrain.tokens import VIDEO_TOKEN
 PROCESSOR_CLASS = "LlavaNextVideoProcessor"
 
 
-def video_processor_config(image_config: dict[str, Any]) -> dict[str, Any]:
+def video_processor_config(image_config: dict[str, Any], num_frames: int | None = None,
+                           fps: float | None = None) -> dict[str, Any]:
     """LlavaNextVideoVideoProcessor's settings: the base image processor's resize / crop / rescale / normalise (each
-    frame is one tower-size image), frames given already sampled (do_sample_frames off, as the class defaults)."""
+    frame is one tower-size image), frames given already sampled (do_sample_frames off, as the class defaults);
+    `num_frames` / `fps`: the run's frame budget, which `pretrain generate --video` samples clips with."""
     keys = ("size", "crop_size", "do_resize", "do_center_crop", "resample", "do_rescale", "rescale_factor",
             "do_normalize", "image_mean", "image_std", "do_convert_rgb")
     out = {k: image_config[k] for k in keys if k in image_config}
     size = out.get("size") or {}
-    return {**out, "default_to_square": "shortest_edge" not in size, "do_sample_frames": False,
+    budget = {k: v for k, v in (("num_frames", num_frames), ("fps", fps)) if v}
+    return {**out, **budget, "default_to_square": "shortest_edge" not in size, "do_sample_frames": False,
             "video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": PROCESSOR_CLASS}
 
 
-def add_video_processor(out: Path, config: Any) -> None:
+def add_video_processor(out: Path, config: Any, num_frames: int | None = None, fps: float | None = None) -> None:
     """Turn the LlavaNext processor saved in `out` into a LlavaNextVideoProcessor's files."""
     processor_file = out / PROCESSOR_NAME
     processor = json.loads(processor_file.read_text())
     image_config = processor.get("image_processor") or json.loads((out / "preprocessor_config.json").read_text())
-    video = video_processor_config(image_config)
+    video = video_processor_config(image_config, num_frames, fps)
     processor.update(processor_class=PROCESSOR_CLASS, video_token=VIDEO_TOKEN)
     if "image_processor" in processor:  # transformers 5 keeps the sub-processors' configs in one file
         processor["video_processor"] = video

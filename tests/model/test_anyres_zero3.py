@@ -20,6 +20,7 @@ from helpers.shards import image_bytes, write_tar
 from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaNextProcessor
 
+from pretrain.cli import main
 from pretrain.config import DataSource
 from pretrain.data.batching import collate
 from pretrain.eval.loading import load_llava
@@ -60,7 +61,8 @@ def _shards(root) -> tuple[list[str], dict[str, dict]]:
     return urls, dict(heavy + light)
 
 
-def test_anyres_video_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next_video(tmp_path, assets, shapes):
+def test_anyres_video_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_next_video(tmp_path, assets, shapes,
+                                                                                          capsys):
     urls, parts = _shards(tmp_path / "data")
     cfg_path = write_config(tmp_path / "c.yaml", assets, shapes, **{
         "model.image_tiling": "anyres", "model.max_image_tiles": 10, "data.train": [{"urls": urls}],
@@ -136,3 +138,14 @@ def test_anyres_video_trains_on_uneven_ranks_under_zero3_and_exports_as_llava_ne
     assert result["val"]["samples"] == 8 and result["val"]["skipped"] == {}
     assert abs(result["val"]["image_gap"]) > 1e-6
     assert result["task_samples"] == {"used": 0, "left_out": {"video": 5, "tiled": 1, "text": 1, "interleaved": 1}}
+
+    # `pretrain generate --video` answers about a clip with the export, sampling the run's 3 frames; --image works
+    # on the same export.
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(parts["multi1"]["mp4"])
+    image = tmp_path / "a.png"
+    image.write_bytes(parts["single0"]["png"])
+    assert json.loads((out / "video_preprocessor_config.json").read_text())["num_frames"] == 3
+    for media in (["--video", str(clip)], ["--image", str(image)]):
+        assert main(["generate", str(out), *media, "--prompt", "what moves?", "--max-new-tokens", "3"]) == 0
+        assert capsys.readouterr().out.startswith(media[1] + "\t")
