@@ -84,6 +84,15 @@ def test_training_loss_equals_the_exported_llava_next_video_loss(tmp_path, video
             if sample.pixel_values is not None:
                 inputs.update(pixel_values=sample.pixel_values[None], image_sizes=torch.tensor(sample.image_sizes))
             theirs = hf_model(**inputs).loss
+            # the clip's features themselves: the exported class's own video path (tower, pooler, projector)
+            cfg = hf_model.config
+            hf_clip = hf_model.model.get_video_features(
+                pixel_values_videos=sample.video_pixels[None], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+            batch = collate([[sample]], video_tokenizer.pad_token_id)
+            _, ours_clip, _ = wrapper.visual_features(batch["pixel_values"], batch["image_sizes"],
+                                                      batch["video_pixels"])
+        torch.testing.assert_close(ours_clip, hf_clip.flatten(0, 1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_sum / n, theirs, rtol=1e-5, atol=1e-6)
     # The check can fail: other frames give other features and another loss.
     with torch.no_grad():
