@@ -38,38 +38,22 @@ CLIPS = [(24, 48, 40, 4), (10, 32, 32, 4), (40, 90, 64, 6), (3, 40, 36, 8)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vision", ["clip", "siglip"])
-def test_loader_and_training_equal_transformers_video_processor_and_model(tmp_path, tokenizer, vision):
+def test_loader_and_training_equal_transformers_video_processor_and_model(tmp_path, tokenizer):
+    """CLIP (resize the short side, centre crop) and SigLIP (resize to the square) towers, one subprocess."""
     if not VIDEO_PYTHON.is_file():
         pytest.fail(f"{VIDEO_PYTHON} is missing: run `make video-parity-env` (make test builds it)")
     tok = tokenizer.__class__.from_pretrained(_saved(tokenizer, tmp_path / "tok"))
     tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]}, replace_extra_special_tokens=False)
-    export = tmp_path / "export"
     cases, ours = [], []
-    model = None
-    for n, (frames, width, height, take) in enumerate(CLIPS):
-        processing = build_processing(video_config(vision, frames=take), tok)
-        if model is None:
-            model = build_model(video_config(vision).model, tok).eval()
-            _export(export, model, processing, tok)
-        clip = make_clip(frames=frames, width=width, height=height)
-        (tmp_path / f"clip{n}.mp4").write_bytes(clip)
-        turns = [{"from": "human", "value": f"<video>\n{QUESTION}"}, {"from": "gpt", "value": ANSWER}]
-        sample = processing.processor({"mp4": clip, "json": json.dumps({"conversations": turns}).encode()})
-        decoded, indices, _ = clip_frames(clip, take, None, 10**8)
-        np.save(tmp_path / f"ours{n}.npy", np.stack(decoded))
-        with torch.no_grad():
-            loss_sum, count = VLMForTraining(model).eval()(collate([[sample]], tok.pad_token_id))
-        ours.append((indices, sample, float(loss_sum / count), _training_text(tok, turns)))
-        cases.append({"clip": str(tmp_path / f"clip{n}.mp4"), "frames": take, "indices": indices,
-                      "our_frames": str(tmp_path / f"ours{n}.npy"), "question": QUESTION, "answer": ANSWER,
-                      "labels": sample.labels})
+    for vision in ("clip", "siglip"):
+        _cases(tmp_path / vision, tok, vision, cases, ours)
     spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps({"export": str(export), "cases": cases}))
+    spec.write_text(json.dumps({"cases": cases}))
     done = subprocess.run([str(VIDEO_PYTHON), str(Path(__file__).with_name("video_parity_hf.py")), str(spec),
                            str(tmp_path / "theirs.json")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for (indices, sample, loss, text), theirs in zip(ours, json.loads((tmp_path / "theirs.json").read_text())):
+    for (indices, sample, loss, text), theirs in zip(ours, json.loads((tmp_path / "theirs.json").read_text()),
+                                                     strict=True):
         assert theirs["processor"] == "LlavaNextVideoProcessor"
         assert theirs["indices"] == indices  # the same frames sampled
         assert theirs["decoded_equal"]  # seeking decode == transformers' full PyAV decode at those frames
@@ -77,6 +61,30 @@ def test_loader_and_training_equal_transformers_video_processor_and_model(tmp_pa
         assert theirs["input_ids"] == sample.input_ids  # the same video-token count, in place
         torch.testing.assert_close(torch.tensor(theirs["pixels"]), sample.video_pixels, rtol=0, atol=1e-6)
         assert theirs["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def _cases(root: Path, tok, vision: str, cases: list, ours: list) -> None:
+    """One export for the tower and a case per clip of CLIPS: what transformers gets, and what training made."""
+    root.mkdir(parents=True)
+    export = root / "export"
+    model = None
+    for n, (frames, width, height, take) in enumerate(CLIPS):
+        processing = build_processing(video_config(vision, frames=take), tok)
+        if model is None:
+            model = build_model(video_config(vision).model, tok).eval()
+            _export(export, model, processing, tok)
+        clip = make_clip(frames=frames, width=width, height=height)
+        (root / f"clip{n}.mp4").write_bytes(clip)
+        turns = [{"from": "human", "value": f"<video>\n{QUESTION}"}, {"from": "gpt", "value": ANSWER}]
+        sample = processing.processor({"mp4": clip, "json": json.dumps({"conversations": turns}).encode()})
+        decoded, indices, _ = clip_frames(clip, take, None, 10**8)
+        np.save(root / f"ours{n}.npy", np.stack(decoded))
+        with torch.no_grad():
+            loss_sum, count = VLMForTraining(model).eval()(collate([[sample]], tok.pad_token_id))
+        ours.append((indices, sample, float(loss_sum / count), _training_text(tok, turns)))
+        cases.append({"export": str(export), "clip": str(root / f"clip{n}.mp4"), "frames": take,
+                      "indices": indices, "our_frames": str(root / f"ours{n}.npy"), "question": QUESTION,
+                      "answer": ANSWER, "labels": sample.labels})
 
 
 def _saved(tokenizer, path: Path) -> Path:

@@ -18,10 +18,12 @@ from transformers.video_utils import VideoMetadata, load_video
 
 def main(cases_path: str, out_path: str) -> None:
     spec = json.loads(open(cases_path).read())
-    processor = AutoProcessor.from_pretrained(spec["export"])
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(spec["export"]).eval()
-    results = []
+    results, loaded = [], {}
     for case in spec["cases"]:
+        if case["export"] not in loaded:
+            loaded[case["export"]] = (AutoProcessor.from_pretrained(case["export"]),
+                                      LlavaNextVideoForConditionalGeneration.from_pretrained(case["export"]).eval())
+        processor, model = loaded[case["export"]]
         video, meta = load_video(case["clip"], backend="pyav")  # every frame, transformers' PyAV reader
         metadata = VideoMetadata(total_num_frames=meta.total_num_frames, fps=meta.fps, duration=meta.duration)
         # transformers refuses more frames than a clip has; the loader then takes all of them
