@@ -205,13 +205,17 @@ def table_job(
             raise SampleError(MISSING_TEXT, f"no {caption_column or ' or '.join(CAPTION_COLUMNS)} and no conversations")
         if not isinstance(caption, str) or not caption.strip():
             raise SampleError(EMPTY_TEXT, f"{caption_column} is empty")
+        used = (columns["image"], caption_column, columns["conversations"] or "", "video")
+        video = _video_field(row.get("video"))
+        if video is not None and not images:  # a captioned clip: KEY.<container> + KEY.txt
+            meta = {"caption": caption.strip(), "video": video, "source": "jsonl", **_copy_fields(row, used)}
+            return Job(index, where, meta, video_path=_resolve(video, image_root), caption=True)
         if not images:
             raise SampleError(MISSING_IMAGE, f"no {columns['image']} for a caption sample")
         if len(images) > 1:
             raise SampleError(IMAGE_COUNT_MISMATCH, f"{len(images)} images for a caption (conversations pair several "
                               f"images with {IMAGE_TOKEN} placeholders)")
         image = images[0]
-        used = (columns["image"], caption_column, columns["conversations"] or "")
         meta = {"caption": caption.strip(), "image": image, "source": "jsonl", **_copy_fields(row, used)}
         return Job(index, where, meta, image_path=_resolve(image, image_root), caption=True)
     except SampleError as e:

@@ -69,14 +69,17 @@ def test_llava_video_records(tmp_path: Path) -> None:
 def test_jsonl_video_and_full_decode(tmp_path: Path) -> None:
     root = _media(tmp_path / "media")
     lines = [{"video": "clips/a.mp4", "conversations": _turns("<video> what?", "Frames.")},
-             {"video": "clips/truncated.mp4", "conversations": _turns("<video>", "x")}]
+             {"video": "clips/truncated.mp4", "conversations": _turns("<video>", "x")},
+             {"video": "clips/b.webm", "caption": "A clip getting brighter."}]
     path = write(tmp_path / "data.jsonl", "\n".join(json.dumps(x) for x in lines))
     out = tmp_path / "out"
     assert main(["shards", "jsonl", "--file", str(path), "--image-root", str(root), "--out", str(out),
                  "--no-progress", "--full-decode"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["reason"] for s in manifest["skipped"]] == ["corrupt_video"]
-    assert manifest["samples_by_kind"] == {"video": 1}
+    assert manifest["samples_by_kind"] == {"video": 2}
+    members = tar_members(out / "shard-000000.tar")
+    assert members["000000002.txt"] == b"A clip getting brighter." and "000000002.webm" in members
 
 
 def test_inspect_and_verify_count_samples_by_kind(tmp_path: Path, capsys) -> None:
