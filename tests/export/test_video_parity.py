@@ -59,7 +59,7 @@ def test_loader_and_training_equal_transformers_video_processor_and_model(tmp_pa
         assert theirs["decoded_equal"]  # seeking decode == transformers' full PyAV decode at those frames
         assert theirs["chat"] == text  # {"type": "video"} renders as training's <video> turn
         assert theirs["input_ids"] == sample.input_ids  # the same video-token count, in place
-        torch.testing.assert_close(torch.tensor(theirs["pixels"]), sample.video_pixels, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(theirs["pixels"]), sample.video_pixels, rtol=0, atol=0)
         assert theirs["loss"] == pytest.approx(loss, rel=1e-5)
 
 
