@@ -120,3 +120,16 @@ def test_a_batch_with_clips_and_one_without_use_the_same_modules(video_tokenizer
         loss.backward()
         assert sorted(calls) == ["multi_modal_projector", "vision_resampler", "vision_tower"]
         assert newline.grad is not None
+
+
+def test_video_keys_are_checked():
+    from pretrain.config import ConfigError, build_config
+
+    base = {"model": {"llm": "x", "vision": "y"}, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match="data.video_frames > 0 needs model.image_tiling=anyres"):
+        build_config({**base, "data": {"train": [{"urls": "a.tar"}], "video_frames": 8}})
+    with pytest.raises(ConfigError, match="data.video_fps needs data.video_frames"):
+        build_config({**base, "model": {**base["model"], "image_tiling": "anyres"},
+                      "data": {"train": [{"urls": "a.tar"}], "video_fps": 1.0}})
+    with pytest.raises(ConfigError, match="video_frames"):
+        build_config({**base, "data": {"train": [{"urls": "a.tar"}], "video_frames": -1}})
