@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install lint slurm img2dataset clean gpu-wheels gpu-commit
+.PHONY: demo test test-fast install lint slurm img2dataset video-parity-env clean gpu-wheels gpu-commit
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A second environment for the one test that runs transformers' own video processor
+# (tests/export/test_video_parity.py): it needs torchvision, which does not load beside the CPU torch the project
+# pins, so it gets torch 2.14.1 + torchvision 0.29.1 here (5.5 GB) while the project keeps its own torch.
+VIDEO_VENV ?= .venv-video
+VIDEO_STAMP := $(VIDEO_VENV)/.installed
+$(VIDEO_STAMP): constraints.txt
+	$(PYTHON) -m venv $(VIDEO_VENV)
+	$(VIDEO_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VIDEO_VENV)/bin/python -m pip install --quiet -c constraints.txt transformers==5.23.0 av==18.1.0 pillow==13.0.0
+	touch $(VIDEO_STAMP)
+
+video-parity-env: $(VIDEO_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/pretrain demo demo_out
@@ -33,7 +46,7 @@ $(IMG2DATASET_VENV)/.installed: tools/img2dataset-requirements.txt
 
 img2dataset: $(IMG2DATASET_VENV)/.installed
 
-test: $(STAMP) slurm img2dataset
+test: $(STAMP) slurm img2dataset $(VIDEO_STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests
 	$(VENV)/bin/lint-imports  # the import layers in pyproject.toml
 	$(VENV)/bin/python -m pytest -q --durations=25 tests
@@ -56,4 +69,4 @@ gpu-commit:
 	bash tools/gpu_commit.sh
 
 clean:
-	rm -rf $(VENV) $(IMG2DATASET_VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(IMG2DATASET_VENV) $(VIDEO_VENV) demo_out .pytest_cache

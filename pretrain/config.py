@@ -155,6 +155,14 @@ class DataConfig(Section):
     # Images larger than this many pixels are skipped as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     fast_image_decode: bool = False
+    # Video (shard samples with a clip, pretrain/data/video.py): frames taken per clip, spread uniformly over it
+    # (fewer for a clip with fewer frames); each is one tile against max_images_per_batch. 0 = the run takes no
+    # video (such samples are skipped and counted as video_off). Needs model.image_tiling=anyres: the model is
+    # LlavaNextVideo, whose image path is LlavaNext's (pretrain/model/video.py).
+    video_frames: int = Field(default=0, ge=0)
+    # A sampling rate (frames per second of clip) instead of a fixed count, capped by video_frames; None = always
+    # video_frames (a clip's count then does not depend on its length).
+    video_fps: float | None = Field(default=None, gt=0)
     # Each rank appends the keys of the samples of every step to RUN_DIR/samples/rank<R>.jsonl (an audit trail).
     record_samples: bool = False
     # How conversations become text: `auto` (the tokenizer's own chat template), a format LLaVA-family checkpoints
@@ -280,6 +288,11 @@ class Config(Section):
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
         if "nvme" in (ds.offload_optimizer, ds.offload_params) and not ds.nvme_path:
             raise ValueError("deepspeed.nvme_path is required when offloading to nvme")
+        if self.data.video_frames and self.model.image_tiling != "anyres":
+            raise ValueError("data.video_frames > 0 needs model.image_tiling=anyres (video exports as LlavaNextVideo, "
+                             "whose images are LlavaNext's AnyRes)")
+        if self.data.video_fps is not None and not self.data.video_frames:
+            raise ValueError("data.video_fps needs data.video_frames > 0 (the most frames a clip gives)")
         if self.train.val_every and not self.data.val:
             raise ValueError("train.val_every > 0 needs data.val sources")
         if self.train.stage == "align" and set(self.train.lr_multipliers) - {"projector"}:

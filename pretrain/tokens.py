@@ -7,3 +7,5 @@ IGNORE = -100
 IMAGE_TOKEN = "<image>"
 # Added to a tokenizer that has no pad token.
 PAD_TOKEN = "<pad>"
+# The clip placeholder (LLaVA-Video's `<video>`), and the token its frames' features replace (video runs only).
+VIDEO_TOKEN = "<video>"

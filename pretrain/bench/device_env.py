@@ -55,6 +55,7 @@ def read_list(path: Path) -> dict[str, str | None]:
 NOT_ON_DEVICE = {
     "pyarrow": "pretrain shards parquet: shards are built on the CPU box",
     "matplotlib": "pretrain report: drawn wherever the run directory is read",
+    "av": "video clips (imported when a sample holds one): the device call's recipes have none",
 }
 
 

@@ -1,5 +1,6 @@
 """`pretrain generate HF_DIR --image PATH [--image PATH ...] [--prompt TEXT]`: caption or answer with an exported
-model: each image on its own, or all of them in one turn with --together. On the GPU in bf16 when there is one."""
+model: each image on its own, or all of them in one turn with --together. `--video PATH`: answer about a clip with
+an exported video model. On the GPU in bf16 when there is one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="caption an image (or answer --prompt) with an exported model")
     p.add_argument("hf_dir", help="a directory written by `pretrain convert` (or any Llava model directory)")
-    p.add_argument("--image", required=True, action="append", help="image path (repeat for several)")
+    p.add_argument("--image", action="append", default=[], help="image path (repeat for several)")
+    p.add_argument("--video", default=None, help="a clip to answer about (an exported video model)")
     p.add_argument("--prompt", default=None, help="a question; without it the model captions")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--together", action="store_true",
@@ -37,7 +39,10 @@ def not_an_export(path: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    missing = [p for p in [args.hf_dir, *args.image] if not Path(p).exists()]
+    if bool(args.image) == bool(args.video):
+        print("pretrain generate: give --image (one or more) or --video")
+        return 2
+    missing = [p for p in [args.hf_dir, *args.image, *([args.video] if args.video else [])] if not Path(p).exists()]
     if missing:
         print(f"error: no such file or directory: {', '.join(missing)}")
         return 1
@@ -54,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"pretrain generate: {err}")
         return 2
+    if args.video:
+        return _answer_clip(args, dtype, device)
     captioner = Captioner(args.hf_dir, dtype=dtype, device=device)
     images = [load_image(p) for p in args.image]
     try:
@@ -65,4 +72,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. a prompt for an export without a chat template
         print(f"pretrain generate: {err}")
         return 2
+    return 0
+
+
+def _answer_clip(args: argparse.Namespace, dtype, device) -> int:
+    from pathlib import Path
+
+    from pretrain.data.errors import SampleError
+    from pretrain.export.video_inference import ClipAnswerer
+
+    try:
+        answerer = ClipAnswerer(args.hf_dir, dtype=dtype, device=device)
+        text = answerer(Path(args.video).read_bytes(), args.prompt or "Describe the video.", args.max_new_tokens)
+    except (ValueError, SampleError) as err:
+        print(f"pretrain generate: {err}")
+        return 2
+    print(f"{args.video}\t{text}")
     return 0

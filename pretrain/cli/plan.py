@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sample-len", type=int, help="decoder tokens per sample, image tokens included")
     p.add_argument("--text-tokens", type=int, help="text tokens per sample (default 64 align, 256 otherwise)")
     p.add_argument("--images-per-sample", type=int, default=1)
+    p.add_argument("--clips-per-sample", type=int,
+                   help="video clips per sample, each data.video_frames frames (default: 1 when data.video_frames>0)")
     p.add_argument("--logit-tokens", type=int, help="positions per sample where the LM head runs (default: text)")
     p.add_argument("--micro-batch", type=int, help="rows per GPU per micro-step (default train.micro_batch_size)")
     p.add_argument("--no-chunked-ce", action="store_true", help="materialise fp32 logits for every label position")
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, args.gpus, args.gpu, args.tokens, args.mfu, args.zero, SCALE, cluster,
                      seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
                      images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
+                     clips_per_sample=args.clips_per_sample,
                      micro_batch=args.micro_batch, chunked_ce=not args.no_chunked_ce)
     print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, args.config))
     return 0

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     truncated = sum(s.truncated_text for s in report.shards)
     n = report.ok + sum(report.skipped.values())
     images = ", ".join(f"{k}: {c}" for k, c in report.images_per_sample.items()) or "none"
-    print(f"ok samples by images (or tiles) per sample: {images}")
+    print(f"ok samples by images (or tiles and frames) per sample: {images}")
+    kinds = ", ".join(f"{k}: {c}" for k, c in report.samples_by_kind.items()) or "none"
+    print(f"ok samples by kind: {kinds}")
     print(f"{len(urls)} shard(s), {n} sample(s) in {seconds:.1f} s: {report.ok} ok "
           f"({truncated} with text cut to data.max_length={cfg.data.max_length}), "
           f"{sum(report.skipped.values())} skipped")

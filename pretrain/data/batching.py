@@ -10,6 +10,8 @@ labels, `n_labels` their count as a Python int. Images: `pixel_values` is the sa
 3, H, W), in row-major sample order, or None; `image_tiles` and `image_sizes` are per image, flat, in the same order.
 `image_texts` are the label tokens of each single-image sample and `image_pair_index` the index of its image in that
 flat order (the alignment objectives' pairs: a multi-image sample has no one image its text describes).
+Clips: `video_pixels` is their sampled frames concatenated, (frames, 3, S, S), in sample order, or None, and
+`video_frames` each clip's frame count; the model runs them through the tower in one call with the image tiles.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
     position_ids = torch.zeros((n, width), dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     pixels, sample_lengths, image_tiles, image_sizes, pair_index, pair_texts = [], [], [], [], [], []
+    video_pixels, video_frames = [], []
     for r, row in enumerate(rows):
         at = 0
         for s in row:
@@ -47,12 +50,15 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
             if s.pixel_values is not None:
                 px = s.pixel_values if s.pixel_values.dim() == 4 else s.pixel_values[None]
                 tiles = s.image_tiles or [int(px.shape[0])]
-                if len(tiles) == 1:
+                if len(tiles) == 1 and s.video_pixels is None:
                     pair_index.append(len(image_tiles))
                     pair_texts.append([t for t in s.labels if t != IGNORE])
                 pixels.append(px)
                 image_tiles += tiles
                 image_sizes += s.image_sizes or [tuple(px.shape[-2:])] * len(tiles)
+            if s.video_pixels is not None:
+                video_pixels.append(s.video_pixels)
+                video_frames.append(int(s.video_pixels.shape[0]))
             at += k
         # Padding continues the positions so the pad tail reads as one more (fully masked) segment.
         position_ids[r, at:] = torch.arange(width - at)
@@ -66,6 +72,8 @@ def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int
         "pixel_values": torch.cat(pixels) if pixels else None,
         "image_tiles": image_tiles,
         "image_sizes": image_sizes,
+        "video_pixels": torch.cat(video_pixels) if video_pixels else None,
+        "video_frames": video_frames,
         "sample_lengths": sample_lengths,
         "n_samples": sum(len(row) for row in rows),
         "packed": any(len(row) > 1 for row in rows),
@@ -86,9 +94,10 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vision_cost(sample: ProcessedSample) -> int:
-    """Tiles the vision tower runs for a sample (one per image without tiling): its pixels are None or
-    (tiles, 3, H, W)."""
-    return 0 if sample.pixel_values is None else sample.pixel_values.shape[0]
+    """Tiles and clip frames the vision tower runs for a sample (one tile per image without tiling): its pixels
+    are None or (tiles, 3, H, W), its clip's None or (frames, 3, H, W)."""
+    tiles = 0 if sample.pixel_values is None else sample.pixel_values.shape[0]
+    return tiles + (0 if sample.video_pixels is None else sample.video_pixels.shape[0])
 
 
 class Batcher:

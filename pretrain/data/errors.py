@@ -32,8 +32,16 @@ BAD_ROW = "bad_row"  # a CSV row with the wrong number of columns (converters)
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # <image> placeholders != images of the sample
 TOO_MANY_IMAGES = "too_many_images"  # a sample whose own tiles pass data.max_images_per_batch (loader)
 TOO_MANY_TILES = "too_many_image_tiles"  # a sample's images need more tiles than model.max_image_tiles
+CORRUPT_VIDEO = "corrupt_video"  # a clip that does not open, or a frame of it that does not decode
+NO_VIDEO_STREAM = "no_video_stream"  # audio only, or no stream at all
+NO_VIDEO_FRAMES = "no_video_frames"
+VIDEO_TOO_LARGE = "video_too_large"  # frames of more pixels than data.max_image_pixels
+VIDEO_OFF = "video_off"  # a video sample in a run that takes none (data.video_frames 0)
+MISSING_VIDEO = "missing_video"  # a <video> placeholder without a clip, or a clip without one
+UNSUPPORTED_VIDEO = "unsupported_video_format"  # a container outside data.video.VIDEO_EXTENSIONS
 
 # Every rank reduces counters over this fixed list (unknown reasons count as "other").
 REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_IMAGE, MISSING_TEXT,
            EMPTY_TEXT, BAD_JSON, BAD_UTF8, TOO_LONG, BAD_CONVERSATION, TRUNCATED_TAR, BAD_ROW, IMAGE_COUNT_MISMATCH,
-           TOO_MANY_IMAGES, TOO_MANY_TILES, UNREADABLE_SHARD, "other")
+           TOO_MANY_IMAGES, TOO_MANY_TILES, UNREADABLE_SHARD, CORRUPT_VIDEO, NO_VIDEO_STREAM, NO_VIDEO_FRAMES,
+           VIDEO_TOO_LARGE, VIDEO_OFF, MISSING_VIDEO, UNSUPPORTED_VIDEO, "other")

@@ -2,8 +2,9 @@
 
 A sample is `KEY.<image ext>` + `KEY.json` (`caption` or `conversations`) and/or `KEY.txt` (a caption). A sample with
 several images stores them as `KEY.0.<ext>`, `KEY.1.<ext>`, ... in the order of their `<image>` placeholders; a
-sample with none is text only (a conversation). Anything unusable raises SampleError with its reason; the loader
-skips and counts it.
+sample with none is text only (a conversation). A clip is `KEY.mp4` (or another container of VIDEO_EXTENSIONS), its
+sampled frames going through the tower like image tiles and its tokens replacing the one `<video>` placeholder.
+Anything unusable raises SampleError with its reason; the loader skips and counts it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -22,6 +24,7 @@ from pretrain.data.image import decode_image
 from pretrain.data.image_formats import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from pretrain.data.interleaved import is_interleaved, process_document
 from pretrain.data.text import TextProcessor
+from pretrain.data.video import VIDEO_EXTENSIONS, clip_frames
 
 _NUMBERED = re.compile(r"^(\d+)\.([^.]+)$")  # `0.jpg` of `KEY.0.jpg`
 
@@ -38,6 +41,9 @@ class ProcessedSample:
     truncated: bool = False
     image_tiles: list[int] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # The clip's sampled frames, (frames, 3, S, S) at the tower's size, or None; they run through the tower with the
+    # image tiles and count against data.max_images_per_batch like them.
+    video_pixels: torch.Tensor | None = None
 
     @property
     def n_images(self) -> int:
@@ -104,12 +110,51 @@ def all_image_bytes(parts: dict[str, bytes]) -> list[bytes]:
     return [numbered[i] for i in sorted(numbered)]
 
 
+KINDS = ("image", "images", "video", "interleaved", "text")
+
+
+def sample_kind(parts: dict[str, bytes | str]) -> str:
+    """A shard sample's kind from its part names (and its KEY.json for interleaved documents): one of KINDS. A clip
+    makes a video sample whatever images come with it."""
+    exts = [name.rsplit(".", 1)[-1] for name in parts if not name.startswith("__")]
+    if any(e in VIDEO_EXTENSIONS for e in exts):
+        return "video"
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except (ValueError, TypeError):
+        meta = {}
+    if isinstance(meta, dict) and is_interleaved(meta):
+        return "interleaved"
+    n = sum(e in IMAGE_EXTENSIONS for e in exts)
+    return "text" if n == 0 else "image" if n == 1 else "images"
+
+
 def expected_images(meta: dict) -> int:
     """How many images the metadata names (LLaVA's `"image": a` or `[a, b]`); 0 when it names none."""
     named = meta.get("image")
     if isinstance(named, list):
         return len(named)
     return 1 if named else 0
+
+
+def video_part(parts: dict[str, bytes]) -> bytes | None:
+    """The sample's clip bytes, or None."""
+    clips = [ext for ext in VIDEO_EXTENSIONS if ext in parts]
+    if len(clips) > 1:
+        raise SampleError(errors.MISSING_VIDEO, f"{len(clips)} clips in one sample ({', '.join(clips)})")
+    return parts[clips[0]] if clips else None
+
+
+@dataclass
+class VideoSampling:
+    """How a clip becomes model input: at most `frames` frames (or one per 1/`fps` s, capped by `frames`), each
+    made tower-size pixels by `transform` (an RGB uint8 (H, W, 3) array -> (3, S, S)) and `tokens_per_frame`
+    decoder positions after pooling."""
+
+    frames: int
+    fps: float | None
+    transform: Callable[[np.ndarray], torch.Tensor]
+    tokens_per_frame: int
 
 
 class SampleProcessor:
@@ -120,17 +165,21 @@ class SampleProcessor:
     def __init__(self, text: TextProcessor, image_transform: Callable[[Image.Image], torch.Tensor],
                  max_image_pixels: int, draft_size: int | None = None,
                  image_token_count: Callable[[int, int], int] | None = None,
-                 max_image_tiles: int | None = None) -> None:
+                 max_image_tiles: int | None = None, video: VideoSampling | None = None) -> None:
         self.text = text
         self.image_transform = image_transform
         self.max_image_pixels = max_image_pixels
         self.draft_size = draft_size
         self.image_token_count = image_token_count
         self.max_image_tiles = max_image_tiles
+        self.video = video  # None: video samples are skipped (video_off)
 
     def __call__(self, parts: dict[str, bytes]) -> ProcessedSample:
         meta = read_metadata(parts)
         encoded = all_image_bytes(parts)
+        clip = video_part(parts)
+        if clip is not None and self.video is None:
+            raise SampleError(errors.VIDEO_OFF, "data.video_frames is 0")
         if is_interleaved(meta):  # text and images in document order
             doc = process_document(self, meta, encoded)
             return ProcessedSample(doc.tokens.input_ids, doc.tokens.labels, doc.pixels, doc.tokens.truncated,
@@ -140,16 +189,24 @@ class SampleProcessor:
                                                     f"{str(meta.get('image')):.120}")
         if "conversations" not in meta and not isinstance(meta.get("caption"), str):
             raise SampleError(errors.MISSING_TEXT, "caption is not a string")
-        if "conversations" not in meta and not encoded:
+        if "conversations" not in meta and not encoded and clip is None:
             raise SampleError(errors.MISSING_IMAGE, "a caption sample without an image")
         pixels, sizes, counts = self.decode_images(encoded)
+        frames = self.decode_video(clip) if clip is not None else None
+        video_tokens = 0 if frames is None else frames.shape[0] * self.video.tokens_per_frame
         if "conversations" in meta:
-            tokens = self.text.conversation(meta["conversations"], counts)
+            tokens = self.text.conversation(meta["conversations"], counts, video_tokens)
         else:
-            tokens = self.text.caption(meta["caption"], counts)
+            tokens = self.text.caption(meta["caption"], counts, video_tokens)
         tiles = [p.shape[0] for p in pixels]
         stacked = torch.cat(pixels) if pixels else None
-        return ProcessedSample(tokens.input_ids, tokens.labels, stacked, tokens.truncated, tiles, sizes)
+        return ProcessedSample(tokens.input_ids, tokens.labels, stacked, tokens.truncated, tiles, sizes, frames)
+
+    def decode_video(self, data: bytes) -> torch.Tensor:
+        """The clip's sampled frames as tower pixels, (frames, 3, S, S), decoded by seeking (pretrain.data.video)."""
+        v = self.video
+        frames, _, _ = clip_frames(data, v.frames, v.fps, self.max_image_pixels)
+        return torch.stack([v.transform(f) for f in frames])
 
     def decode_images(self, encoded: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[int]]:
         """Decoded and transformed images in order: (pixels (tiles, 3, H, W) each, (height, width) each, token

@@ -34,9 +34,10 @@ class TokenizedText:
 
 class TextProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_tokens: int,
-                 max_length: int) -> None:
+                 max_length: int, video_token_id: int | None = None) -> None:
         self.tok = tokenizer
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id  # None: the run takes no video
         self.image_tokens = image_tokens
         self.max_length = max_length
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -49,15 +50,19 @@ class TextProcessor:
             return [self.image_tokens] if images else []
         return list(images)
 
-    def caption(self, text: str, has_image: bool | list[int] = True) -> TokenizedText:
+    def caption(self, text: str, has_image: bool | list[int] = True, video_tokens: int = 0) -> TokenizedText:
+        """`video_tokens`: a clip's token count; its tokens follow the images' in the prompt."""
         text = text.strip()
         if not text:
             raise SampleError(errors.EMPTY_TEXT)
         prompt = self.bos + [self.image_token_id] * sum(self.image_counts(has_image))
+        prompt += [self.video_token_id] * video_tokens if video_tokens else []
         target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return self._fit(prompt + target, [IGNORE] * len(prompt) + target)
 
-    def conversation(self, turns: list[dict], has_image: bool | list[int]) -> TokenizedText:
+    def conversation(self, turns: list[dict], has_image: bool | list[int], video_tokens: int = 0) -> TokenizedText:
+        """`video_tokens`: the token count of the sample's clip, whose one `<video>` placeholder they replace
+        (0: no clip)."""
         counts = self.image_counts(has_image)
         messages = to_messages(turns, len(counts))
         if self.tok.chat_template is None:
@@ -74,8 +79,13 @@ class TextProcessor:
                     raise ValueError("the chat template does not render prefixes stably; cannot mask labels")
                 spans.append((start, end))
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, labels, placeholders = [], [], 0
+        ids, labels, placeholders, videos = [], [], 0, 0
         for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if tid == self.video_token_id:
+                videos += 1
+                ids += [tid] * video_tokens
+                labels += [IGNORE] * video_tokens
+                continue
             if tid == self.image_token_id:
                 n = counts[placeholders] if placeholders < len(counts) else 0
                 placeholders += 1
@@ -87,6 +97,9 @@ class TextProcessor:
         if placeholders != len(counts):  # the template itself added or dropped a placeholder
             raise SampleError(errors.IMAGE_COUNT_MISMATCH, f"{placeholders} image tokens rendered for "
                                                           f"{len(counts)} image(s)")
+        if videos != int(video_tokens > 0):
+            raise SampleError(errors.MISSING_VIDEO, f"{videos} <video> placeholders rendered for "
+                                                    f"{int(video_tokens > 0)} clip(s)")
         if self.bos and ids[:1] != self.bos:
             ids, labels = self.bos + ids, [IGNORE] + labels
         return self._fit(ids, labels)
@@ -102,7 +115,8 @@ class TextProcessor:
         is dropped."""
         if len(ids) <= self.max_length:
             return TokenizedText(ids, labels)
-        last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
+        visual = (self.image_token_id, self.video_token_id)
+        last_image = max((i for i, t in enumerate(ids) if t in visual), default=-1)
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if last_image >= self.max_length:
             raise SampleError(errors.TOO_LONG, "image tokens do not fit data.max_length")

@@ -1,39 +1,59 @@
 """`pretrain eval`: one checkpoint, the first N validation samples, every metric the data supports, one JSON object.
 
-- loss / perplexity / image-ablation gap: the training preprocessing of the same samples, through the training-time
-  validation loop (pretrain.train.validation);
+- loss / perplexity / image-ablation gap: the first N validation samples of every kind (images, several images,
+  tiled images, clips, documents, text) through the training loader (the one path training reads and validates
+  through: pretrain.train.engine.make_loader, unshuffled, one pass) and the training-time validation loop
+  (pretrain.train.validation); what the loader skipped is reported by reason;
 - captioning (samples with a caption): greedy captions in the pretraining format, BLEU-4 and CIDEr-D against the
   reference caption, and for the synthetic shapes set the attribute accuracy of the generated captions;
 - VQA (samples with `qa` pairs): greedy answers to each question in the chat format, exact match;
 - retrieval (samples with a caption): Recall@1/5/10 both ways, by contrastive similarity when the run trained the
   heads, otherwise by caption likelihood (retrieval.py); `method` says which.
-Metrics with no data, or not asked for (`tasks`), are null.
+The task metrics take the same first N samples (shard order, as the unshuffled loader reads them) that they can
+use: one image of one tile with its references (captions, `qa`, synthetic attributes). `task_samples` says how many
+they used and, by kind, how many they left out (several images, tiled images, clips, documents, text, and samples
+the training path skips, by reason). Metrics with no data, or not asked for (`tasks`), are null.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from pretrain.config import Config
-from pretrain.data.batching import collate
 from pretrain.data.errors import SampleError
+from pretrain.data.image import decode_image
+from pretrain.data.sample import all_image_bytes, read_metadata, sample_kind
+from pretrain.data.stream import ShardReader, TarShardError
+from pretrain.data.urls import expand_urls
 from pretrain.eval import scores as M
 from pretrain.eval.greedy import caption_prompt, greedy_generate, question_prompt, stop_ids
 from pretrain.eval.loading import EvalModel, load_eval_model
 from pretrain.eval.retrieval import contrastive_similarity, image_features, likelihood_similarity
-from pretrain.eval.samples import EvalSample, read_eval_samples
+from pretrain.train.engine import make_loader
 from pretrain.train.validation import validation_metrics
 
 log = logging.getLogger(__name__)
 
 
 TASKS = ("loss", "captioning", "vqa", "retrieval")
+
+
+@dataclass
+class EvalSample:
+    """A validation sample the task metrics use: its image and references."""
+
+    key: str
+    image: Image.Image
+    caption: str | None  # the reference caption (None for conversation-only samples)
+    qa: list[dict[str, str]] = field(default_factory=list)  # [{"question": ..., "answer": ...}]
+    attributes: dict[str, Any] | None = None  # synthetic shapes ground truth
 
 
 @dataclass
@@ -52,16 +72,26 @@ def _batched(items: list, size: int):
         yield items[i : i + size]
 
 
-def loss_metrics(em: EvalModel, samples: list[EvalSample], batch_size: int) -> dict[str, float]:
-    processed = []
-    for s in samples:
-        try:
-            processed.append(em.processor(s.parts))
-        except SampleError:
-            continue
-    pad = em.tokenizer.pad_token_id
-    batches = (collate([[p] for p in chunk], pad) for chunk in _batched(processed, batch_size))
-    return validation_metrics(em.module, batches, em.device, image_ablation=True)
+def loss_metrics(em: EvalModel, cfg: Config, opts: EvalOptions) -> dict[str, Any]:
+    """Validation loss over the first `opts.samples` samples the training loader reads from data.val (unshuffled,
+    one pass, batches of `opts.batch_size`, so the last batch may take the count past N): every sample kind, and
+    what the loader skipped on the way, by reason."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.micro_batch_size = opts.batch_size
+    loader = make_loader(cfg, cfg.data.val, em.processor, em.tokenizer.pad_token_id, 0, 1, train=False)
+    taken = [0]
+
+    def first_samples():
+        for batch in loader:
+            taken[0] += batch["n_samples"]
+            yield batch
+            if taken[0] >= opts.samples:
+                return
+
+    out: dict[str, Any] = validation_metrics(em.module, first_samples(), em.device, image_ablation=True)
+    out["samples"] = taken[0]
+    out["skipped"] = {k: v for d in loader.stats()["skipped"] for k, v in d.items()}
+    return out
 
 
 def generate_texts(em: EvalModel, images: list, prompts: list[list[int]], opts: EvalOptions) -> list[str]:
@@ -124,18 +154,62 @@ def retrieval_eval(em: EvalModel, samples: list[EvalSample], opts: EvalOptions) 
     return {"method": method, **M.retrieval_metrics(sim, keys, keys)}
 
 
+def task_samples(em: EvalModel, cfg: Config, limit: int) -> tuple[list[EvalSample], dict[str, int]]:
+    """The first `limit` validation samples in shard order that the task metrics can use (one single-tile image
+    and the references), and the count of the others by kind or skip reason."""
+    reader, out, left_out, seen = ShardReader(), [], {}, 0
+    for source in cfg.data.val:
+        for url in expand_urls(source.urls):
+            try:
+                for raw in reader.iterate(url):
+                    if seen >= limit:
+                        return out, left_out
+                    seen += 1
+                    why, sample = _usable(em, raw.key, raw.parts)
+                    if sample is None:
+                        left_out[why] = left_out.get(why, 0) + 1
+                    else:
+                        out.append(sample)
+            except TarShardError as err:
+                log.warning("eval: %s", err)
+                left_out["truncated_tar"] = left_out.get("truncated_tar", 0) + 1
+    return out, left_out
+
+
+def _usable(em: EvalModel, key: str, parts: dict[str, bytes]) -> tuple[str, EvalSample | None]:
+    """(why it is left out, or "" and the sample): the training path must take it, and the generation prompts
+    here take one tower-size image."""
+    kind = sample_kind(parts)
+    try:
+        processed = em.processor(parts)
+        meta = read_metadata(parts)
+    except SampleError as err:
+        return err.reason, None
+    if kind != "image":
+        return kind, None
+    if processed.pixel_values is None or processed.pixel_values.shape[0] != 1:
+        return "tiled", None
+    try:
+        image = decode_image(all_image_bytes(parts)[0])
+    except SampleError as err:
+        return err.reason, None
+    caption = meta["caption"].strip() or None if isinstance(meta.get("caption"), str) else None
+    qa = [q for q in meta.get("qa", []) if isinstance(q, dict) and "question" in q and "answer" in q]
+    attrs = meta.get("attributes") if isinstance(meta.get("attributes"), dict) else None
+    return "", EvalSample(key, image, caption, qa, attrs)
+
+
 def evaluate(cfg: Config, checkpoint: str | Path, opts: EvalOptions | None = None) -> dict[str, Any]:
     opts = opts or EvalOptions()
     if not cfg.data.val:
         raise ValueError("pretrain eval needs data.val sources in the config")
     started = time.perf_counter()
     em = load_eval_model(cfg, checkpoint, opts.device)
-    samples = read_eval_samples(cfg.data.val, opts.samples)
-    if not samples:
-        raise ValueError(f"no usable validation samples in {[s.urls for s in cfg.data.val]}")
-    result: dict[str, Any] = {"checkpoint": str(em.checkpoint), "step": em.step, "samples": len(samples)}
+    samples, left_out = task_samples(em, cfg, opts.samples)
+    result: dict[str, Any] = {"checkpoint": str(em.checkpoint), "step": em.step, "samples": opts.samples,
+                              "task_samples": {"used": len(samples), "left_out": left_out}}
     tasks = set(opts.tasks)
-    result["val"] = loss_metrics(em, samples, opts.batch_size) if "loss" in tasks else None
+    result["val"] = loss_metrics(em, cfg, opts) if "loss" in tasks else None
     result["captioning"] = caption_metrics(em, samples, opts) if "captioning" in tasks else None
     result["vqa"] = vqa_metrics(em, samples, opts) if "vqa" in tasks else None
     result["retrieval"] = retrieval_eval(em, samples, opts) if "retrieval" in tasks else None

@@ -5,8 +5,9 @@ Inference drives a VLM with typed content (`{"role": "user", "content": [{"type"
 LLaVA turns whose content is a string with `<image>` where the picture goes, through whichever template the run
 used (`data.chat_template`: the tokenizer's own, a named format, a .jinja file). The exported template wraps that
 training template unchanged: a prologue turns each typed content into the string training would have given
-(an image item as `<image>\\n`, LLaVA's placeholder line, text items as they are, in order) and the training
-template renders the result. One placeholder per image item: the processor expands each to that image's token count.
+(an image item as `<image>\\n`, LLaVA's placeholder line, a video item as `<video>\\n`, LLaVA-Video's, text items as
+they are, in order) and the training template renders the result. One placeholder per image or video item: the
+processor expands each to that image's or clip's token count.
 
 Training always starts a sequence with bos (pretrain.data.text.TextProcessor adds it when the template does not),
 so the wrapper does the same: the rendered text is exactly what training tokenized, and the processor's tokenizing
@@ -16,6 +17,7 @@ path then adds no second bos.
 from __future__ import annotations
 
 from pretrain.data.text import IMAGE_PLACEHOLDER
+from pretrain.tokens import VIDEO_TOKEN
 
 MARKER = "{#- pretrain: typed content rendered as training's text -#}"
 
@@ -28,8 +30,10 @@ _PROLOGUE = (
     "{%- else -%}{%- set typed.text = '' -%}"
     "{%- for part in m['content'] -%}"
     "{%- if part['type'] == 'image' -%}{%- set typed.text = typed.text + " + repr(IMAGE_PLACEHOLDER + "\n") + " -%}"
+    "{%- elif part['type'] == 'video' -%}{%- set typed.text = typed.text + " + repr(VIDEO_TOKEN + "\n") + " -%}"
     "{%- elif part['type'] == 'text' -%}{%- set typed.text = typed.text + part['text'] -%}"
-    "{%- else -%}{{ raise_exception('content type ' + part['type'] + ' is not supported: images and text only') }}"
+    "{%- else -%}{{ raise_exception('content type ' + part['type'] + ' is not supported: images, video and text "
+    "only') }}"
     "{%- endif -%}{%- endfor -%}"
     "{%- set typed.messages = typed.messages + [dict(m, content=typed.text)] -%}"
     "{%- endif -%}{%- endfor -%}"

@@ -64,6 +64,25 @@ def run_model_config(tag_dir: Path, run_config: str | Path | None = None) -> Mod
     return ModelConfig(**yaml.safe_load(path.read_text())["model"]) if path else None
 
 
+def save_processor(meta: Path, config: LlavaConfig, out: Path, data: dict | None = None) -> None:
+    """The processor of the export into `out`. A video model (LlavaNextVideo) gets LlavaNextVideoProcessor: the
+    LlavaNext processor's files plus the video processor's config (pretrain.export.video_processor), with the
+    run's frame budget (`data`: its data section, data.video_frames / data.video_fps) for inference."""
+    processor_from(meta, config).save_pretrained(out)
+    if hasattr(config, "video_token_id"):
+        from pretrain.export.video_processor import add_video_processor
+
+        data = data or {}
+        add_video_processor(out, config, data.get("video_frames"), data.get("video_fps"))
+
+
+def run_data_section(tag_dir: Path, run_config: str | Path | None = None) -> dict:
+    """The run's `data` section as written (see run_model_config), or {} when no run config is found."""
+    candidates = [Path(run_config)] if run_config else [tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"]
+    path = next((p for p in candidates if p.is_file()), None)
+    return (yaml.safe_load(path.read_text()).get("data") or {}) if path else {}
+
+
 def processor_from(meta: Path, config: LlavaConfig) -> LlavaProcessor:
     tokenizer = AutoTokenizer.from_pretrained(meta)
     tokenizer.chat_template = export_chat_template(tokenizer.chat_template)  # typed messages -> training's text
@@ -210,7 +229,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", ma
         config.architectures = [type(layout.model).__name__]  # as save_pretrained records it
         config.save_pretrained(tmp)
         layout.model.generation_config.save_pretrained(tmp)
-        processor_from(meta, config).save_pretrained(tmp)
+        save_processor(meta, config, tmp, run_data_section(tag_dir, run_config))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,6 +63,18 @@ def user_content(n_images: int, prompt: str) -> list[dict]:
     return content
 
 
+def load_processor(hf_dir: str | Path):
+    """The export's processor. A video model's LlavaNextVideoProcessor needs torchvision for its video half; without
+    it, its image half (LlavaNextProcessor, same image processor and tokenizer) captions images just the same
+    (clips: pretrain.export.video_inference)."""
+    try:
+        return AutoProcessor.from_pretrained(hf_dir)
+    except ImportError:
+        from transformers import LlavaNextProcessor
+
+        return LlavaNextProcessor.from_pretrained(hf_dir)
+
+
 class Captioner:
     """Greedy captions (no prompt: the pretraining format `[bos] <image>` then the caption) or answers to a prompt
     (typed messages through the export's chat template, rendered as training rendered them)."""
@@ -70,7 +82,7 @@ class Captioner:
     def __init__(self, hf_dir: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         base = adapter_base(hf_dir)  # a PEFT adapter directory (`pretrain convert --adapter`) over this export
-        self.processor = AutoProcessor.from_pretrained(base or hf_dir)
+        self.processor = load_processor(base or hf_dir)
         # Exports written before the typed-content template: wrap their training template the same way.
         self.processor.chat_template = export_chat_template(self.processor.chat_template)
         self.device = torch.device(device)

@@ -29,6 +29,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
@@ -39,7 +41,7 @@ from pretrain.model.attention import AttentionChoice, resolve_attention
 from pretrain.model.components import load_component_config
 from pretrain.model.lora import add_adapters, check_quantize, quantized_loading
 from pretrain.model.projector import ACTIVATION, is_linear, load_projector, projector_activation, set_identity
-from pretrain.tokens import IMAGE_TOKEN, PAD_TOKEN
+from pretrain.tokens import IMAGE_TOKEN, PAD_TOKEN, VIDEO_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,10 @@ def build_llava_config(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 
         anyres = {"image_grid_pinpoints": grid_pinpoints(mcfg.image_grid_pinpoints, vision_cfg.image_size,
                                                          mcfg.max_image_tiles)}
-    return (LlavaNextConfig if anyres else LlavaConfig)(
+    if anyres and VIDEO_TOKEN in tokenizer.get_vocab():  # a video run (data.video_frames): pretrain/model/video.py
+        anyres["video_token_id"] = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    config_class = LlavaNextVideoConfig if "video_token_id" in anyres else LlavaNextConfig if anyres else LlavaConfig
+    return config_class(
         **anyres,
         vision_config=vision_cfg.to_dict(),
         text_config=text_cfg.to_dict(),
@@ -189,12 +194,12 @@ def _assemble(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, zero: ZeroC
         projector = LlavaMultiModalProjector(llava_cfg).to(dtype)
     if is_linear(llava_cfg):
         set_identity(projector)
-    if isinstance(llava_cfg, LlavaNextConfig):
+    if isinstance(llava_cfg, LlavaNextConfig | LlavaNextVideoConfig):
         newline = _image_newline(llava_cfg, dtype, seed)
     # Parameters on meta only (buffers such as rotary tables stay real): the shell costs no memory.
     with init_empty_weights(include_buffers=False), _zero3_suspended():
         model = model_class(llava_cfg)(llava_cfg)
-    if isinstance(llava_cfg, LlavaNextConfig):
+    if isinstance(llava_cfg, LlavaNextConfig | LlavaNextVideoConfig):
         model.model.image_newline = newline
     model.model.vision_tower = vision
     model.model.multi_modal_projector = projector
@@ -207,9 +212,12 @@ def _assemble(mcfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, zero: ZeroC
 
 
 def model_class(config: PretrainedConfig) -> type[LlavaForConditionalGeneration]:
-    """Llava for one tile per image; LlavaNext for AnyRes. LlavaNext rather than LlavaOnevision: its AnyRes is
+    """Llava for one tile per image; LlavaNext for AnyRes; LlavaNextVideo for AnyRes with video (its images are
+    LlavaNext's: pretrain/model/video.py). LlavaNext rather than LlavaOnevision: its AnyRes is
     the plain one (best-fit grid, unpad, newline per row) with no pooling of large grids, so every tile's tokens
     reach the decoder as trained, and its processor counts those tokens from the image size alone."""
+    if isinstance(config, LlavaNextVideoConfig):
+        return LlavaNextVideoForConditionalGeneration
     return LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
 
 
@@ -275,6 +283,8 @@ def resize_vocab(model: LlavaForConditionalGeneration, tokenizer: PreTrainedToke
         log.info("embeddings resized %d -> %d rows for the added tokens", rows,
                  model.get_input_embeddings().num_embeddings)
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if hasattr(model.config, "video_token_id"):
+        model.config.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
@@ -284,8 +294,9 @@ def _check_no_meta(model: nn.Module) -> None:
         raise RuntimeError(f"parameters left on the meta device after assembly: {left[:5]}")
 
 
-def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The decoder's tokenizer with the image token (and a pad token, where missing) added."""
+def load_tokenizer(mcfg: ModelConfig, video: bool = False) -> PreTrainedTokenizerBase:
+    """The decoder's tokenizer with the image token (the video token with `video`, and a pad token, where missing)
+    added."""
     from transformers import AutoTokenizer
 
     source = mcfg.tokenizer or mcfg.init_from or (mcfg.llm if _is_local_or_hub(mcfg.llm) else None)
@@ -295,8 +306,9 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ConfigError(f"model.tokenizer: {source!r} does not exist")
     tok = AutoTokenizer.from_pretrained(source)
     added = {}
-    if IMAGE_TOKEN not in tok.get_vocab():
-        added["additional_special_tokens"] = [IMAGE_TOKEN]
+    missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN if video else None) if t and t not in tok.get_vocab()]
+    if missing:
+        added["additional_special_tokens"] = missing
     if tok.pad_token is None:
         added["pad_token"] = PAD_TOKEN
     if added:

@@ -23,13 +23,16 @@ from pretrain.data.anyres import (
     grid_pinpoints,
     is_anyres_processor,
     llava_next_processor,
+    tile_processor,
 )
 from pretrain.data.chat_formats import apply_chat_format
 from pretrain.data.image import ImageTransform, image_processor_for_vision_config
-from pretrain.data.sample import SampleProcessor
+from pretrain.data.sample import SampleProcessor, VideoSampling
 from pretrain.data.text import TextProcessor
+from pretrain.data.video import FrameTransform
 from pretrain.model.build import build_llava_config, load_tokenizer
 from pretrain.model.components import load_component_config
+from pretrain.model.video import tokens_per_frame
 from pretrain.tokens import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -92,21 +95,32 @@ def sample_processor(cfg: Config, tokenizer: PreTrainedTokenizerBase, vlm_config
                      image_processor: Any) -> SampleProcessor:
     """Raw sample -> ProcessedSample, the training path: text with the image tokens expanded, pixels as the tower's
     processor makes them (or the fast path with `data.fast_image_decode`)."""
-    text = TextProcessor(tokenizer, vlm_config.image_token_id, vlm_config.image_seq_length, cfg.data.max_length)
+    video = video_sampling(cfg, image_processor, vlm_config)
+    text = TextProcessor(tokenizer, vlm_config.image_token_id, vlm_config.image_seq_length, cfg.data.max_length,
+                         getattr(vlm_config, "video_token_id", None) if video else None)
     max_tiles = cfg.model.max_image_tiles
     if is_anyres_processor(image_processor):
         # No draft decoding: the grid and the token count follow the image's full size.
         count = TokenCounter(llava_next_processor(image_processor, tokenizer, vlm_config))
         return SampleProcessor(text, AnyResTransform(image_processor), cfg.data.max_image_pixels,
-                               image_token_count=count, max_image_tiles=max_tiles)
+                               image_token_count=count, max_image_tiles=max_tiles, video=video)
     transform = ImageTransform.from_processor(image_processor, fast=cfg.data.fast_image_decode)
     return SampleProcessor(text, transform, cfg.data.max_image_pixels, draft_size=transform.draft_size,
                            max_image_tiles=max_tiles)
 
 
+def video_sampling(cfg: Config, image_processor: Any, vlm_config: Any) -> VideoSampling | None:
+    """How the run's clips become frames and tokens (None: it takes no video, data.video_frames 0)."""
+    if not cfg.data.video_frames or not hasattr(vlm_config, "video_token_id"):
+        return None
+    return VideoSampling(cfg.data.video_frames, cfg.data.video_fps, FrameTransform(tile_processor(image_processor)),
+                         tokens_per_frame(vlm_config.vision_config))
+
+
 def run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    """The decoder's tokenizer (image and pad tokens added) with the run's conversation format."""
-    return apply_chat_format(load_tokenizer(cfg.model), cfg.data.chat_template)
+    """The decoder's tokenizer (image and pad tokens added, and the video token in a video run) with the run's
+    conversation format."""
+    return apply_chat_format(load_tokenizer(cfg.model, video=cfg.data.video_frames > 0), cfg.data.chat_template)
 
 
 def build_processing(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> DataProcessing:

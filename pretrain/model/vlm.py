@@ -44,6 +44,7 @@ from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contras
 from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
+from pretrain.model.video import image_and_video_features, is_video_model
 from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,23 @@ class VLMForTraining(nn.Module):
             feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
         return feats * 0.0 if self.zero_image_features else feats
 
+    def visual_features(self, pixel_values: torch.Tensor | None, image_sizes: list[tuple[int, int]] | None,
+                        video_pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(image features, clip features or None, whether the image features are a dummy image's). A video model
+        (LlavaNextVideo) runs the tower once on image tiles and clip frames (pretrain.model.video), with the dummy
+        image where a micro-batch has none, so every rank makes the same calls whatever its clips."""
+        dummy = pixel_values is None
+        if dummy:
+            pixel_values, image_sizes = self.dummy_image(self._device())
+        if not is_video_model(self.vlm):
+            return self.image_features(pixel_values.to(self.dtype), image_sizes), None, dummy
+        video = None if video_pixels is None else video_pixels.to(self.dtype)
+        with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
+            images, clips = image_and_video_features(self.vlm, pixel_values.to(self.dtype), image_sizes, video)
+        if self.zero_image_features:
+            images, clips = images * 0.0, clips * 0.0
+        return images, clips, dummy
+
     def dummy_image(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """A black tower-size image (its tiles and size) for micro-batches without one: the same module calls,
         and with AnyRes a grid, so that image_newline is used (and gets a gradient) on every rank."""
@@ -129,19 +147,23 @@ class VLMForTraining(nn.Module):
         return self.vlm.get_input_embeddings().weight.dtype
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              features: torch.Tensor | None = None, image_sizes: list[tuple[int, int]] | None = None
-              ) -> torch.Tensor:
-        """Token embeddings with the image tokens replaced by image features (computed here, or given).
+              features: torch.Tensor | None = None, image_sizes: list[tuple[int, int]] | None = None,
+              video_pixels: torch.Tensor | None = None,
+              visual: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None) -> torch.Tensor:
+        """Token embeddings with the image tokens replaced by image features and the video tokens by clip features
+        (computed here, or given: `features` alone, or `visual` as `visual_features` returns it).
 
         The image path always runs before the token embedding, on a dummy image when the micro-batch has none:
         ZeRO-3 ranks must gather (forward) and reduce (backward) the same parameters in the same order, and autograd
         orders the backward by creation, so a rank that ran the tower after the embedding would diverge."""
-        dummy = features is None and pixel_values is None
-        if dummy:
-            pixel_values, image_sizes = self.dummy_image(input_ids.device)
-        if features is None:
-            features = self.image_features(pixel_values.to(self.dtype), image_sizes)
+        if visual is None:
+            visual = (features, None, False) if features is not None else self.visual_features(
+                pixel_values, image_sizes, video_pixels)
+        features, clips, dummy = visual
         embeds = self.vlm.get_input_embeddings()(input_ids)
+        if clips is not None:
+            mask = (input_ids == self.vlm.config.video_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, clips.to(embeds.dtype))
         if dummy:
             return embeds + 0.0 * features.sum()
         self._check_image_tokens(features)
@@ -173,8 +195,9 @@ class VLMForTraining(nn.Module):
                       use_cache=False)
         return out.last_hidden_state
 
-    def hidden_states(self, batch: dict, features: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), features, batch.get("image_sizes"))
+    def hidden_states(self, batch: dict, visual: tuple | None = None) -> torch.Tensor:
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), None, batch.get("image_sizes"),
+                            batch.get("video_pixels"), visual)
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
         return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
                            batch.get("position_ids"), packed=batch.get("packed", False),
@@ -184,11 +207,9 @@ class VLMForTraining(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (summed loss, number of label tokens) for this micro-batch: see the module docstring. The count is
         a host (CPU) tensor taken from the batch: reading it costs no device sync."""
-        pixel_values = batch.get("pixel_values")
-        features = None
-        if pixel_values is not None:
-            features = self.image_features(pixel_values.to(self.dtype), batch.get("image_sizes"))
-        hidden = self.hidden_states(batch, features)
+        visual = self.visual_features(batch.get("pixel_values"), batch.get("image_sizes"), batch.get("video_pixels"))
+        features = None if visual[2] else visual[0]  # the batch's own images (not the dummy), for the alignment
+        hidden = self.hidden_states(batch, visual)
         index, targets, n = label_rows(batch)
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         token_sum = linear_cross_entropy(self.vlm.lm_head, rows, targets, self.loss_chunk)

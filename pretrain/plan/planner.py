@@ -56,8 +56,11 @@ class Plan:
 
 def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None = None,
              text_tokens: int | None = None, images_per_sample: int = 1, logit_tokens: int | None = None,
-             micro_batch: int | None = None, chunked_ce: bool = True) -> Workload:
-    """The per-GPU work of a recipe; lengths the config does not fix default to a typical sample of its stage."""
+             micro_batch: int | None = None, chunked_ce: bool = True, clips_per_sample: int | None = None
+             ) -> Workload:
+    """The per-GPU work of a recipe; lengths the config does not fix default to a typical sample of its stage.
+    A clip is priced at data.video_frames frames, each a tower pass and its pooled tokens (`clips_per_sample`, None:
+    one in a video run, none otherwise)."""
     shape = model_shape(cfg.model)
     image, tower_passes = shape.image_tokens * images_per_sample, images_per_sample
     if cfg.model.image_tiling == "anyres":  # priced at the largest grid: each image's tiles all go through the tower
@@ -65,6 +68,11 @@ def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None 
         pinpoints = grid_pinpoints(cfg.model.image_grid_pinpoints, vis.image_size, cfg.model.max_image_tiles)
         tiles, tokens = largest_grid_cost(pinpoints, vis.image_size, vis.patch_size, shape.image_tokens)
         image, tower_passes = tokens * images_per_sample, tiles * images_per_sample
+    clips = clips_per_sample if clips_per_sample is not None else int(cfg.data.video_frames > 0)
+    if clips:
+        frames = cfg.data.video_frames * clips
+        side = shape.vision.image_size // shape.vision.patch_size
+        image, tower_passes = image + frames * (side * side // 4), tower_passes + frames  # stride-2 pooled frames
     seq = seq_len or cfg.data.max_length
     text = text_tokens if text_tokens is not None else DEFAULT_TEXT_TOKENS[cfg.train.stage]
     sample = sample_len or min(seq, image + text)

@@ -20,8 +20,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pretrain.data.errors import BAD_UTF8, EMPTY_TEXT, MISSING_IMAGE, MISSING_TEXT, SampleError
+from pretrain.data.errors import (
+    BAD_UTF8,
+    EMPTY_TEXT,
+    MISSING_IMAGE,
+    MISSING_TEXT,
+    MISSING_VIDEO,
+    UNSUPPORTED_VIDEO,
+    SampleError,
+)
 from pretrain.data.image_formats import IMAGE_EXTENSIONS
+from pretrain.data.sample import sample_kind
+from pretrain.data.video import VIDEO_EXTENSIONS, probe
 from pretrain.shards.image_check import DEFAULT_MAX_PIXELS, check_image, reencode
 from pretrain.shards.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -45,6 +55,7 @@ class Job:
     image_paths: tuple[str, ...] = ()  # several images: written as KEY.0.ext, KEY.1.ext, ... in this order
     image_data: tuple[bytes, ...] = ()  # images read with the input (a table that embeds them): one is KEY.ext,
     # several KEY.0.ext, KEY.1.ext, ...
+    video_path: str | None = None  # a clip: written as KEY.<container>, its probe in meta["video"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,10 @@ def process(item: Job | Skip, options: BuildOptions) -> dict[str, Any] | Skip:
                 sample[f"{i}.{ext}"] = data
                 sizes.append({"width": width, "height": height})
             meta["image_sizes"] = sizes  # per image, in KEY.i order
+        if item.video_path is not None:
+            ext, data, info = _checked_video(item.video_path, options)
+            sample[ext] = data
+            meta["video"] = {"path": meta.get("video"), **info}
         if item.caption:
             sample["txt"] = meta["caption"]
         sample["json"] = _dumps(meta)
@@ -142,6 +157,19 @@ def _checked_image(data: bytes, options: BuildOptions) -> tuple[str, bytes, int,
         data = reencode(data, options.reencode, options.reencode_quality, options.max_side)
         ext = options.reencode
     return ext, data, width, height
+
+
+def _checked_video(path: str, options: BuildOptions) -> tuple[str, bytes, dict[str, Any]]:
+    """(container extension, original bytes, probe) of a clip; SampleError if it does not open, has no video
+    stream or frames, or its frames pass the pixel cap. Never re-encoded."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in VIDEO_EXTENSIONS:
+        raise SampleError(UNSUPPORTED_VIDEO, f"{Path(path).name}: not one of {', '.join(VIDEO_EXTENSIONS)}")
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise SampleError(MISSING_VIDEO, path) from None
+    return ext, data, probe(data, options.max_pixels, options.full_decode).to_json()
 
 
 def _dumps(meta: dict[str, Any]) -> str:
@@ -197,6 +225,7 @@ def build_shards(
     clear_shard_dir(out_dir, overwrite=options.overwrite)
     skipped: list[dict[str, str]] = []
     images: Counter[int] = Counter()  # written samples by their number of images
+    kinds: Counter[str] = Counter()  # written samples by kind (image, images, video, interleaved, text)
     bar = tqdm(total=total, desc=f"shards {source}", unit="sample", disable=not options.progress, mininterval=0.5)
     with (
         bar,
@@ -210,9 +239,11 @@ def build_shards(
             else:
                 writer.write(result)
                 images[sum(ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for ext in result)] += 1
+                kinds[sample_kind(result)] += 1
             bar.update()
             bar.set_postfix(skipped=len(skipped), refresh=False)
-    extra = {"source": source, **options.extra, "images_per_sample": {str(k): n for k, n in sorted(images.items())}}
+    extra = {"source": source, **options.extra, "images_per_sample": {str(k): n for k, n in sorted(images.items())},
+             "samples_by_kind": dict(sorted(kinds.items()))}
     if options.reencode:
         extra["reencode"] = {
             "format": options.reencode,

@@ -19,7 +19,9 @@ from typing import Any
 
 from PIL import Image
 
+from pretrain.data.sample import sample_kind
 from pretrain.data.urls import MANIFEST_NAME, expand_urls, is_remote
+from pretrain.data.video import VIDEO_EXTENSIONS
 from pretrain.shards.image_check import IMAGE_SUFFIXES
 from pretrain.shards.writer import read_manifest
 
@@ -54,7 +56,8 @@ def _open_tar(url: str) -> tarfile.TarFile:
 
 def iter_samples(url: str, read_limit: int = 0) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {ext: bytes or None}) per sample in tar order; member data is read only for the first `read_limit`
-    samples (None otherwise), so scanning a local tar seeks over the image bytes."""
+    samples (None otherwise; KEY.json always, which says whether a sample is an interleaved document), so scanning
+    a local tar seeks over the image and clip bytes."""
     key, members, seen = None, {}, 0
     with _open_tar(url) as tar:
         for info in tar:
@@ -66,7 +69,7 @@ def iter_samples(url: str, read_limit: int = 0) -> Iterator[tuple[str, dict[str,
                     yield key, members
                     seen += 1
                 key, members = match.group(1), {}
-            f = tar.extractfile(info) if seen < read_limit else None
+            f = tar.extractfile(info) if seen < read_limit or match.group(2) == "json" else None
             members[match.group(2)] = f.read() if f is not None else None
         if key is not None:
             yield key, members
@@ -82,6 +85,12 @@ def describe_sample(key: str, members: dict[str, bytes | None]) -> dict[str, Any
     out: dict[str, Any] = {"key": key, "extensions": sorted(members), "images": image_count(members)}
     for ext, data in sorted(members.items()):
         if data is None or ext in ("json", "txt"):
+            continue
+        if ext in VIDEO_EXTENSIONS:
+            video = _load_json(members.get("json")).get("video")
+            out["video"] = f"{ext} {len(data)} bytes" + (
+                f", {video.get('frames')} frames, {video.get('duration')} s, {video.get('width')}x{video.get('height')}"
+                if isinstance(video, dict) else "")
             continue
         try:
             with Image.open(io.BytesIO(data)) as image:
@@ -122,6 +131,7 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
     Without `count` it stops as soon as it has the examples."""
     extensions: Counter[str] = Counter()
     images: Counter[int] = Counter()  # samples by their number of images
+    kinds: Counter[str] = Counter()  # samples by kind (image, images, video, interleaved, text)
     examples: list[dict[str, Any]] = []
     samples, error = 0, None
     try:
@@ -129,6 +139,7 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
             samples += 1
             extensions.update(members.keys())
             images[image_count(members)] += 1
+            kinds[sample_kind(members)] += 1
             if len(examples) < examples_left:
                 examples.append({"url": url, **describe_sample(key, members)})
             elif not count:
@@ -137,7 +148,8 @@ def _scan_shard(url: str, examples_left: int, count: bool = True) -> tuple[dict[
         error = f"{type(e).__name__}: {e}"
     size = Path(url).stat().st_size if Path(url).is_file() else None
     shard = {"url": url, "samples": samples, "bytes": size, "extensions": dict(sorted(extensions.items())),
-             "images_per_sample": {str(n): c for n, c in sorted(images.items())}}
+             "images_per_sample": {str(n): c for n, c in sorted(images.items())},
+             "samples_by_kind": dict(sorted(kinds.items()))}
     if error:
         shard["error"] = error
     return shard, examples
@@ -167,15 +179,19 @@ def inspect_shards(urls: str | list[str], num_examples: int = 3, scan: bool = Fa
     if scanned:
         totals: Counter[str] = Counter()
         per_sample: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
         for s in scanned:
             totals.update(s["extensions"])
             per_sample.update(s["images_per_sample"])
+            kinds.update(s["samples_by_kind"])
         report["extensions"] = dict(sorted(totals.items()))
+        report["samples_by_kind"] = dict(sorted(kinds.items()))
         report["images_per_sample"] = dict(sorted(per_sample.items(), key=lambda kv: int(kv[0])))
     report["skipped_by_reason"] = _skips([url for url, _ in entries])
     report["skipped_by_reason"].update(img2dataset_failures([url for url, entry in entries if entry is None]))
     if "images_per_sample" not in report:  # not scanned: the build's own counts
         report["images_per_sample"] = _skips([url for url, _ in entries], "images_per_sample")
+        report["samples_by_kind"] = _skips([url for url, _ in entries], "samples_by_kind")
     errors = [s for s in shards if "error" in s]
     if errors:
         report["errors"] = [{"url": s["url"], "error": s["error"]} for s in errors]
@@ -215,6 +231,8 @@ def format_report(report: dict[str, Any], max_shards: int = 10) -> str:
         lines.append("keys: " + ", ".join(f".{ext} x{n}" for ext, n in report["extensions"].items()))
     if report["images_per_sample"]:
         lines.append("samples by images: " + ", ".join(f"{k}: {n}" for k, n in report["images_per_sample"].items()))
+    if report.get("samples_by_kind"):
+        lines.append("samples by kind: " + ", ".join(f"{k}: {n}" for k, n in report["samples_by_kind"].items()))
     if report["skipped_by_reason"]:
         lines.append("skipped at build: " + ", ".join(f"{r} {n}" for r, n in report["skipped_by_reason"].items()))
     for s in report["shards"][:max_shards]:

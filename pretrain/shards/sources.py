@@ -23,6 +23,7 @@ from pretrain.data.errors import (
     IMAGE_COUNT_MISMATCH,
     MISSING_IMAGE,
     MISSING_TEXT,
+    MISSING_VIDEO,
     SampleError,
 )
 from pretrain.shards.build import Job, Skip
@@ -30,38 +31,42 @@ from pretrain.shards.image_check import IMAGE_SUFFIXES
 
 BAD_ROW = "bad_row"  # a CSV row whose field count does not match the header
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 ROLES = USER_ROLES + ASSISTANT_ROLES + ("system",)
 # Keys we set in KEY.json; a user column or record field with one of these names is not copied over them.
-RESERVED = ("caption", "conversations", "image", "source", "width", "height", "image_sizes")
+RESERVED = ("caption", "conversations", "image", "video", "source", "width", "height", "image_sizes")
 CAPTION_COLUMNS = ("caption", "text")
 
 
-def check_conversations(conversations: Any, n_images: int) -> None:
+def check_conversations(conversations: Any, n_images: int, n_videos: int = 0) -> None:
     """Raise SampleError unless `conversations` is a usable LLaVA conversation for a sample with `n_images` images
-    (one `<image>` placeholder per image)."""
+    (one `<image>` placeholder per image) and `n_videos` clips (one `<video>` placeholder each)."""
     if conversations is None:
         raise SampleError(MISSING_TEXT, "no conversations")
     if not isinstance(conversations, list) or not conversations:
         raise SampleError(BAD_CONVERSATION, "conversations must be a non-empty list of turns")
-    images = 0
+    images = videos = 0
     answered = False
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise SampleError(BAD_CONVERSATION, f"turn {i} needs 'from' in {list(ROLES)} and a string 'value'")
         images += turn["value"].count(IMAGE_TOKEN)
+        videos += turn["value"].count(VIDEO_TOKEN)
         if turn["from"] in ASSISTANT_ROLES:
             if not turn["value"].strip():
                 raise SampleError(EMPTY_TEXT, f"turn {i} ({turn['from']}) is empty")
-            if IMAGE_TOKEN in turn["value"]:
-                raise SampleError(BAD_CONVERSATION, f"turn {i}: {IMAGE_TOKEN} in an assistant turn")
+            if IMAGE_TOKEN in turn["value"] or VIDEO_TOKEN in turn["value"]:
+                raise SampleError(BAD_CONVERSATION, f"turn {i}: a placeholder in an assistant turn")
             answered = True
     if not answered:
         raise SampleError(BAD_CONVERSATION, "no assistant turn")
     # Placeholders and images pair up in order: exactly as many of one as of the other.
     if images != n_images:
         raise SampleError(IMAGE_COUNT_MISMATCH, f"{images} {IMAGE_TOKEN} placeholders for {n_images} image(s)")
+    if videos != n_videos:
+        raise SampleError(MISSING_VIDEO, f"{videos} {VIDEO_TOKEN} placeholders for {n_videos} clip(s)")
 
 
 def _image_field(value: Any) -> list[str]:
@@ -72,6 +77,15 @@ def _image_field(value: Any) -> list[str]:
     if not all(isinstance(p, str) and p for p in paths):
         raise SampleError(BAD_CONVERSATION, f"image must be a path or a list of paths, got {value!r:.80}")
     return paths
+
+
+def _video_field(value: Any) -> str | None:
+    """A record's clip path (LLaVA-Video / OneVision `"video": "clips/a.mp4"`): one clip per record."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise SampleError(BAD_CONVERSATION, f"video must be one path, got {value!r:.80}")
+    return value
 
 
 def resolve_image(image: str, image_root: Path) -> str:
@@ -91,10 +105,15 @@ def llava_job(index: int, where: str, record: Any, image_root: Path, source: str
         if not isinstance(record, dict):
             raise SampleError(BAD_JSON, f"record is a {type(record).__name__}, not an object")
         images = _image_field(record.get("image"))
-        check_conversations(record.get("conversations"), len(images))
+        video = _video_field(record.get("video"))
+        check_conversations(record.get("conversations"), len(images), int(video is not None))
         meta = {"conversations": record["conversations"], "source": source, **_copy_fields(record, ())}
         if "source" in record:
             meta["original_source"] = record["source"]
+        if video is not None:  # KEY.<container>; its probe lands in meta["video"] (build.process)
+            meta["video"] = video
+            return Job(index, where, meta, image_paths=tuple(resolve_image(i, image_root) for i in images),
+                       video_path=resolve_image(video, image_root))
         if not images:
             return Job(index, where, meta)
         if len(images) > 1:  # stored as KEY.0.ext, KEY.1.ext, ...
@@ -187,13 +206,17 @@ def table_job(
             raise SampleError(MISSING_TEXT, f"no {caption_column or ' or '.join(CAPTION_COLUMNS)} and no conversations")
         if not isinstance(caption, str) or not caption.strip():
             raise SampleError(EMPTY_TEXT, f"{caption_column} is empty")
+        used = (columns["image"], caption_column, columns["conversations"] or "", "video")
+        video = _video_field(row.get("video"))
+        if video is not None and not images:  # a captioned clip: KEY.<container> + KEY.txt
+            meta = {"caption": caption.strip(), "video": video, "source": "jsonl", **_copy_fields(row, used)}
+            return Job(index, where, meta, video_path=resolve_image(video, image_root), caption=True)
         if not images:
             raise SampleError(MISSING_IMAGE, f"no {columns['image']} for a caption sample")
         if len(images) > 1:
             raise SampleError(IMAGE_COUNT_MISMATCH, f"{len(images)} images for a caption (conversations pair several "
                               f"images with {IMAGE_TOKEN} placeholders)")
         image = images[0]
-        used = (columns["image"], caption_column, columns["conversations"] or "")
         meta = {"caption": caption.strip(), "image": image, "source": "jsonl", **_copy_fields(row, used)}
         return Job(index, where, meta, image_path=resolve_image(image, image_root), caption=True)
     except SampleError as e:

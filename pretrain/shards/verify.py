@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pretrain.data import errors
 from pretrain.data.batching import vision_cost
 from pretrain.data.errors import SampleError
-from pretrain.data.sample import SampleProcessor
+from pretrain.data.sample import SampleProcessor, sample_kind
 from pretrain.data.stream import ShardReader, TarShardError
 
 OTHER = "other"  # an exception that is not a SampleError: training would stop on it, so it is shown in full
@@ -29,6 +29,7 @@ class ShardReport:
     skipped: Counter = field(default_factory=Counter)
     truncated_text: int = 0  # kept samples whose text was cut to data.max_length
     images: Counter = field(default_factory=Counter)  # kept samples by the images (tiles) they give the tower
+    kinds: Counter = field(default_factory=Counter)  # kept samples by kind (data.sample.KINDS)
     problem: str | None = None  # why the shard ended early (truncated tar, failed pipe)
     notes: list[str] = field(default_factory=list)
 
@@ -55,6 +56,13 @@ class VerifyReport:
             total.update(s.images)
         return dict(sorted(total.items()))
 
+    @property
+    def samples_by_kind(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for s in self.shards:
+            total.update(s.kinds)
+        return dict(sorted(total.items()))
+
     def summary(self) -> dict:
         """The `{"ok": n, "skipped": {reason: n}}` object `pretrain shards verify` prints last."""
         return {"ok": self.ok, "skipped": self.skipped}
@@ -78,6 +86,7 @@ def verify_shard(url: str, processor: SampleProcessor) -> ShardReport:
             report.ok += 1
             report.truncated_text += int(sample.truncated)
             report.images[vision_cost(sample)] += 1
+            report.kinds[sample_kind(raw.parts)] += 1
     except TarShardError as err:
         # As the loader counts it: one per shard that ends early; the samples after the cut cannot be counted.
         report.skipped[errors.TRUNCATED_TAR] += 1

@@ -145,6 +145,7 @@ class FlopsMeter:
             return 0.0
         lens = [n for row in batch["sample_lengths"] for n in row]
         images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
+        images += sum(batch.get("video_frames") or [])  # clip frames run through the tower like tiles
         return step_flops(self.shape, lens, images, label_tokens(batch), self.stage).total
 
     def add(self, batches: list[dict]) -> None:

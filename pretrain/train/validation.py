@@ -3,7 +3,10 @@ images captioned by the model as it trains (TensorBoard).
 
 Image-ablation gap: the validation loss again with each micro-batch's images rolled by one place (every sample gets
 another sample's image), minus the loss with the true images. A model that reads the images pays for the wrong
-ones; a model that learned only the text priors loses nothing. (A micro-batch with a single image cannot shuffle and
+ones; a model that learned only the text priors loses nothing. Tiled images (AnyRes) and several images per sample
+take per-image token counts, so their tiles are rolled by one place instead (each image keeps its tile count and
+size, and every tile gets another tile's pixels); clips' frames are rolled by the first clip's length (clips trade
+frames; a single clip's frames rotate). (A micro-batch with a single one-tile image and no clip cannot shuffle and
 adds no gap.)
 
 Captions come from greedy generation through the training model itself (no export). Under ZeRO-3 every forward
@@ -128,11 +131,16 @@ def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
 
 
 def shuffled_images(batch: dict) -> dict:
-    """The batch with its images rolled by one place (unchanged when it has fewer than two)."""
+    """The batch with its image tiles rolled by one place and its clips' frames by the first clip's length (see the
+    module docstring); each shape and token count stays as it was."""
+    out = dict(batch)
     px = batch.get("pixel_values")
-    if px is None or px.shape[0] < 2 or any(t != 1 for t in batch.get("image_tiles") or []):
-        return batch  # tiled images differ in token counts, so they cannot swap places
-    return {**batch, "pixel_values": px.roll(1, dims=0)}
+    if px is not None and px.shape[0] > 1:
+        out["pixel_values"] = px.roll(1, dims=0)
+    frames = batch.get("video_pixels")
+    if frames is not None and frames.shape[0] > 1:
+        out["video_pixels"] = frames.roll(batch["video_frames"][0] % frames.shape[0] or 1, dims=0)
+    return out
 
 
 @torch.no_grad()

@@ -268,3 +268,14 @@ def test_anyres_prices_every_tile_of_the_largest_grid(tmp_path, tokenizer):
     assert tiled.work.image_positions == count(96, 96) and flat.work.image_positions == 16
     assert f"{count(96, 96)} image tokens" in render(tiled)  # the report says the decoder's image positions
     assert tiled.sample_flops.vision.total == pytest.approx(10 * flat.sample_flops.vision.total)
+
+
+def test_a_clip_is_priced_at_data_video_frames_frames(tmp_path):
+    anyres = {**TINY_MODEL, "image_tiling": "anyres"}
+    still = make_plan(load_config(recipe(tmp_path, anyres)), text_tokens=32)
+    cfg = load_config(recipe(tmp_path, anyres))
+    cfg.data.video_frames = 8
+    clip = make_plan(cfg, text_tokens=32)
+    assert clip.work.images_per_sample == still.work.images_per_sample + 8  # 8 frames through the tower
+    assert clip.work.image_positions == still.work.image_positions + 8 * 4  # 4 pooled tokens per 32-pixel frame
+    assert clip.sample_flops.vision.total == pytest.approx(18 / 10 * still.sample_flops.vision.total)

@@ -126,4 +126,5 @@ def test_documents_counted_by_images(capsys, config, tmp_path):
     shard = write_tar(tmp_path / "docs-000000.tar", samples)
     code, lines, _ = _verify(capsys, shard, "--config", config)
     assert code == 0 and json.loads(lines[-1]) == {"ok": 4, "skipped": {"missing_image": 1}}
-    assert "ok samples by images (or tiles) per sample: 0: 1, 1: 2, 2: 1" in lines
+    assert "ok samples by images (or tiles and frames) per sample: 0: 1, 1: 2, 2: 1" in lines
+    assert "ok samples by kind: image: 1, interleaved: 3" in lines
