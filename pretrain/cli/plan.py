@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "an assumption: pass a measured value, or --calibrate)")
     p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR",
                    help="fit the hardware coefficients to these runs' measured steps and predict on their hardware")
+    p.add_argument("--step-quantile", type=float, default=0.5,
+                   help="the quantile of each run's step times that is fitted (default 0.5, the median; lower on a "
+                   "shared machine, where contention only lengthens steps)")
     p.add_argument("--length-samples", type=int, default=512,
                    help="samples read from the shards for the length distribution (0: assume uniform samples)")
     p.add_argument("--zero", type=int, choices=range(4), help="ZeRO stage for the scaling table (default: recipe)")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mfu is not None:
             raise ConfigError("--mfu and --calibrate exclude each other: calibration measures the FLOP rate")
         plan = calibrated_plan(cfg, args.calibrate, args.gpu, args.gpus, args.tokens, args.length_samples, SCALE,
-                               **work_kw)
+                               args.step_quantile, **work_kw)
     else:
         mfu = DEFAULT_MFU if args.mfu is None else args.mfu
         cluster = Cluster(GPUS[args.gpu], mfu=mfu, mfu_source=MFU_SOURCE if args.mfu is None else "given (--mfu)",
@@ -166,7 +169,7 @@ def _calibrated_lines(c: dict) -> list[str]:
              f"fitted   {k['flops_per_s'] / 1e12:.4g} TFLOP/s, {k['call_s'] * 1e6:.4g} us per collective call, "
              f"{k['fixed_step_s'] * 1e3:.4g} ms per step (fitted: {', '.join(k['fitted'])}; rms {k['rms_s']:.3g} s)"
              + ("" if k["memory_overhead_gib"] is None else f"; runtime memory {k['memory_overhead_gib']:.3g} GiB"),
-             _row(("run", "ranks", "measured s", "fitted s", "error"))]
+             _row(("run", "ranks", f"q{c['step_quantile']:g} s", "fitted s", "error"))]
     for r in c["runs"]:
         lines.append(_row((r["run_dir"], r["world_size"], f"{r['measured_step_s']:.4g}", f"{r['fitted_step_s']:.4g}",
                            f"{r['fitted_step_s'] / r['measured_step_s'] - 1:+.1%}")))

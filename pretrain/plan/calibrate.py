@@ -5,8 +5,9 @@ optimizer work, modelled apart): R the FLOP rate the hardware achieves on this k
 re-forward of activation checkpointing included), c the cost of one collective call (ZeRO-3 gathers a module's
 weights per call: latency, hooks, bookkeeping), f a fixed cost per optimizer step (optimizer, host sync, logging).
 The FLOPs and the call counts come from the planner's model of each run's own config and data (pretrain.plan.
-workload, pretrain.plan.comm); R, c and f are fitted by non-negative least squares over every logged step of the
-runs (the first window, which holds start-up, is dropped). Memory: the model's per-rank bytes plus one fitted
+workload, pretrain.plan.comm); R, c and f are fitted by non-negative least squares, each run contributing a quantile
+of its logged step times (the first window, which holds start-up, is dropped): the median by default; on a shared
+machine a lower one, since contention only ever lengthens a step. Memory: the model's per-rank bytes plus one fitted
 constant, the runtime's own overhead (CUDA context and allocator, or the host process on CPU).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ class RunMeasurement:
     tokens_per_s: tuple[float, ...]
     peak_memory_gib: float | None
 
-    @property
-    def step_time_s(self) -> float:
-        return statistics.median(self.step_times)
+    def step_time_s(self, quantile: float = 0.5) -> float:
+        """The `quantile` of the logged step times (0.5: the median)."""
+        return float(np.quantile(self.step_times, quantile))
 
 
 def read_run(run_dir: str | Path) -> RunMeasurement:
@@ -92,7 +92,7 @@ class StepFit:
 
 
 def fit_step_time(features: list[tuple[float, float, float]], seconds: list[float]) -> StepFit:
-    """Non-negative least squares of `seconds` on `features` (one row per logged step).
+    """Non-negative least squares of `seconds` on `features` (one row per measurement).
 
     Every subset of the coefficients that holds the FLOP term is solved; a subset is admissible when the runs
     determine it (as many distinct feature rows as coefficients, none negative). The smallest residual wins,

@@ -146,10 +146,10 @@ def config_world_size(cfg: Config) -> int | None:
 
 def calibrated_plan(cfg: Config, run_dirs: list[str], gpu: str = "h100", n_gpus: int | None = None,
                     tokens: float = 1e9, length_samples: int = 512, scale: tuple[int, ...] = SCALE,
-                    **work_kw: Any) -> Plan:
+                    quantile: float = 0.5, **work_kw: Any) -> Plan:
     """The plan of `cfg` with the hardware coefficients fitted to the runs in `run_dirs` (pretrain.plan.calibrate);
     `calibrated` holds the prediction at the recipe's world size: `n_gpus`, else what its global batch implies,
-    else the runs' own."""
+    else the runs' own. Each run contributes the `quantile` of its step times."""
     from pretrain.plan.calibrate import (
         as_dict,
         fit_memory_overhead,
@@ -162,18 +162,19 @@ def calibrated_plan(cfg: Config, run_dirs: list[str], gpu: str = "h100", n_gpus:
     if gpu not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r} (valid: {', '.join(GPUS)})")
     runs = [read_run(d) for d in run_dirs]
-    rows, seconds, model_mem, measured_mem, features = [], [], [], [], []
+    if not 0 <= quantile <= 1:
+        raise ConfigError(f"--step-quantile {quantile}: must be in [0, 1]")
+    seconds, model_mem, measured_mem, features = [], [], [], []
     for run in runs:
         samples, _ = data_samples(run.cfg, length_samples)
         work = workload(run.cfg, samples=samples)
         f = step_features(work, run.cfg, run.world_size)
         features.append(f)
-        rows += [f] * len(run.step_times)
-        seconds += list(run.step_times)
+        seconds.append(run.step_time_s(quantile))
         if run.peak_memory_gib is not None:
             model_mem.append(modelled_memory_gib(work, run.cfg, run.world_size))
             measured_mem.append(run.peak_memory_gib)
-    fit = fit_step_time(rows, seconds)
+    fit = fit_step_time(features, seconds)
     overhead = fit_memory_overhead(model_mem, measured_mem) if measured_mem else None
     spec = GPUS[gpu]
     cluster = Cluster(spec, mfu=fit.flops_per_s / spec.peak_flops,
@@ -189,10 +190,11 @@ def calibrated_plan(cfg: Config, run_dirs: list[str], gpu: str = "h100", n_gpus:
     if est is None:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} does not split over {world} ranks")
     result: dict[str, Any] = {
-        "world_size": world, "step_time_s": est.step_s, "tokens_per_s": est.tokens_per_step / est.step_s,
-        "coefficients": as_dict(fit, overhead),
-        "runs": [{"run_dir": str(run.run_dir), "world_size": run.world_size, "measured_step_s": run.step_time_s,
-                  "fitted_step_s": fit.predict(f), "measured_peak_memory_gib": run.peak_memory_gib}
+        "world_size": world, "step_quantile": quantile, "step_time_s": est.step_s,
+        "tokens_per_s": est.tokens_per_step / est.step_s, "coefficients": as_dict(fit, overhead),
+        "runs": [{"run_dir": str(run.run_dir), "world_size": run.world_size,
+                  "measured_step_s": run.step_time_s(quantile), "fitted_step_s": fit.predict(f),
+                  "measured_peak_memory_gib": run.peak_memory_gib}
                  for run, f in zip(runs, features, strict=True)],
     }
     if overhead is not None:
