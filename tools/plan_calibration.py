@@ -42,8 +42,8 @@ VARIANTS: dict[str, dict] = {
 CALIBRATION = ("base (calibration)", "other mix (calibration)")
 
 
-def train(out: Path, name: str, overrides: dict, paths: dict, steps: int, nproc: int) -> Path:
-    run_dir = out / name.split(" (")[0].replace(" ", "_")
+def train(out: Path, name: str, overrides: dict, paths: dict, steps: int, nproc: int, round_: int) -> Path:
+    run_dir = out / f"{name.split(' (')[0].replace(' ', '_')}_r{round_}"
     if (run_dir / "DONE").exists():
         return run_dir
     words = [f"{k}={v}" for k, v in {**paths, **BASE, **overrides}.items() if k != "run.output_dir"]
@@ -56,9 +56,12 @@ def train(out: Path, name: str, overrides: dict, paths: dict, steps: int, nproc:
     return run_dir
 
 
-def step_times(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step_time_s"] for line in lines][1:]  # the first step holds start-up
+def step_times(run_dirs: list[Path]) -> list[float]:
+    """Every round's steps but each run's first (start-up)."""
+    out: list[float] = []
+    for d in run_dirs:
+        out += [json.loads(line)["step_time_s"] for line in (d / "metrics.jsonl").read_text().splitlines()][1:]
+    return out
 
 
 def predict(overrides: dict, paths: dict, calibration: list[Path], world: int, quantile: float) -> dict:
@@ -74,6 +77,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--quantiles", type=float, nargs="+", default=[0.5, 0.2])
+    p.add_argument("--rounds", type=int, default=2,
+                   help="every variant runs once per round, rounds one after the other, so that a change in the "
+                   "machine's load spreads over all variants instead of landing on the last ones")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--samples", type=int, default=800, help="synthetic training samples")
     args = p.parse_args()
@@ -84,8 +90,11 @@ def main() -> int:
     paths = prepare(args.out.resolve(), args.samples, 16)
     tok = build_tokenizer(tokenizer_corpus(), vocab_size=400)
     paths["model.llm"] = str(write_tiny_decoder(args.out.resolve() / "assets" / "llm_wide", tok, "llama", **DECODER))
-    runs = {name: train(args.out, name, o, paths, args.steps, args.nproc) for name, o in VARIANTS.items()}
-    calibration = [runs[name] for name in CALIBRATION]
+    runs: dict[str, list[Path]] = {name: [] for name in VARIANTS}
+    for r in range(args.rounds):
+        for name, o in VARIANTS.items():
+            runs[name].append(train(args.out, name, o, paths, args.steps, args.nproc, r))
+    calibration = [d for name in CALIBRATION for d in runs[name]]
     for q in args.quantiles:
         print(f"\nstep-time quantile {q:g}, calibrated on: {', '.join(CALIBRATION)}\n")
         print("| run | overrides | measured s | spread (IQR/median) | predicted s | error |")
