@@ -1,5 +1,9 @@
 """`pretrain plan CONFIG --gpus N --gpu h100`: memory per GPU by ZeRO stage, step time, communication and the time to
-train T tokens on 8 to 4,096 GPUs, from the FLOPs model. Analytic: runs anywhere, downloads nothing."""
+train T tokens on 8 to 4,096 GPUs, from the FLOPs model. Analytic: runs anywhere, downloads nothing.
+
+`--calibrate RUN_DIR [RUN_DIR ...]`: the hardware's FLOP rate, the cost of a collective call and a fixed cost per
+step are fitted to the runs' measured step times (their metrics.jsonl and config.yaml), and the runtime's memory to
+their peak memory; the plan then predicts CONFIG on the hardware those runs ran on."""
 
 from __future__ import annotations
 
@@ -10,18 +14,31 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pretrain.plan.planner import Plan
 
+DEFAULT_MFU = 0.4
+MFU_SOURCE = ("assumed, not measured: a round figure under the 46.2% MFU PaLM reports for its own training "
+              "(Chowdhery et al., 2022), since a VLM step adds short sequences and a small tower; measure with "
+              "--calibrate RUN_DIR or pass --mfu")
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="estimate memory, step time and cost of a recipe on a GPU cluster",
                               description=__doc__)
     p.add_argument("config", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
-    p.add_argument("--gpus", type=int, default=8, help="cluster size for the per-stage memory table (default 8)")
+    p.add_argument("--gpus", type=int, help="cluster size for the per-stage memory table (default 8; with "
+                   "--calibrate: the world size the recipe's global batch implies, else the runs')")
     p.add_argument("--gpu", default="h100", help="a100-40gb, a100-80gb, h100, h200, l40s, mi300x, b200 (the table "
                    "in pretrain/plan/estimate.py; an unknown name lists it)")
     p.add_argument("--tokens", type=float, default=1e9, help="decoder tokens to train (default 1e9)")
-    p.add_argument("--mfu", type=float, default=0.4,
-                   help="model FLOPs utilisation of the compute; 0.4 is an assumption, pass a measured value")
+    p.add_argument("--mfu", type=float, help=f"utilisation of the peak on the hardware's FLOPs (default {DEFAULT_MFU}, "
+                   "an assumption: pass a measured value, or --calibrate)")
+    p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR",
+                   help="fit the hardware coefficients to these runs' measured steps and predict on their hardware")
+    p.add_argument("--step-quantile", type=float, default=0.5,
+                   help="the quantile of each run's step times that is fitted (default 0.5, the median; lower on a "
+                   "shared machine, where contention only lengthens steps)")
+    p.add_argument("--length-samples", type=int, default=512,
+                   help="samples read from the shards for the length distribution (0: assume uniform samples)")
     p.add_argument("--zero", type=int, choices=range(4), help="ZeRO stage for the scaling table (default: recipe)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default data.max_length)")
     p.add_argument("--sample-len", type=int, help="decoder tokens per sample, image tokens included")
@@ -44,20 +61,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pretrain.config import ConfigError, load_config
     from pretrain.plan.estimate import GPUS, Cluster
-    from pretrain.plan.planner import SCALE, make_plan
+    from pretrain.plan.planner import SCALE, calibrated_plan, data_samples, make_plan
 
-    # A ConfigError (bad key, unresolvable model, unknown GPU) is reported by pretrain.cli.main, exit 2.
+    # A ConfigError (bad key, unresolvable model, unknown GPU, a run directory without metrics) is reported by
+    # pretrain.cli.main, exit 2.
     cfg = load_config(args.config, args.overrides)
     if args.gpu not in GPUS:
         raise ConfigError(f"--gpu {args.gpu}: unknown GPU (valid: {', '.join(sorted(GPUS))})")
-    cluster = Cluster(GPUS[args.gpu], mfu=args.mfu, net_Bps=args.net_gbps * 1e9 / 8,
-                      gpus_per_node=args.gpus_per_node, cpu_adam_params_per_s=args.cpu_adam_rate,
-                      overhead_gib=args.overhead_gib)
-    plan = make_plan(cfg, args.gpus, args.gpu, args.tokens, args.mfu, args.zero, SCALE, cluster,
-                     seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
-                     images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
-                     clips_per_sample=args.clips_per_sample,
-                     micro_batch=args.micro_batch, chunked_ce=not args.no_chunked_ce)
+    work_kw = dict(seq_len=args.seq_len, sample_len=args.sample_len, text_tokens=args.text_tokens,
+                   images_per_sample=args.images_per_sample, logit_tokens=args.logit_tokens,
+                   clips_per_sample=args.clips_per_sample, micro_batch=args.micro_batch,
+                   chunked_ce=not args.no_chunked_ce)
+    if args.calibrate:
+        if args.mfu is not None:
+            raise ConfigError("--mfu and --calibrate exclude each other: calibration measures the FLOP rate")
+        plan = calibrated_plan(cfg, args.calibrate, args.gpu, args.gpus, args.tokens, args.length_samples, SCALE,
+                               args.step_quantile, **work_kw)
+    else:
+        mfu = DEFAULT_MFU if args.mfu is None else args.mfu
+        cluster = Cluster(GPUS[args.gpu], mfu=mfu, mfu_source=MFU_SOURCE if args.mfu is None else "given (--mfu)",
+                          net_Bps=args.net_gbps * 1e9 / 8, gpus_per_node=args.gpus_per_node,
+                          cpu_adam_params_per_s=args.cpu_adam_rate, overhead_gib=args.overhead_gib)
+        samples, lengths = data_samples(cfg, args.length_samples)
+        plan = make_plan(cfg, args.gpus or 8, args.gpu, args.tokens, mfu, args.zero, SCALE, cluster,
+                         lengths=lengths, samples=samples, **work_kw)
     print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, args.config))
     return 0
 
@@ -82,7 +109,11 @@ def render(plan: Plan, source: str = "") -> str:
         f"{f.backward / 1e12:.3g}): " + ", ".join(
             f"{name} {getattr(f, name).total / f.total:.1%}" for name in
             ("decoder", "attention", "lm_head", "vision", "vision_attention", "projector")),
-        f"assume   MFU {plan.cluster.mfu:.2f} of the compute (measure with `pretrain bench train`, pass --mfu); "
+        f"rate     {plan.cluster.rate / 1e12:.3g} TFLOP/s on the hardware's FLOPs (padding and recompute included): "
+        f"MFU {plan.cluster.mfu:.3g} x peak, {plan.cluster.mfu_source}",
+        f"data     lengths {plan.lengths}: {w.batch().padding_waste:.1%} of the decoder's positions are padding, "
+        f"{w.batch().text_only_fraction:.1%} of the samples have no image",
+        f"assume   "
         f"links {g.nvlink_Bps / 1e9:.0f} GB/s within {plan.cluster.gpus_per_node} GPUs, "
         f"{plan.cluster.net_Bps / 1e9:.0f} GB/s per GPU beyond; host Adam {plan.cluster.cpu_adam_params_per_s:.2g} "
         f"params/s/GPU; {plan.cluster.overhead_gib:g} GiB runtime overhead",
@@ -116,6 +147,8 @@ def render(plan: Plan, source: str = "") -> str:
                            f"{e.need_Bps / 1e9:.3g}", f"{e.link_Bps / 1e9:.0f}", f"{e.exposed_comm_s:.2g}",
                            f"{e.memory.total / GIB:.1f}", "yes" if e.memory.total <= g.memory_bytes else "NO",
                            f"{e.hours_for(plan.tokens):.3g}")))
+    if plan.calibrated is not None:
+        lines += ["", *_calibrated_lines(plan.calibrated)]
     if marks:
         lines += ["", "* the recipe's batch does not run at that size as written; `pretrain train` and `pretrain "
                   "submit` stop there and name this fix: " + "; ".join(marks)]
@@ -131,3 +164,18 @@ def _n(count: float) -> str:
         if count >= size:
             return f"{count / size:.3g}{unit}"
     return str(int(count))
+
+
+def _calibrated_lines(c: dict) -> list[str]:
+    k = c["coefficients"]
+    lines = [f"calibrated at {c['world_size']} rank(s) on the runs' hardware: step {c['step_time_s']:.4g} s, "
+             f"{c['tokens_per_s']:,.0f} tokens/s"
+             + (f", peak memory {c['peak_memory_gib']:.3g} GiB" if "peak_memory_gib" in c else ""),
+             f"fitted   {k['flops_per_s'] / 1e12:.4g} TFLOP/s, {k['call_s'] * 1e6:.4g} us per collective call, "
+             f"{k['fixed_step_s'] * 1e3:.4g} ms per step (fitted: {', '.join(k['fitted'])}; rms {k['rms_s']:.3g} s)"
+             + ("" if k["memory_overhead_gib"] is None else f"; runtime memory {k['memory_overhead_gib']:.3g} GiB"),
+             _row(("run", "ranks", f"q{c['step_quantile']:g} s", "fitted s", "error"))]
+    for r in c["runs"]:
+        lines.append(_row((r["run_dir"], r["world_size"], f"{r['measured_step_s']:.4g}", f"{r['fitted_step_s']:.4g}",
+                           f"{r['fitted_step_s'] / r['measured_step_s'] - 1:+.1%}")))
+    return lines

@@ -348,16 +348,25 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
     trains, vision) layers under activation checkpointing, reported as `recompute`. `image_tokens`: decoder
     positions per image through the projector, `shape.image_tokens` unless the caller knows better.
     """
-    parts = trainable_parts(stage)
-    n_img = len(sample_lens) if images is None else images
     tokens = int(sum(sample_lens))
-    n_logit = tokens if logit_tokens is None else logit_tokens
+    pairs = sum(n * (n + 1) / 2 if causal else n * n for n in sample_lens)
+    return batch_flops(shape, tokens, pairs, len(sample_lens), len(sample_lens) if images is None else images,
+                       tokens if logit_tokens is None else logit_tokens, stage, recompute_fraction, image_tokens)
+
+
+def batch_flops(shape: VLMShape, tokens: float, pairs: float, samples: int, images: float, logit_tokens: float,
+                stage: str | Iterable[str] = "full", recompute_fraction: float = 0.0,
+                image_tokens: int | None = None) -> StepFlops:
+    """FLOPs of one forward+backward over `tokens` decoder positions whose attention covers `pairs` (query, key)
+    pairs: step_flops' arithmetic for a batch described by its totals. The planner prices a padded batch with it
+    (the decoder's matmuls run over the padding too, a dense-mask kernel over width^2 pairs per row)."""
+    parts = trainable_parts(stage)
+    n_img, n_logit = images, logit_tokens
     vis_tr, proj_tr, llm_tr = ("vision" in parts), ("projector" in parts), ("llm" in parts)
     grads_into_llm = bool(parts)  # every trainable part sits upstream of, or in, the decoder
 
     llm = shape.llm
     dec_fwd = 2.0 * tokens * llm.layers * llm.layer_matmul_params
-    pairs = sum(n * (n + 1) / 2 if causal else n * n for n in sample_lens)
     att_fwd = 4.0 * llm.layers * llm.q_dim * pairs
     head_fwd = 2.0 * n_logit * llm.hidden * llm.vocab
     decoder = _weight_cost(dec_fwd, act=grads_into_llm, weight=llm_tr)
@@ -374,7 +383,7 @@ def step_flops(shape: VLMShape, sample_lens: Sequence[int], images: int | None =
 
     recompute = recompute_fraction * (dec_fwd + att_fwd + (vision.forward + vision_attention.forward) * vis_tr)
     return StepFlops(decoder, attention, lm_head, vision, vision_attention, projector, recompute,
-                     tokens=tokens, samples=len(sample_lens), images=n_img, logit_tokens=n_logit)
+                     tokens=round(tokens), samples=samples, images=round(n_img), logit_tokens=round(n_logit))
 
 
 def flops_per_sample(shape: VLMShape, sample_len: int, images: int = 1, logit_tokens: int | None = None,

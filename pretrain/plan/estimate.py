@@ -18,19 +18,10 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pretrain.config import DeepSpeedConfig, batch_split
-from pretrain.model.flops import (
-    PEAK_FLOPS,
-    PROJECTOR_DEPTH,
-    ParamCounts,
-    StepFlops,
-    VLMShape,
-    count_params,
-    mfu,
-    step_flops,
-    trainable_parts,
-)
-from pretrain.plan.lora import LoraCounts
+from pretrain.config import DeepSpeedConfig
+from pretrain.model.flops import PEAK_FLOPS, PROJECTOR_DEPTH, VLMShape, count_params, mfu, trainable_parts
+from pretrain.plan.comm import collective_calls, comm_per_step, offload_seconds, sub_group_size
+from pretrain.plan.workload import Workload
 
 GIB = 1024**3
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # Adam: fp32 master + 2 moments (mixed precision), or 2 moments (fp32)
@@ -68,71 +59,6 @@ GPUS["a100"] = GPUS["a100-80gb"]  # the name earlier versions took
 
 
 @dataclass(frozen=True)
-class Workload:
-    """What one GPU trains per micro-step, and how the cluster is run."""
-
-    shape: VLMShape
-    stage: str = "align"
-    seq_len: int = 2048  # tokens per row (a packed row, or the padded sample when not packing)
-    sample_len: int = 640  # decoder tokens per sample, image tokens included
-    images_per_sample: int = 1  # vision tower passes per sample: its images, or with AnyRes all their tiles
-    logit_tokens: int = 64  # positions per sample where the LM head runs (the label tokens)
-    packing: bool = True
-    micro_batch: int = 1  # rows per GPU per micro-step
-    grad_accum: int = 1
-    global_batch: int | None = None  # rows per optimizer step; fixed across cluster sizes when set
-    precision: str = "bf16"
-    checkpointing: str = "none"  # none | full | every_k
-    checkpointing_every_k: int = 2
-    chunked_ce: bool = True
-    # Decoder positions the images of a sample take; None: image_tokens per tower pass (AnyRes differs: its grid
-    # features are unpadded and get a newline per row).
-    decoder_image_tokens: int | None = None
-    # LoRA (pretrain.plan.lora): adapter parameters added, and base parameters of trained parts it freezes.
-    lora: LoraCounts = LoraCounts()
-
-    def trained_params(self, counts: ParamCounts) -> int:
-        """Parameters with gradients and optimizer state: the stage's, with LoRA's adapters in place of its base."""
-        return counts.trainable(self.stage) - self.lora.frozen_base + self.lora.adapters
-
-    @property
-    def image_positions(self) -> int:
-        """Decoder positions per sample that hold image tokens."""
-        if self.decoder_image_tokens is not None:
-            return self.decoder_image_tokens
-        return self.shape.image_tokens * self.images_per_sample
-
-    @property
-    def samples_per_row(self) -> float:
-        """Packed rows are filled to the brim by samples of this length on average (packers reach ~98%)."""
-        return self.seq_len / self.sample_len if self.packing else 1.0
-
-    @property
-    def row_tokens(self) -> int:
-        return self.seq_len if self.packing else self.sample_len
-
-    def split_for(self, n_gpus: int) -> tuple[int, int] | None:
-        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split:
-        the same answer the trainer's batch check gives as its fix (pretrain.config.batch_split)."""
-        return batch_split(self.global_batch, self.micro_batch, self.grad_accum, n_gpus)
-
-    def checkpointed_layers(self, layers: int) -> int:
-        if self.checkpointing == "full":
-            return layers
-        if self.checkpointing == "every_k":
-            return math.ceil(layers / self.checkpointing_every_k)
-        return 0
-
-    def micro_flops(self) -> StepFlops:
-        """Model FLOPs of one micro-step on one GPU."""
-        layers = self.shape.llm.layers
-        one = step_flops(self.shape, [self.sample_len], images=self.images_per_sample,
-                         logit_tokens=self.logit_tokens, stage=self.stage,
-                         recompute_fraction=self.checkpointed_layers(layers) / layers)
-        return one.scaled(self.micro_batch * self.samples_per_row)
-
-
-@dataclass(frozen=True)
 class Memory:
     """Bytes per GPU (and on the host, per GPU, for what is offloaded)."""
 
@@ -143,10 +69,12 @@ class Memory:
     buffers: float
     overhead: float
     host: float = 0.0
+    replica: float = 0.0  # a frozen vision tower kept whole on every rank, outside ZeRO-3 (pretrain.model.frozen)
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.buffers + self.overhead
+        return (self.params + self.grads + self.optimizer + self.activations + self.buffers + self.overhead
+                + self.replica)
 
     def as_gib(self) -> dict[str, float]:
         return {**{k: v / GIB for k, v in asdict(self).items()}, "total": self.total / GIB}
@@ -177,8 +105,18 @@ def memory_per_gpu(work: Workload, ds: DeepSpeedConfig, n_gpus: int, overhead_gi
     if ds.offload_params != "none" and stage == 3:
         host += params - pb * persist
         params = pb * persist
-    return Memory(params, grads, optimizer, activation_bytes(work), _buffer_bytes(work.shape, ds, pb), overhead_gib
-                  * GIB, host)
+    buffers, replica = _buffer_bytes(work.shape, ds, pb), 0.0
+    parts = trainable_parts(work.stage)
+    if stage == 3:
+        # The optimizer steps one sub-group at a time through an fp32 copy of its gradients (offloaded, the fp32
+        # gradient partitions on the host above are that copy).
+        if ds.offload_optimizer == "none":
+            buffers += 4 * min(sub_group_size(ds), trainable / n)
+        if ds.frozen_unpartitioned and "vision" not in parts:
+            replica = pb * counts.vision
+        if ds.frozen_unpartitioned and "llm" not in parts:  # the frozen decoder is held gathered for the step
+            buffers += pb * counts.llm * (1 - 1 / n)
+    return Memory(params, grads, optimizer, activation_bytes(work), buffers, overhead_gib * GIB, host, replica)
 
 
 def activation_bytes(work: Workload) -> float:
@@ -186,8 +124,8 @@ def activation_bytes(work: Workload) -> float:
     shape, parts = work.shape, trainable_parts(work.stage)
     llm, vis = shape.llm, shape.vision
     a = 2 if work.precision == "bf16" else 4
-    tokens = work.micro_batch * work.row_tokens
-    samples = work.micro_batch * work.samples_per_row
+    tokens = work.micro_batch * work.peak_row_tokens
+    samples = work.batch().samples
     h, i, q, kv = llm.hidden, llm.intermediate, llm.q_dim, llm.kv_dim
     # Bytes one decoder layer keeps per token. transformers' RMSNorm upcasts: its fp32 input is saved (4h), and the
     # normalised output too when the weight trains. Flash/SDPA attention keeps q, k, v, out; SwiGLU keeps gate, up
@@ -201,7 +139,7 @@ def activation_bytes(work: Workload) -> float:
         logits = min(logit_rows, LOGIT_CHUNK_TOKENS) * llm.vocab * 8  # fp32 logits + their gradient
     else:
         logits = logit_rows * llm.vocab * (a + 8)
-    images = samples * work.images_per_sample
+    images = work.batch().images
     vision = images * vis.seq * vis.hidden * a  # the selected features, at least
     if "vision" in parts:
         v_layer = 8 * vis.hidden + 2 * vis.intermediate
@@ -256,6 +194,7 @@ class StepEstimate:
     need_Bps: float  # link bandwidth that would hide all communication behind compute
     link_Bps: float
     memory: Memory = field(repr=False)
+    collective_calls: float = 0.0  # per optimizer step (pretrain.plan.comm.collective_calls)
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -275,8 +214,19 @@ class StepEstimate:
 
 @dataclass(frozen=True)
 class Cluster:
+    """The hardware as the step-time model sees it. Step time = hardware FLOPs / `flops_per_s` + collective calls x
+    `call_s` + `fixed_step_s` + byte traffic not hidden behind compute + host optimizer work. Uncalibrated, the
+    FLOP rate is `mfu` x the data-sheet peak and a call costs NCCL's latency between GPUs; `pretrain plan
+    --calibrate` fits the rate, the call cost and the fixed cost to measured runs instead
+    (pretrain.plan.calibrate)."""
+
     gpu: GPUSpec
-    mfu: float = 0.4  # model FLOPs utilisation of the compute (an assumption unless measured)
+    mfu: float = 0.4  # utilisation of the peak on the hardware's FLOPs (an assumption unless measured)
+    mfu_source: str = "assumed"  # where `mfu` comes from, for the report
+    flops_per_s: float | None = None  # achieved FLOP/s on the hardware's work, measured; None: mfu x peak
+    call_s: float = 30e-6  # one collective call's cost (uncalibrated: NCCL's small-message latency within a node)
+    fixed_step_s: float = 0.0  # per optimizer step whatever its size (optimizer, host sync, logging), measured
+    calibrated: bool = False  # the call cost is measured (it then holds on one device too: hooks, bookkeeping)
     net_Bps: float = 50e9  # inter-node bandwidth per GPU (one 400 Gb/s NIC per GPU)
     gpus_per_node: int = 8
     cpu_adam_params_per_s: float = 1e9  # host Adam throughput per GPU (memory-bound, ~30 B per parameter)
@@ -285,9 +235,18 @@ class Cluster:
     def link_Bps(self, n_gpus: int) -> float:
         return self.gpu.nvlink_Bps if n_gpus <= self.gpus_per_node else self.net_Bps
 
+    @property
+    def rate(self) -> float:
+        """FLOP/s achieved on the hardware's work."""
+        return self.flops_per_s if self.flops_per_s is not None else self.mfu * self.gpu.peak_flops
+
+    def calls_seconds(self, calls: float, n_gpus: int) -> float:
+        return calls * self.call_s if self.calibrated or n_gpus > 1 else 0.0
+
 
 def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Cluster) -> StepEstimate | None:
-    """Step time = compute at the given MFU + communication not hidden behind it + host optimizer work."""
+    """Step time = the hardware's FLOPs at the cluster's rate + collective calls + communication not hidden behind
+    compute + host optimizer work + a fixed cost per step (Cluster)."""
     split = work.split_for(n_gpus)
     if split is None:
         return None
@@ -295,60 +254,19 @@ def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Clu
     accum = work.grad_accum
     flops = work.micro_flops()
     flops_per_gpu = flops.total * accum
-    compute = flops_per_gpu / (cluster.mfu * cluster.gpu.peak_flops)
+    compute = work.hardware_flops() * accum / cluster.rate
     backward = compute * flops.backward / flops.total
     link = cluster.link_Bps(n_gpus)
     chunks = comm_per_step(work, ds, n_gpus, accum, compute, backward)
     comm_bytes = sum(b for b, _ in chunks)
     comm_s = comm_bytes / link
     exposed = sum(max(0.0, b / link - window) for b, window in chunks) if ds.overlap_comm else comm_s
-    offload = _offload_seconds(work, ds, n_gpus, cluster)
-    step = compute + exposed + offload
+    calls = collective_calls(work, ds, n_gpus)
+    exposed += cluster.calls_seconds(calls, n_gpus)
+    offload = offload_seconds(work, ds, n_gpus, cluster.gpu.pcie_Bps, cluster.cpu_adam_params_per_s)
+    step = compute + exposed + offload + cluster.fixed_step_s
     rows = work.micro_batch * accum * n_gpus
-    return StepEstimate(n_gpus, work.micro_batch, accum, rows, rows * work.row_tokens, flops_per_gpu, compute,
+    tokens = round(work.batch().tokens / work.micro_batch * rows)
+    return StepEstimate(n_gpus, work.micro_batch, accum, rows, tokens, flops_per_gpu, compute,
                         comm_bytes, comm_s, exposed, offload, step, comm_bytes / compute, link,
-                        memory_per_gpu(work, ds, n_gpus, cluster.overhead_gib))
-
-
-def comm_per_step(work: Workload, ds: DeepSpeedConfig, n: int, accum: int, compute_s: float,
-                  backward_s: float) -> list[tuple[float, float]]:
-    """(bytes sent per GPU, seconds of compute it can hide behind) for each collective of one optimizer step.
-
-    Ring collectives send (N-1)/N of the buffer per GPU. Stage 0/1 reduce gradients once, in the last micro-step's
-    backward; stage 2 reduce-scatters in every micro-step's backward; stages 1/2 all-gather updated weights after the
-    optimizer step (nothing to hide behind); stage 3 gathers weights for forward and backward and reduce-scatters
-    gradients in every micro-step, prefetched behind compute.
-    """
-    if n <= 1:
-        return []
-    counts = count_params(work.shape)
-    trainable, parts = work.trained_params(counts), trainable_parts(work.stage)
-    pb = gb = 2 if work.precision == "bf16" else 4
-    ring = (n - 1) / n
-    grads = trainable * gb * ring
-    if ds.zero_stage == 0:
-        return [(2 * grads, backward_s / accum)]
-    if ds.zero_stage == 1:
-        return [(grads, backward_s / accum), (trainable * pb * ring, 0.0)]
-    if ds.zero_stage == 2:
-        return [(grads * accum, backward_s), (trainable * pb * ring, 0.0)]
-    # Backward regathers every part gradients flow through: the decoder and projector always, the vision tower
-    # only when it trains (nothing upstream of it does).
-    backward_params = counts.llm + counts.projector + (counts.vision if "vision" in parts else 0)
-    per_micro = (counts.total + backward_params) * pb * ring + grads
-    return [(per_micro * accum, compute_s)]
-
-
-def _offload_seconds(work: Workload, ds: DeepSpeedConfig, n: int, cluster: Cluster) -> float:
-    """Host-side optimizer step and the PCIe copies around it (not overlapped: a conservative bound)."""
-    counts = count_params(work.shape)
-    pb = 2 if work.precision == "bf16" else 4
-    seconds = 0.0
-    if ds.offload_optimizer != "none" and ds.zero_stage >= 1:
-        shard = work.trained_params(counts) / n
-        seconds += shard * 2 * pb / cluster.gpu.pcie_Bps  # gradients down, updated weights up
-        seconds += shard / cluster.cpu_adam_params_per_s
-    if ds.offload_params != "none" and ds.zero_stage == 3:
-        # Each rank fetches its weight shard from the host before every gather (forward and backward).
-        seconds += 2 * counts.total / n * pb * work.grad_accum / cluster.gpu.pcie_Bps
-    return seconds
+                        memory_per_gpu(work, ds, n_gpus, cluster.overhead_gib), calls)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -283,6 +284,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:  # the rank's peak resident set (Linux counts ru_maxrss in KiB): a CPU run's memory, for the planner
+            values["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         writer.log(self.step, values, trackers_only={**lrs, **{f"data/skipped_{k}": v for k, v in skipped.items()},
                                                      "data/truncated": values["truncated"]})
 

@@ -76,6 +76,9 @@ def test_tensorboard_has_the_training_scalars_and_lr_per_group(run):
     assert sorted(e.step for e in acc.Scalars("val/loss")) == [2, 4]
     rows = metrics(run)
     assert all(r["mfu"] is None and r["tflops_per_rank"] > 0 for r in rows)  # FLOPs counted; no peak on CPU
+    # The peak memory `pretrain plan --calibrate` reads: on CPU the rank's peak RSS, which only grows.
+    peaks = [r["gpu_mem_gib" if torch.cuda.is_available() else "host_peak_rss_gib"] for r in rows]
+    assert 0.1 < peaks[0] <= peaks[-1] < 64 and peaks == sorted(peaks)
     assert all(r["lr"] == pytest.approx(series["train/lr"][r["step"]]) for r in rows)
 
 
