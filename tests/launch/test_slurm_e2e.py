@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers.runs import ROOT, launch, losses, write_config
 from helpers.slurm_cluster import FINAL_STATES, SlurmCluster
@@ -78,22 +79,54 @@ def _check_run(run: Path, reference: dict[int, float]) -> None:
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, recipe, reference):
+def _rank_process(jobid: int, rank: int) -> psutil.Process:
+    """The training process of task `rank` of a job (the cluster's nodes are namespaces of this machine)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "train" in (p.info["cmdline"] or []) and p.environ().get("SLURM_JOB_ID") == str(jobid) \
+                    and p.environ().get("SLURM_PROCID") == str(rank):
+                return p
+        except psutil.Error:
+            continue
+    pytest.fail(f"no task {rank} of job {jobid}")
+
+
+def test_signalled_job_requeues_then_a_killed_rank_requeues_and_both_resume_exactly(slurm_cluster, recipe,
+                                                                                      reference):
+    """USR1 (as --signal=USR1@T or a preemption sends it): a checkpoint, exit 75, a requeue. Then, in the requeued
+    job, task 1 killed (SIGKILL: an OOM kill, a segfault): a failure without a new checkpoint, requeued once more
+    (launch/restarts.py). Every loss equals the uninterrupted run's."""
     run = recipe.parent / "requeue"
     (jobid,) = _submit(slurm_cluster, recipe, run)
     # Wait until both ranks are training (their handlers are in place: a signal before that would kill them).
     _wait_for_step(slurm_cluster, jobid, run, 2, timeout=240)
     slurm_cluster.signal(jobid, "USR1")  # what --signal=USR1@T or a preemption sends the job's tasks
-    info = slurm_cluster.wait_job(jobid, timeout=300)
+    slurm_cluster.wait_job(jobid, timeout=300, states=frozenset({"RUNNING"}) | FINAL_STATES)
+    deadline = time.monotonic() + 300
+    while "resumed from" not in _restart_log(run, jobid, 1) or _logged_steps(run)[-1] < _stopped(run, jobid) + 2:
+        assert time.monotonic() < deadline and slurm_cluster.job_state(jobid) not in FINAL_STATES, _logs(run)
+        time.sleep(0.5)
+    _rank_process(jobid, 1).kill()
+    info = slurm_cluster.wait_job(jobid, timeout=400)
     logs = _logs(run)
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), logs
-    first = (run / "slurm" / f"demo-{jobid}.restart0.out").read_text()
-    second = (run / "slurm" / f"demo-{jobid}.restart1.out").read_text()
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "2", "0:0"), logs
+    first = _restart_log(run, jobid, 0)
     assert "0: signal 10" in first and "1: signal 10" in first, first
-    stopped = int(re.search(r"resumed from \S+step_(\d+) at step (\d+)", second).group(2))
-    assert 2 <= stopped < STEPS, second  # a mid-run checkpoint, taken on the signal
-    assert "requeueing job" in logs and "step finished with exit code 75" in logs
+    assert 2 <= _stopped(run, jobid) < STEPS  # a mid-run checkpoint, taken on the signal
+    assert "step finished with exit code 75" in logs and logs.count("requeueing job") == 2
+    assert "no new checkpoint since the last start: one more try: restart 2 of at most 50" in logs
+    assert f"resumed from {run}/checkpoints/step_{_stopped(run, jobid):08d}" in _restart_log(run, jobid, 2)
     _check_run(run, reference)
+
+
+def _restart_log(run: Path, jobid: int, restart: int) -> str:
+    path = run / "slurm" / f"demo-{jobid}.restart{restart}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def _stopped(run: Path, jobid: int) -> int:
+    """The step the signal's checkpoint was taken at (the first requeue resumed there)."""
+    return int(re.search(r"resumed from \S+step_(\d+) at step (\d+)", _restart_log(run, jobid, 1)).group(2))
 
 
 def test_chain_carries_the_run_across_jobs(slurm_cluster, recipe, reference):
