@@ -102,6 +102,7 @@ class Watchdog:
         self._beat = 0
         self._seen: dict[int, dict] = {}  # rank -> {"beat", "seq", "beat_at", "progress_at"}
         self._store_down_since: float | None = None
+        self._store_limit_s = self.fixed_s or STARTUP_S  # the longest timeout the last records gave
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True)
 
@@ -135,6 +136,7 @@ class Watchdog:
                 records = None
                 self._check_store(err)
             if records is not None and not self._stop.is_set():
+                self._store_limit_s = max(timeout_for(r["phase"], records, self.fixed_s) for r in records)
                 verdict = self.check(records, time.monotonic())
                 if verdict is not None:
                     self._end(verdict)
@@ -157,9 +159,8 @@ class Watchdog:
     def _check_store(self, err: Exception) -> None:
         now = time.monotonic()
         self._store_down_since = self._store_down_since or now
-        limit = self.fixed_s or STARTUP_S
         down = now - self._store_down_since
-        if down > limit:
+        if down > self._store_limit_s:
             self._end(f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
                       f"(the launcher's, or rank 0's under srun) has not answered for {down:.0f} s: its process is "
                       f"stopped or gone ({type(err).__name__}: {err})")
