@@ -64,11 +64,11 @@ def stalled_hosts(run_dir: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`start RUN_DIR`: print the newest committed step (or `none`). `after RUN_DIR --code C --started S --state F
-    --restarts R --max-restarts M`: decide (the failures in a row kept in file F), print the reason (and
-    `exclude: HOSTS` when the watchdog blamed some) and exit 0 to restart, 3 to stop."""
+    """`after RUN_DIR --code C --started S --state F --restarts R --max-restarts M`, after a failed attempt that
+    started from checkpoint step S (`none`: from scratch): decide (the failures in a row kept in file F), print the
+    reason (and `exclude: HOSTS` when the watchdog blamed some) and exit 0 to restart, 3 to stop."""
     p = argparse.ArgumentParser(prog="python -m launch.restarts")
-    p.add_argument("what", choices=["start", "after"])
+    p.add_argument("what", choices=["after"])
     p.add_argument("run_dir")
     p.add_argument("--code", type=int)
     p.add_argument("--started", default="none")
@@ -76,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restarts", type=int, default=0)
     p.add_argument("--max-restarts", type=int, default=0)
     args = p.parse_args(argv)
-    if args.what == "start":
-        step = newest_step(args.run_dir)
-        print("none" if step is None else step)
-        return 0
     state = Path(args.state)
     in_a_row = json.loads(state.read_text())["failures_in_a_row"] if state.is_file() else 0
     started = None if args.started == "none" else int(args.started)

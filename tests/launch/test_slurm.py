@@ -301,11 +301,12 @@ def test_restart_cap_stops_a_loop(slurm_cluster, tmp_path):
     assert "giving up" in _logs(run_dir)
 
 
-# A stand-in trainer that fails every time; on its first run it commits a checkpoint (COMMITTED listing no files)
-# first, as a run that crashes after its first periodic save.
+# A stand-in trainer that fails every time; on its first run it commits a checkpoint first (COMMITTED listing no
+# files, then `latest`), as a run that crashes after its first periodic save.
 FAILING = ('R=${SLURM_RESTART_COUNT:-0}; echo "task $SLURM_PROCID restart $R"; '
            'if [ "$R" = 0 ] && [ "$SLURM_PROCID" = 0 ]; then d=$RUN/checkpoints/step_00000002; mkdir -p $d; '
-           'echo \'{"files": {}}\' > $d/COMMITTED; fi; [ "$SLURM_PROCID" = 1 ] && exit 1; exit 0')
+           'echo \'{"files": {}}\' > $d/COMMITTED; printf step_00000002 > $RUN/checkpoints/latest; fi; '
+           '[ "$SLURM_PROCID" = 1 ] && exit 1; exit 0')
 
 
 @pytest.mark.slurm
