@@ -18,6 +18,7 @@ not exited after `shutdown_timeout` seconds.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -120,32 +121,41 @@ def _attempt(cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
 
 
 class _FirstExit:
-    """Which of torchrun's workers exited first, seen from here: their pids and RANKs are read while they run, and
-    the first poll that misses some names them."""
+    """Which of torchrun's workers exited first, seen from here: each worker's RANK is read while it runs and a pidfd
+    opened on it (readable the moment the process ends), so `wait` wakes on the first exit itself, not at a poll."""
 
     def __init__(self, torchrun_pid: int) -> None:
-        self.pid, self.ranks, self.first = torchrun_pid, {}, ""
+        self.pid, self.first = torchrun_pid, ""
+        self.workers: dict[int, tuple[int, str]] = {}  # pid -> (pidfd, rank)
+        self.exited: list[str] = []
         self.start = time.monotonic()
 
-    def poll(self) -> None:
+    def wait(self, timeout: float) -> None:
+        """Take up the workers started since the last call, then wait up to `timeout` s for some to exit."""
         import psutil  # DeepSpeed's dependency
 
         try:
-            alive = {p.pid: p for p in psutil.Process(self.pid).children()}
-        except psutil.Error:
+            for proc in psutil.Process(self.pid).children():
+                if proc.pid not in self.workers:
+                    self.workers[proc.pid] = (os.pidfd_open(proc.pid), proc.environ().get("RANK", "?"))
+        except (psutil.Error, OSError):
+            pass
+        live = {fd: rank for fd, rank in self.workers.values() if rank not in self.exited}
+        if not live:
+            time.sleep(timeout)
             return
-        for pid, proc in alive.items():
-            if pid not in self.ranks:
-                try:
-                    self.ranks[pid] = proc.environ().get("RANK", "?")
-                except psutil.Error:
-                    pass
-        gone = sorted(rank for pid, rank in self.ranks.items() if pid not in alive)
-        if gone and not self.first:
+        ready, _, _ = select.select(list(live), [], [], timeout)
+        if not ready:
+            return
+        gone = sorted(live[fd] for fd in ready)
+        if not self.exited:
             who = f"rank {gone[0]}" if len(gone) == 1 else f"ranks {', '.join(gone)} (together)"
-            others = sorted(set(self.ranks.values()) - set(gone))
-            self.first = (f"{who} exited first, {time.monotonic() - self.start:.1f} s after the start"
-                          + (f"; rank(s) {', '.join(others)} after it" if others else ""))
+            self.first = f"{who} exited first, {time.monotonic() - self.start:.1f} s after the start"
+        self.exited += gone
+
+    def close(self) -> None:
+        for fd, _ in self.workers.values():
+            os.close(fd)
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -162,9 +172,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, s
     watch = _FirstExit(proc.pid)
     try:
         while proc.poll() is None:
-            watch.poll()
-            time.sleep(0.1)
+            watch.wait(0.1)
         return proc.returncode, watch.first
     finally:
+        watch.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -70,7 +70,8 @@ def _hang_then_crash(cfg, proc) -> None:
     wait_for(lambda: "the hang watchdog ended the run" in output(cfg), 120, "the watchdog's verdict", proc, cfg)
     gave_up = time.monotonic() - t0
     text = output(cfg)
-    assert HANG_TIMEOUT_S <= gave_up < HANG_GIVE_UP_S, (gave_up, text[-3000:])
+    # Rank 1's last progress may predate the stop by one step sleep and one poll.
+    assert HANG_TIMEOUT_S - 3.0 <= gave_up < HANG_GIVE_UP_S, (gave_up, text[-3000:])
     verdict = re.search(r"hang watchdog ended the run: stalled \(timeout 12 s\): (rank \d) on \S+ \(pid (\d+)\): "
                         r"last phase (\w+) at step (\d+)", text)
     assert verdict, text[-5000:]
