@@ -136,8 +136,9 @@ class _FirstExit:
 
         try:
             for proc in psutil.Process(self.pid).children():
-                if proc.pid not in self.workers:
-                    self.workers[proc.pid] = (os.pidfd_open(proc.pid), proc.environ().get("RANK", "?"))
+                rank = None if proc.pid in self.workers else proc.environ().get("RANK")
+                if rank is not None:  # None also just after the fork, before torchrun's exec set the worker's env
+                    self.workers[proc.pid] = (os.pidfd_open(proc.pid), rank)
         except (psutil.Error, OSError):
             pass
         live = {fd: rank for fd, rank in self.workers.values() if rank not in self.exited}
