@@ -181,11 +181,13 @@ class Watchdog:
             seen = self._seen[rec["rank"]]
             limit = timeout_for(rec["phase"], records, self.fixed_s)
             if rec["phase"] != "done" and now - seen["progress_at"] > limit:
+                # A live watchdog beats every poll: one silent for several polls belongs to a stopped process.
                 stalled.append({**rec, "idle_s": round(now - seen["progress_at"], 1),
-                                "silent_s": round(now - seen["beat_at"], 1), "timeout_s": limit})
+                                "silent_s": round(now - seen["beat_at"], 1), "timeout_s": limit,
+                                "frozen": now - seen["beat_at"] > max(5 * self.poll_s, limit / 4)})
         if not stalled:
             return None
-        frozen = [s for s in stalled if s["silent_s"] > s["timeout_s"]]
+        frozen = [s for s in stalled if s["frozen"]]
         # In the commit only rank 0 works; the others wait for it in the store.
         working = [s for s in stalled if s["phase"] != "commit" or s["rank"] == 0] or stalled
         if frozen:
@@ -199,7 +201,7 @@ class Watchdog:
     def describe(verdict: dict) -> str:
         def one(s: dict) -> str:
             state = (f"no heartbeat for {s['silent_s']:.0f} s either: the process is stopped or gone"
-                     if s["silent_s"] > s["timeout_s"] else "alive, its main thread is stuck")
+                     if s["frozen"] else "alive, its main thread is stuck")
             return (f"rank {s['rank']} on {s['host']} (pid {s['pid']}): last phase {s['phase']} at step {s['step']},"
                     f" no progress for {s['idle_s']:.0f} s ({state})")
 
@@ -219,7 +221,7 @@ class Watchdog:
                     "restart me)\n".encode())
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         for s in blamed:  # a stopped process of this host never exits by itself: end it for the launcher
-            if s["host"] == self.host and s["silent_s"] > s["timeout_s"] and s["pid"] != self.pid:
+            if s["host"] == self.host and s["frozen"] and s["pid"] != self.pid:
                 try:
                     os.kill(s["pid"], signal.SIGKILL)
                 except OSError:

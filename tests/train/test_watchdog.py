@@ -25,7 +25,7 @@ def _rec(rank: int, beat: int, seq: int, step: int, phase: str, step_s: float = 
 def _judge(frames: list[tuple[float, list[dict]]], fixed_s: float | None = 60.0) -> dict | None:
     """Feed the records seen at each time to one watchdog's judgement; the last verdict."""
     dog = Watchdog.__new__(Watchdog)
-    dog.fixed_s, dog._seen = fixed_s, {}
+    dog.fixed_s, dog.poll_s, dog._seen = fixed_s, 1.0, {}
     verdict = None
     for now, records in frames:
         verdict = dog.check(records, now)
@@ -41,6 +41,10 @@ def test_a_stopped_rank_is_blamed_after_the_timeout_and_not_before():
     assert [s["rank"] for s in verdict["blamed"]] == [1] and [s["rank"] for s in verdict["stalled"]] == [1]
     verdict = _judge([(0.0, moving), (30.0, stuck), (91.0, [_rec(0, 4, 11, 4, "backward"), stuck[1]])])
     assert [s["rank"] for s in verdict["blamed"]] == [1] and {s["rank"] for s in verdict["stalled"]} == {0, 1}
+    # Stopped 20 s after its last progress (inside a long step): silent for 41 s of the 61 s without progress.
+    late = _judge([(0.0, moving), (20.0, [_rec(0, 2, 11, 4, "backward"), _rec(1, 2, 9, 4, "data")]),
+                   (61.0, [_rec(0, 5, 11, 4, "backward"), _rec(1, 2, 9, 4, "data")])])
+    assert [s["rank"] for s in late["blamed"]] == [1] and late["blamed"][0]["frozen"]
     text = Watchdog.describe(verdict)
     assert text.startswith("stalled (timeout 60 s): rank 1 on n1 (pid 101): last phase data at step 4, no progress "
                            "for 91 s (no heartbeat for 91 s either: the process is stopped or gone)"), text
