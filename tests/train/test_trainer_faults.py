@@ -16,6 +16,7 @@ from helpers.trainer import finish, kill_tree, logged_step, output, start_launch
 
 from pretrain.exit_codes import EXIT_STALLED
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.watchdog import PHASES
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,9 @@ def _hang_then_crash(cfg, proc) -> None:
     verdict = re.search(r"hang watchdog ended the run: stalled \(timeout 12 s\): (rank \d) on \S+ \(pid (\d+)\): "
                         r"last phase (\w+) at step (\d+)", text)
     assert verdict, text[-5000:]
-    assert verdict.group(1) == "rank 1" and int(verdict.group(2)) == stopped.pid and int(verdict.group(4)) >= 3
+    # The phase and step rank 1 last published (every poll, 0.6 s here: a fast step or two may lie between).
+    assert verdict.group(1) == "rank 1" and int(verdict.group(2)) == stopped.pid and int(verdict.group(4)) >= 1
+    assert verdict.group(3) in PHASES
     assert "no heartbeat" in text and "Thread 0x" in text  # the stacks of the live rank (faulthandler)
     assert f"(exit {EXIT_STALLED})" in text and "restart 1 of at most 2, resuming from step 3" in text
 
