@@ -200,6 +200,7 @@ def render_script(spec: SlurmJobSpec, template: str | Path | None = None) -> str
         "output_dir": shlex.quote(spec.run_dir),
         "requeue": int(spec.requeue),
         "preempted_exit": EXIT_PREEMPTED,
+        "python": shlex.quote(spec.python),
         "max_restarts": spec.max_restarts,
         "setup_lines": _setup_lines(spec),
         "env_lines": [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()],

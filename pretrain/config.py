@@ -204,6 +204,9 @@ class TrainConfig(Section):
     val_caption_tokens: int = Field(default=24, ge=1)
     max_nonfinite_in_row: int = Field(default=5, ge=1)
     progress_bar: bool = True
+    # A rank without progress this long ends the run (exit 76, restartable; pretrain.train.watchdog). Unset: derived
+    # from the measured step and save times (10 x the slowest step, 3 x the slowest save, at least 5 minutes).
+    hang_timeout_minutes: float | None = Field(default=None, gt=0)
 
 
 class CheckpointConfig(Section):
@@ -242,8 +245,9 @@ class DeepSpeedConfig(Section):
     # Collective timeout (a hung rank fails the run after this long). Fractions of a minute are allowed.
     timeout_minutes: float = Field(default=30, gt=0)
     # How long the other ranks wait for rank-0-only work (checkpoint commit and pruning, the universal-checkpoint
-    # conversion of a large model); they wait in the rendezvous store, not in a collective.
-    rank0_work_timeout_minutes: float = Field(default=720, gt=0)
+    # conversion of a large model); they wait in the rendezvous store, not in a collective. A bound: a commit waits
+    # 3 x the slowest save measured (at least 5 minutes) once one was, this long before.
+    rank0_work_timeout_minutes: float = Field(default=120, gt=0)
 
 
 class ObjectivesConfig(Section):

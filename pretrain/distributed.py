@@ -319,3 +319,18 @@ def bind_gpu() -> int:
         os.environ["LOCAL_RANK"] = str(gpu)
     log.info("LOCAL_RANK %s, %d GPU(s) visible to this task: cuda:%d", local_rank, visible, gpu)
     return gpu
+
+
+def rendezvous_store(timeout_s: float) -> Any:
+    """A connection of its own to the process group's rendezvous store (torchrun's agent store, or rank 0's under
+    srun): the key-value service every rank already reaches, used for what must never wait in a collective
+    (progress reports, the hang watchdog). A clone, so a thread using it never queues behind this process's other
+    store calls (rank0_work's long wait holds its own connection); its calls give up after `timeout_s`. None
+    without a process group."""
+    if not active():
+        return None
+    import torch.distributed as tdist
+
+    store = tdist.distributed_c10d._get_default_store().clone()
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return store

@@ -53,10 +53,12 @@ def label_tokens(batch: dict) -> int:
 
 def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, faults: Faults, step: int,
                shared: Sequence[float] = (), read_grad_norm: bool = True,
-               stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
+               stop_requested: Callable[[], bool] = lambda: False,
+               phase: Callable[[str], None] = lambda _: None) -> StepResult:
     """Forward/backward over the micro-batches of one step and the optimizer update; `step` is the new step's
     number (for fault injection). `shared`: host numbers to sum over ranks in the step's one collective, which also
-    carries `stop_requested()` (asked after the last forward, so a signal during the step is seen in this step)."""
+    carries `stop_requested()` (asked after the last forward, so a signal during the step is seen in this step).
+    `phase(name)` is told where the step is (forward, backward, optimizer), for the hang watchdog."""
     gas = len(batches)
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     n_local = sum(label_tokens(b) for b in batches)
@@ -65,6 +67,7 @@ def train_step(engine: Any, batches: list[dict], world: int, device: torch.devic
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_bad = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
+        phase("forward")
         loss, _ = engine(to_device(batch, device))
         if faults.loss_is_nan(step):
             loss = loss * float("nan")
@@ -72,14 +75,18 @@ def train_step(engine: Any, batches: list[dict], world: int, device: torch.devic
         loss_sum += loss.detach().double()
         n_bad += (~torch.isfinite(loss.detach())).double()
         if i < gas - 1:
+            phase("backward")
             engine.backward(loss * scale.to(loss.dtype))
+            phase("optimizer")
             engine.step()
     stop = 1.0 if stop_requested() else 0.0
     total, bad, n_labels, stops, *shared_sums = dist.all_reduce_values([loss_sum, n_bad, n_local, stop, *shared])
     if bad:
         _skip_update(engine, loss, gas)
     else:
+        phase("backward")
         engine.backward(loss * scale.to(loss.dtype))
+        phase("optimizer")
         engine.step()
     norm = _float(engine.get_global_grad_norm()) if read_grad_norm and not bad else None
     n_labels = max(n_labels, 1.0)

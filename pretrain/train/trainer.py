@@ -2,7 +2,8 @@
 
 What happens where: step.py (one optimizer step, loss normalisation, model FLOPs), checkpoint.py (commit marker,
 `latest`, retention), universal.py (resume on another number of ranks), validation.py (val loss, captions),
-signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), run_log.py (metrics.jsonl, TensorBoard, progress bar).
+signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), run_log.py (metrics.jsonl, TensorBoard, progress bar),
+watchdog.py (a rank without progress ends the run, exit 76), owner.py (one job per run directory).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.model.flops import mfu
 from pretrain.train import checkpoint as ckpt
-from pretrain.train import shared_fs, universal
+from pretrain.train import owner, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.engine import build_engine, make_loader
@@ -36,6 +37,7 @@ from pretrain.train.samples import SampleRecorder
 from pretrain.train.signals import StopRequest
 from pretrain.train.step import FlopsMeter, StepResult, device_name, train_step
 from pretrain.train.validation import Validator
+from pretrain.train.watchdog import VERDICT, Progress, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Trainer:
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
         # Shared file systems: one run directory for all ranks, and rank 0's choice of checkpoint for all.
         shared_fs.check_one_run_dir(self.run_dir, self.rank)
         self.device = dist.device()
@@ -68,6 +71,7 @@ class Trainer:
         if self.rank == 0:
             write_run_config(cfg, self.run_dir)
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+            (self.run_dir / VERDICT).unlink(missing_ok=True)
         self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
                                                                               cfg.deepspeed.zero_stage)
         if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
@@ -99,6 +103,22 @@ class Trainer:
         self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
         self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
                                    self.device, self.run_dir)
+        self.progress = Progress()
+        self.watchdog = Watchdog(self.progress, self.rank, self.world, self.run_dir, cfg.train.hang_timeout_minutes,
+                                 on_beat=(lambda: owner.heartbeat(self.run_dir)) if self.rank == 0 else None)
+
+    def _claim_run_dir(self) -> None:
+        """Collective: rank 0 makes this job the run directory's owner; every rank stops alike if another job,
+        alive, owns it."""
+        refused = None
+        if self.rank == 0:
+            try:
+                owner.claim(self.run_dir)
+            except owner.RunDirOwned as err:
+                refused = str(err)
+        refused = dist.broadcast_object(refused)
+        if refused:
+            raise owner.RunDirOwned(refused)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _resume(self) -> dict | None:
@@ -139,6 +159,8 @@ class Trainer:
         ones and `latest` stay as they were."""
         tag = ckpt.tag_for(self.step)
         path = self.ckpt_root / tag
+        started = time.perf_counter()
+        self.progress.enter("save")
         self._sync_tokens()
         try:
             self._write_checkpoint(tag)
@@ -159,7 +181,10 @@ class Trainer:
                 raise ckpt.write_failure(self.ckpt_root, tag, err) from err
             ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
 
-        dist.rank0_work(commit, self.rank, self.cfg.deepspeed.rank0_work_timeout_minutes)
+        self.progress.enter("commit")
+        wait_s = self.progress.commit_wait_s(60 * self.cfg.deepspeed.rank0_work_timeout_minutes)
+        dist.rank0_work(commit, self.rank, wait_s / 60)
+        self.progress.save_done(time.perf_counter() - started)
         return path
 
     def _write_checkpoint(self, tag: str) -> None:
@@ -195,9 +220,11 @@ class Trainer:
         window = _Window()
         code = exit_codes.EXIT_OK
         saved_at = time.monotonic()  # checkpoint.every_minutes counts from the start and from each save
+        self.watchdog.start()
         try:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
+                self.progress.enter("data", self.step + 1)
                 batches = [next(it) for _ in range(t.grad_accum)]
                 window.wait += time.perf_counter() - t0
                 logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
@@ -209,8 +236,9 @@ class Trainer:
                 due = self._timed_save_due(saved_at)
                 out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1,
                                  shared=[due, *(counts.values if counts else ())], read_grad_norm=logging,
-                                 stop_requested=lambda: self.stop.requested)
+                                 stop_requested=lambda: self.stop.requested, phase=self.progress.enter)
                 self.step += 1
+                self.progress.step_done(time.perf_counter() - t0)
                 if recorder is not None:
                     recorder.record(self.step, batches)
                 self.faults.maybe_die(self.rank, self.step)
@@ -220,6 +248,7 @@ class Trainer:
                     window = _Window()
                 writer.advance(1, None if math.isnan(out.loss) else out.loss)
                 if t.val_every and self.step % t.val_every == 0:
+                    self.progress.enter("validate")
                     self.validator.run(writer, self.step)
                 signalled = out.stop
                 sliced = t.stop_at_step is not None and self.step >= t.stop_at_step
@@ -227,6 +256,10 @@ class Trainer:
                 if signalled or sliced or timed or (every and self.step % every == 0) or self.step == t.max_steps:
                     self.save()
                     saved_at = time.monotonic()
+                    # A signal that arrived during the save ends the run on the checkpoint just committed: no step
+                    # and no second save after it (the ranks agree, as at a step).
+                    if not (signalled or sliced) and self.step < t.max_steps:
+                        signalled = self._signalled_during_save()
                 if signalled:
                     code = exit_codes.EXIT_PREEMPTED
                     self._mark("PREEMPTED")
@@ -235,7 +268,11 @@ class Trainer:
                     break
             if code == exit_codes.EXIT_OK and self.step >= t.max_steps:
                 self._mark("DONE")
+            self.watchdog.stop()
+            if self.rank == 0:
+                owner.release(self.run_dir)
         finally:
+            self.watchdog.stop(done=False)  # no-op after a normal end; after an error the record stops moving
             writer.close()
             if recorder is not None:
                 recorder.close()
@@ -246,6 +283,11 @@ class Trainer:
         with the step's collective: the decision is rank 0's on every rank)."""
         minutes = self.cfg.checkpoint.every_minutes
         return float(self.rank == 0 and minutes > 0 and time.monotonic() - saved_at >= minutes * 60)
+
+    def _signalled_during_save(self) -> bool:
+        """Collective: did a signal reach any rank while it was saving?"""
+        (stops,) = dist.all_reduce_values([1.0 if self.stop.requested else 0.0])
+        return stops > 0
 
     def _count_nonfinite(self, out: StepResult) -> None:
         if not out.nonfinite:

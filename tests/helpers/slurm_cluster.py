@@ -249,6 +249,25 @@ class SlurmCluster:
         flags = {"steps": [], "batch": ["--batch"], "full": ["--full"]}[target]
         self.run("scancel", f"--signal={sig}", *flags, str(jobid))
 
+    def lose_node(self, name: str) -> None:
+        """The node `name` dies: its slurmd and every process of its namespace (job steps included) SIGKILLed at
+        once."""
+        (proc,) = [p for n, p in self._procs if n == f"slurmd-{name}"]
+        namespace = os.readlink(f"/proc/{proc.pid}/ns/uts")
+        for pid_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                if os.readlink(pid_dir / "ns" / "uts") == namespace:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+        proc.wait()
+        self._procs = [(n, p) for n, p in self._procs if p is not proc]
+
+    def restore_node(self, name: str) -> None:
+        """The node comes back (a reboot): its slurmd again, which re-registers it (ReturnToService=2)."""
+        self._spawn(f"slurmd-{name}", self._in_node_namespace(name, ["slurmd", "-D", "-f", str(self.conf), "-N",
+                                                                     name]))
+
     def preempt(self, jobid: int, hold_s: float = 1.0) -> int:
         """Really preempt a running job of partition `batch`: an exclusive job on its nodes in the high-priority
         partition `urgent`. The victim's tasks get their --signal at once, SIGTERM after the 10 s GraceTime, and

@@ -305,12 +305,27 @@ def test_restart_cap_stops_a_loop(slurm_cluster, tmp_path):
     assert "giving up" in _logs(run_dir)
 
 
+# A stand-in trainer that fails every time; on its first run it commits a checkpoint first (COMMITTED listing no
+# files, then `latest`), as a run that crashes after its first periodic save.
+FAILING = ('R=${SLURM_RESTART_COUNT:-0}; echo "task $SLURM_PROCID restart $R"; '
+           'if [ "$R" = 0 ] && [ "$SLURM_PROCID" = 0 ]; then d=$RUN/checkpoints/step_00000002; mkdir -p $d; '
+           'echo \'{"files": {}}\' > $d/COMMITTED; printf step_00000002 > $RUN/checkpoints/latest; fi; '
+           '[ "$SLURM_PROCID" = 1 ] && exit 1; exit 0')
+
+
 @pytest.mark.slurm
-def test_real_failure_is_not_requeued(slurm_cluster, tmp_path):
-    script, run_dir = _job(tmp_path, "fail", _bash('[ "$SLURM_PROCID" = 1 ] && exit 1; exit 0'))
-    info = slurm_cluster.wait_job(slurm_cluster.sbatch(script), timeout=30)
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "1:0"), _logs(run_dir)
-    assert "a real failure: not requeueing" in _logs(run_dir)
+def test_failures_requeue_after_a_new_checkpoint_and_stop_at_the_second_without(slurm_cluster, tmp_path):
+    """Restart 0 commits a checkpoint and crashes: requeued. Restart 1 crashes without a new one: tried once more.
+    Restart 2 likewise: the second failure in a row without a new checkpoint stops the job, saying so."""
+    command = _bash(f"RUN={shlex.quote(str(tmp_path / 'fail'))}; " + FAILING)
+    script, run_dir = _job(tmp_path, "fail", command)
+    info = slurm_cluster.wait_job(slurm_cluster.sbatch(script), timeout=90)
+    out = _logs(run_dir)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "2", "1:0"), out
+    assert "a newer checkpoint was committed: restart 1 of at most 50, resuming from step 2" in out
+    assert "no new checkpoint since the last start: one more try: restart 2 of at most 50" in out
+    assert "2 times in a row without a new checkpoint (newest: step 2): giving up" in out
+    assert out.count("requeueing job") == 2 and "not requeueing" in out
 
 
 @pytest.mark.slurm

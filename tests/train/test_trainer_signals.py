@@ -76,17 +76,21 @@ def test_sigusr1_to_every_process_checkpoints_exits_75_and_resumes_exactly(tmp_p
     assert [got[s] for s in range(1, k + 3)] == [want[s] for s in range(1, k + 3)]
 
 
-def test_sigterm_to_torchrun_checkpoints_and_launch_exits_75(tmp_path, assets, shapes):
-    """SIGTERM to torchrun itself (a user's `kill`, a scheduler that signals the launcher): torchrun passes it to its
-    workers and waits; they checkpoint and exit, and `pretrain launch` still reports 75."""
-    cfg = _config(tmp_path, assets, shapes)
+def test_sigterm_to_torchrun_during_a_save_ends_on_that_checkpoint(tmp_path, assets, shapes):
+    """SIGTERM to torchrun itself (a user's `kill`, a scheduler that signals the launcher) while the periodic save of
+    step 2 is under way (rank 0's commit made slow by fault injection): torchrun passes it to its workers and waits;
+    they finish that save and exit on it, with no further step and no second save, and `pretrain launch` still
+    reports 75."""
+    cfg = _config(tmp_path, assets, shapes, **{"checkpoint.every_steps": 2})
     run = cfg.parent / "run"
-    proc = start_launch(cfg)
-    wait_for(lambda: logged_step(run) >= 2, 300, "step 2 in metrics.jsonl", proc, cfg)
+    proc = start_launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"commit_sleep": 4.0})})
+    saving = run / "checkpoints" / ckpt.tag_for(2)
+    wait_for(lambda: saving.is_dir() and not (saving / ckpt.COMMIT_MARKER).exists(), 300, "the save of step 2",
+             proc, cfg)
     (torchrun,) = training_processes(proc.pid)["torchrun"]
     torchrun.send_signal(signal.SIGTERM)
     assert finish(proc, cfg, 300) == EXIT_PREEMPTED, output(cfg)[-5000:]
-    assert _preempted_step(run) >= 2
+    assert _preempted_step(run) == 2 and ckpt.tags(run / "checkpoints") == [ckpt.tag_for(2)]
 
 
 def test_a_second_signal_exits_at_once_without_a_new_checkpoint(tmp_path, assets, shapes):
