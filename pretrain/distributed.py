@@ -321,6 +321,13 @@ def bind_gpu() -> int:
     return gpu
 
 
+def backends_available() -> dict[str, bool]:
+    """Which collective backends this torch build has."""
+    import torch.distributed as tdist
+
+    return {"nccl": tdist.is_nccl_available(), "gloo": tdist.is_gloo_available()}
+
+
 def rendezvous_store(timeout_s: float) -> Any:
     """A connection of its own to the process group's rendezvous store (torchrun's agent store, or rank 0's under
     srun): the key-value service every rank already reaches, used for what must never wait in a collective

@@ -43,7 +43,7 @@ IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # Every collective of pretrain.distributed (the `collectives` check runs each; a test holds the list complete).
 COLLECTIVES = ("all_reduce", "all_reduce_values", "all_gather", "all_gather_with_grad", "broadcast_object",
-               "all_gather_object", "barrier", "rank0_work")
+               "all_gather_object", "barrier", "rank0_work", "rendezvous_store")
 # A mask leak must move the losses by this many tolerances for the comparison to count as able to fail.
 LEAK_MARGIN = 3.0
 
@@ -231,6 +231,7 @@ def collectives(device: torch.device) -> dict[str, Any]:
         "broadcast_object": dist.broadcast_object({"tag": "step_1"}) == {"tag": "step_1"},
         "all_gather_object": dist.all_gather_object(rank) == list(range(world)),
         "rank0_work": dist.rank0_work(lambda: 7, rank, 1.0) == (7 if rank == 0 else None),
+        "rendezvous_store": _store_round_trip(rank),
     }
     leaf = x.clone().requires_grad_()
     gathered = dist.all_gather_with_grad(leaf)
@@ -240,6 +241,14 @@ def collectives(device: torch.device) -> dict[str, Any]:
     results["barrier"] = True
     assert set(results) == set(COLLECTIVES), sorted(set(results) ^ set(COLLECTIVES))
     return {"ok": all(results.values()), "checks": results, "backend": dist.backend_devices(), "world_size": world}
+
+
+def _store_round_trip(rank: int) -> bool:
+    """The watchdog's path: a key set through this rank's own store connection is read back."""
+    store = dist.rendezvous_store(30.0)
+    key = f"device_check/{rank}"
+    store.set(key, "alive")
+    return store.get(key) == b"alive"
 
 
 def checkpoint_resume(dtype: torch.dtype, device: torch.device, work: Path) -> dict[str, Any]:

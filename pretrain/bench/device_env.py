@@ -151,9 +151,11 @@ def installed_check(wheels: Mapping[str, str | None], expect_device: str) -> dic
     problems = closure_problems(project_requirements(), carried, installed)
     from deepspeed.accelerator import get_accelerator
 
+    from pretrain.distributed import backends_available
+
     accelerator = get_accelerator().device_name()
     cuda = expect_device == "cuda"
-    backend = {"nccl": torch.distributed.is_nccl_available(), "gloo": torch.distributed.is_gloo_available()}
+    backend = backends_available()
     nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if cuda and backend["nccl"] else None
     ok = not wrong and not problems and accelerator == expect_device and backend["nccl" if cuda else "gloo"]
     return {"ok": ok, "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, **versions},

@@ -13,6 +13,7 @@ sample instead, so no slot is ever starved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -160,7 +161,9 @@ class ShardReader:
             if missing:
                 log.warning("data: %d buffered sample(s) of %s cannot be read back (%s): counted as lost",
                             len(missing), url, problem)
-        return [found.get((url, index)) for url, index in refs]
+        # One object per ref: a buffer can hold the same sample twice (the end of one epoch and the start of the
+        # next), and each copy gets its own epoch.
+        return [None if (url, index) not in found else dataclasses.replace(found[url, index]) for url, index in refs]
 
     def _iterate_sparse(self, url: str, indices: list[int]) -> Iterator[RawSample]:
         """The samples at sorted `indices` that the shard still holds: seeks in a local shard, one pass over a

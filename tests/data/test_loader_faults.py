@@ -142,6 +142,7 @@ def server(shapes, monkeypatch):
     httpd.server_close()
 
 
+@pytest.mark.slow
 def test_http_and_pipe_streams_retry_a_bounded_number_of_times_then_count_the_shard_lost(server):
     """One pass over 6 streamed shards, stall timeout 0.5 s and 2 retries: the good, the flaky (500 once) and the
     cut (half a body once, the rest fetched with a Range request) shards give all their samples; the one that always

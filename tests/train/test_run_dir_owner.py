@@ -34,6 +34,7 @@ def _owner_process(run_dir, job: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_job_is_refused_while_the_owner_lives_and_takes_over_when_it_died(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SLURM_JOB_ID", "2002")
     first = _owner_process(tmp_path, "1001")
@@ -57,6 +58,7 @@ def test_a_second_job_is_refused_while_the_owner_lives_and_takes_over_when_it_di
     assert not (tmp_path / owner.OWNER).exists()
 
 
+@pytest.mark.slow
 def test_the_same_job_takes_over_and_another_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     same = _owner_process(tmp_path, "77")  # a requeued job keeps its id: its earlier incarnation is over

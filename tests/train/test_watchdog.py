@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from helpers.runs import ROOT
 
 from pretrain.exit_codes import EXIT_STALLED
@@ -96,6 +97,7 @@ STALLED_LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_loader_blocked_on_a_stalled_file_ends_the_process(tmp_path):
     fifo = tmp_path / "shard.tar"
     os.mkfifo(fifo)
