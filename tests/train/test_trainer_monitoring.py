@@ -34,8 +34,8 @@ def run(tmp_path_factory, assets, shapes):
         "train.val_captions": 2, "train.val_caption_tokens": 6,
         # Every test sample renders to 25 tokens, its image's included: 24 cuts one text token off each.
         "data.max_length": 24,
-        # 6 ms: due at every step by rank 0's clock; every_steps stays 0.
-        "checkpoint.every_minutes": 1e-4, "checkpoint.every_steps": 0, "checkpoint.keep_last": STEPS})
+        # 60 ns: due at every step (a save to the next step's decision takes longer) by rank 0's clock; every_steps 0.
+        "checkpoint.every_minutes": 1e-9, "checkpoint.every_steps": 0, "checkpoint.keep_last": STEPS})
     out = launch(cfg)
     assert out.returncode == 0, out.stdout + out.stderr
     return root / "run"
