@@ -42,7 +42,7 @@ def _base_export(out: Path, assets: dict, tokenizer) -> Path:
     return out
 
 
-def _run(root: Path, assets, shapes, urls, *args: str, **overrides) -> dict:
+def _run(root: Path, assets, shapes, urls, *args: str, nproc: int = 2, **overrides) -> dict:
     root.mkdir()
     cfg = write_config(root / "c.yaml", assets, shapes, **{
         "train.stage": "finetune", "train.max_steps": STEPS, "train.grad_accum": ACCUM, "train.micro_batch_size": 2,
@@ -50,7 +50,7 @@ def _run(root: Path, assets, shapes, urls, *args: str, **overrides) -> dict:
         "deepspeed.param_persistence_threshold": 0, "data.train": [{"urls": urls}], "data.val": [],
         "data.shuffle_buffer": 1, **overrides})
     out = root / "gathers.json"
-    proc = torchrun(TOOL, [str(cfg), "--out", str(out), *args], timeout=400)
+    proc = torchrun(TOOL, [str(cfg), "--out", str(out), *args], nproc=nproc, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -65,8 +65,13 @@ def lora_run(tmp_path_factory, assets, shapes, tokenizer) -> dict:
     ckpts = root / "a" / "run" / "checkpoints"
     resumed = _run(root / "b", assets, shapes, urls, "--save", **common, **{
         "checkpoint.resume": str(ckpts / "step_00000001"), "checkpoint.every_steps": 1})
+    # Elastic: the 2-rank checkpoint resumed on 1 rank (the same global batch: twice the accumulation).
+    elastic = _run(root / "c", assets, shapes, urls, "--save", nproc=1, **common, **{
+        "checkpoint.resume": str(ckpts / "step_00000001"), "checkpoint.every_steps": 1,
+        "train.grad_accum": 2 * ACCUM})
     return {"base": base, "first": first, "resumed": resumed, "ckpts": ckpts, "run": root / "a" / "run",
-            "resumed_ckpts": root / "b" / "run" / "checkpoints", "root": root}
+            "resumed_ckpts": root / "b" / "run" / "checkpoints", "elastic": elastic,
+            "elastic_ckpts": root / "c" / "run" / "checkpoints", "root": root}
 
 
 def _adapters(state: dict) -> dict:
@@ -100,6 +105,25 @@ def test_trains_adapters_only_gathers_the_base_as_full_finetuning_and_resumes_ex
     for k in a:
         assert a[k].numel() > 0 and torch.equal(a[k], b[k]), k
     assert all(a[k].abs().sum() > 0 for k in a if ".lora_B." in k)  # trained: B starts at zero
+
+
+def test_an_elastic_resume_on_one_rank_loads_and_trains_the_adapters(lora_run):
+    """The 2-rank checkpoint of step 1 resumed on 1 rank: it goes on from step 1 (one step left), the optimizer
+    still holds only adapters and projector, and its adapters moved on from the step-1 ones it loaded."""
+    elastic = lora_run["elastic"]
+    assert len(elastic["losses"]) == 1 and all(torch.isfinite(torch.tensor(elastic["losses"])))
+    tag = lora_run["elastic_ckpts"] / "step_00000002"
+    names, _, _, _ = optimizer_footprint(tag)
+    assert names and all(".lora_" in n or "multi_modal_projector" in n for n in names), sorted(names)
+    start = _adapters(consolidated(lora_run["ckpts"] / "step_00000001"))
+    after = _adapters(consolidated(tag))
+    assert start.keys() == after.keys() and len(after) == 2 * 7 * 2
+    moved = [k for k in after if not torch.equal(start[k], after[k])]
+    assert moved and all(after[k].numel() > 0 for k in after)
+    # The optimizer state came along (a fresh Adam would count 1 step here).
+    osd = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+    steps = [float(st["step"]) for st in osd["optimizer_state_dict"]["optimizer_state_dict"]["state"].values()]
+    assert steps and min(steps) >= 2, steps
 
 
 def _close(theirs: torch.Tensor, ours: torch.Tensor, batch: dict) -> None:
