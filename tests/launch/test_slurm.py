@@ -350,12 +350,14 @@ def test_chain_runs_after_preemption_and_stops_when_done(slurm_cluster, tmp_path
 @pytest.mark.slurm
 @pytest.mark.parametrize("how", ["preempt", "signal"])
 def test_signalled_job_checkpoints_and_requeues(slurm_cluster, tmp_path, how):
-    # The task stands in for the trainer: on SIGUSR1 it "checkpoints" and exits 75. The signal comes from a real
-    # preemption (Slurm sends the job's --signal at once), or from `scancel --signal=USR1` to the job's tasks.
+    # The task stands in for the trainer: on SIGUSR1 it "checkpoints" (a marker file per task: what a task received
+    # is read from the file system, not from Slurm's forwarding of its output) and exits 75. The signal comes from a
+    # real preemption (Slurm sends the job's --signal at once), or from `scancel --signal=USR1` to the job's tasks.
+    where = shlex.quote(str(tmp_path))
     script, run_dir = _job(tmp_path, "preempt", _bash(
         'if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then echo resumed; exit 0; fi\n'
-        'trap \'echo "got USR1"; exit 75\' USR1\n'
-        f'touch {shlex.quote(str(tmp_path))}/ready.$SLURM_PROCID; sleep 60 & wait'))
+        f'trap \'touch {where}/got_usr1.$SLURM_PROCID; echo "got USR1"; exit 75\' USR1\n'
+        f'touch {where}/ready.$SLURM_PROCID; sleep 60 & wait'))
     jobid = slurm_cluster.sbatch(script)
     deadline = time.monotonic() + 30
     while not all((tmp_path / f"ready.{rank}").exists() for rank in (0, 1)):  # both tasks have set their trap
@@ -368,7 +370,9 @@ def test_signalled_job_checkpoints_and_requeues(slurm_cluster, tmp_path, how):
     info = slurm_cluster.wait_job(jobid, timeout=60)
     out = _logs(run_dir)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), out
-    assert "0: got USR1" in out and "1: got USR1" in out and "1: resumed" in out
+    assert [(tmp_path / f"got_usr1.{rank}").exists() for rank in (0, 1)] == [True, True], out
+    assert "step finished with exit code 75" in out and "requeueing job" in out, out
+    assert "got USR1" in out and "0: resumed" in out and "1: resumed" in out
 
 
 def test_sbatch_failure_is_reported(tmp_path, capsys, monkeypatch):
