@@ -26,7 +26,7 @@ import jinja2
 
 from pretrain.exit_codes import EXIT_PREEMPTED
 
-TEMPLATE = importlib.resources.files("launch") / "templates" / "train.sbatch"
+TEMPLATE = importlib.resources.files("pretrain.launch") / "templates" / "train.sbatch"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+,-]+$")  # partition (a list is allowed), account and QOS names
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from helpers.slurm_cluster import ensure_slurm_installed
 
-from launch.slurm import (
+from pretrain.cli.submit import main as submit_main
+from pretrain.launch.slurm import (
     SlurmJobSpec,
     SlurmSpecError,
     directive_value,
@@ -24,7 +25,6 @@ from launch.slurm import (
     submit,
     write_script,
 )
-from pretrain.cli.submit import main as submit_main
 
 CONFIG = """\
 run: {{output_dir: {out}, name: {name}}}
