@@ -48,7 +48,7 @@ img2dataset: $(IMG2DATASET_VENV)/.installed
 
 test: $(STAMP) slurm img2dataset $(VIDEO_STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests
-	$(VENV)/bin/python tools/lint_imports.py  # the import layers in pyproject.toml, over the installed layout
+	$(VENV)/bin/lint-imports  # the import layers in pyproject.toml
 	$(VENV)/bin/python -m pytest -q --durations=25 tests
 
 # The tests that start no process (no torchrun, Slurm, loader workers or subprocess), for iteration: a few minutes.
@@ -59,7 +59,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pretrain launch tools tests
-	$(VENV)/bin/python tools/lint_imports.py
+	$(VENV)/bin/lint-imports
 
 # Before a lent GPU machine's one call of tools/gpu_bench.sh (its header): the wheels it lacks, and the commit.
 gpu-wheels: $(STAMP)
