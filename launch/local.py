@@ -4,7 +4,7 @@ The config is loaded and validated here first, so a bad key fails once, before N
 
 Exit codes: 0 the run finished (or stopped at train.stop_at_step), 2 a config or usage error, 75 preempted (a signal
 made the trainer commit a checkpoint and exit; run the same command again to resume), 76 the hang watchdog ended
-the run, anything else a failure. With `max_restarts` a failure is restarted in-job, bounded (launch.restarts).
+the run, anything else a failure. With `max_restarts` a failure is restarted in-job, bounded (pretrain.launch.restarts).
 
 When a run fails, the summary names the rank that stalled (the watchdog's verdict) or exited first (this launcher
 watches torchrun's workers), not torchrun's "root cause", which is the first rank it saw fail: often a healthy one
@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.restarts import decide, newest_step
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import free_port
 from pretrain.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_STALLED
+from pretrain.launch.restarts import decide, newest_step
 from pretrain.train.watchdog import VERDICT, read_verdict
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -60,8 +60,8 @@ def _error(message: str) -> int:
 def launch_local(config: str, nproc: int | None, overrides: list[str], master_port: int | None = None,
                  shutdown_timeout: int = SHUTDOWN_TIMEOUT, max_restarts: int = 0) -> int:
     """Run `pretrain train CONFIG OVERRIDES` in `nproc` local processes (default: one per GPU, else 1), restarting
-    after a failure up to `max_restarts` times (launch.restarts), and return the exit code described in the module
-    docstring."""
+    after a failure up to `max_restarts` times (pretrain.launch.restarts), and return the exit code described in the
+    module docstring."""
     nproc = default_nproc() if nproc is None else nproc
     if nproc < 1:
         return _error("--nproc must be at least 1")

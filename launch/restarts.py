@@ -1,5 +1,5 @@
 """Restart after a failure, bounded: one policy for `pretrain launch --max-restarts N` (in-job restart) and the sbatch
-template (requeue), which calls this module as `python -m launch.restarts`.
+template (requeue), which calls this module as `python -m pretrain.launch.restarts`.
 
 A run that failed (a crash, a hang the watchdog ended, a killed rank) after committing a newer checkpoint than it
 started from is restarted: it resumes there and loses at most the steps since. One failure without a new checkpoint
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """`after RUN_DIR --code C --started S --state F --restarts R --max-restarts M`, after a failed attempt that
     started from checkpoint step S (`none`: from scratch): decide (the failures in a row kept in file F), print the
     reason (and `exclude: HOSTS` when the watchdog blamed some) and exit 0 to restart, 3 to stop."""
-    p = argparse.ArgumentParser(prog="python -m launch.restarts")
+    p = argparse.ArgumentParser(prog="python -m pretrain.launch.restarts")
     p.add_argument("what", choices=["after"])
     p.add_argument("run_dir")
     p.add_argument("--code", type=int)

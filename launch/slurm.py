@@ -26,7 +26,7 @@ import jinja2
 
 from pretrain.exit_codes import EXIT_PREEMPTED
 
-TEMPLATE = importlib.resources.files("launch") / "templates" / "train.sbatch"
+TEMPLATE = importlib.resources.files("pretrain.launch") / "templates" / "train.sbatch"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+,-]+$")  # partition (a list is allowed), account and QOS names
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -39,8 +39,7 @@ class SlurmSpecError(ValueError):
 
 @dataclass
 class SlurmJobSpec:
-    """Everything the sbatch script needs. `command` is internal: None runs the trainer
-    (`PYTHON -m pretrain train CONFIG OVERRIDES...`); tests put another argv there to exercise the template."""
+    """Everything the sbatch script needs; each task runs `PYTHON -m pretrain train CONFIG OVERRIDES...`."""
 
     config_path: str
     output_dir: str
@@ -64,7 +63,6 @@ class SlurmJobSpec:
     sbatch_options: list[str] = field(default_factory=list)
     python: str = sys.executable
     workdir: str = field(default_factory=os.getcwd)
-    command: list[str] | None = None
 
     @property
     def run_dir(self) -> str:
@@ -170,8 +168,6 @@ def _setup_lines(spec: SlurmJobSpec) -> list[str]:
 
 
 def train_command(spec: SlurmJobSpec) -> list[str]:
-    if spec.command is not None:
-        return list(spec.command)
     config = os.path.abspath(os.path.join(spec.workdir, spec.config_path))
     return [spec.python, "-m", "pretrain", "train", config, *spec.overrides]
 

@@ -81,8 +81,8 @@ def run_demo(out_dir: str | Path = "demo_out", nproc: int = 2, n_train: int = 40
              overrides: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
-    from launch.local import launch_local
     from pretrain.export.hf import convert
+    from pretrain.launch.local import launch_local
 
     hf_logging.disable_progress_bar()  # the demo's own steps and the training bar are what a user wants to read
     out = Path(out_dir).resolve()

@@ -9,5 +9,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on a signal; resume m
 EXIT_STALLED = 76  # the hang watchdog ended the run (a rank made no progress); the last checkpoint stands.
 
 # Failures never worth a restart: the same command fails the same way (a config error, a run directory that another
-# live job owns). Any other non-zero code is a crash, a hang or a lost node: restarted, bounded (launch.restarts).
+# live job owns). Any other non-zero code is a crash, a hang or a lost node: restarted, bounded
+# (pretrain.launch.restarts).
 NOT_RESTARTABLE = (EXIT_CONFIG,)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-SHUTDOWN_TIMEOUT = 120  # seconds; launch.local's default, kept here so `--help` imports nothing heavy
+SHUTDOWN_TIMEOUT = 120  # seconds; pretrain.launch.local's default, kept here so `--help` imports nothing heavy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.local import launch_local
+    from pretrain.launch.local import launch_local
 
     return launch_local(args.config, args.nproc, args.overrides, master_port=args.master_port,
                         shutdown_timeout=args.shutdown_timeout, max_restarts=args.max_restarts)

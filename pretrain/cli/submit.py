@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from launch.slurm import SlurmJobSpec
+    from pretrain.launch.slurm import SlurmJobSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:
-    from launch.slurm import SlurmSpecError
+    from pretrain.launch.slurm import SlurmSpecError
 
     env = {}
     for item in items:
@@ -86,8 +86,8 @@ def cpus_per_task(flag: int | None, num_workers: int | str) -> int:
 
 def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
     """Load and validate the config (a bad config fails here, not on the cluster) and describe the job."""
-    from launch.slurm import SlurmJobSpec, SlurmSpecError, job_name
     from pretrain.config import load_config
+    from pretrain.launch.slurm import SlurmJobSpec, SlurmSpecError, job_name
     from pretrain.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
@@ -107,8 +107,8 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.slurm import SlurmSpecError, render_script, submit, write_script
     from pretrain.config import ConfigError
+    from pretrain.launch.slurm import SlurmSpecError, render_script, submit, write_script
 
     try:
         spec = build_spec(args)

@@ -42,7 +42,7 @@ def test_help_imports_no_library_code():
 
 
 def test_launch_help_default_is_the_launchers():
-    from launch.local import SHUTDOWN_TIMEOUT
     from pretrain.cli import launch
+    from pretrain.launch.local import SHUTDOWN_TIMEOUT
 
     assert launch.SHUTDOWN_TIMEOUT == SHUTDOWN_TIMEOUT

@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -295,6 +297,20 @@ def _wait_for(cond, timeout: float, what: str, logs, every: float = 0.2) -> None
         if time.monotonic() > deadline:
             raise SlurmError(f"timed out after {timeout} s waiting for {what}\n{logs()}")
         time.sleep(every)
+
+
+def stand_in_python(path: Path, command: list[str]) -> Path:
+    """An executable at `path` to give a job as its Python (`pretrain submit --python`, `SlurmJobSpec.python`): where
+    the sbatch template starts the trainer (`PYTHON -m pretrain train CONFIG ...`) it runs `command` instead,
+    ignoring those arguments; any other use (the template's `PYTHON -m pretrain.launch.restarts ...`) goes to this
+    test's Python. So the real template runs with a small test program in place of training."""
+    path.write_text("#!/bin/bash\n"
+                    'if [ "$1" = -m ] && [ "$2" = pretrain ] && [ "$3" = train ]; then\n'
+                    f"    exec {shlex.join(command)}\n"
+                    "fi\n"
+                    f'exec {shlex.quote(sys.executable)} "$@"\n')
+    path.chmod(0o755)
+    return path
 
 
 def ensure_slurm_installed() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers.runs import ROOT, write_config
 
-from launch.local import FORWARDED, torchrun_command
 from pretrain.cli import main
 from pretrain.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
+from pretrain.launch.local import FORWARDED, torchrun_command
 from pretrain.train import checkpoint as ckpt
 
 

@@ -1,11 +1,11 @@
-"""The restart policy shared by `pretrain launch --max-restarts` and the sbatch template (launch.restarts)."""
+"""The restart policy shared by `pretrain launch --max-restarts` and the sbatch template (pretrain.launch.restarts)."""
 
 from __future__ import annotations
 
 import json
 
-from launch.restarts import decide, main, newest_step
 from pretrain.exit_codes import EXIT_CONFIG, EXIT_STALLED
+from pretrain.launch.restarts import decide, main, newest_step
 
 
 def test_a_new_checkpoint_restarts_one_failure_without_is_retried_the_second_stops():

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.slurm_cluster import ensure_slurm_installed
+from helpers.slurm_cluster import ensure_slurm_installed, stand_in_python
 
-from launch.slurm import (
+from pretrain.cli.submit import main as submit_main
+from pretrain.launch.slurm import (
     SlurmJobSpec,
     SlurmSpecError,
     directive_value,
@@ -24,7 +25,6 @@ from launch.slurm import (
     submit,
     write_script,
 )
-from pretrain.cli.submit import main as submit_main
 
 CONFIG = """\
 run: {{output_dir: {out}, name: {name}}}
@@ -205,8 +205,9 @@ def test_spec_checks():
 # ------------------------------------------------------------------ on the local cluster
 def _job(tmp_path: Path, name: str, command: list[str], nodes: int = 2, **kw) -> tuple[Path, Path]:
     """Render the real template with a test command in place of the trainer; returns (script, run dir)."""
+    python = stand_in_python(tmp_path / f"{name}-python", command)
     spec = SlurmJobSpec(config_path="unused.yaml", output_dir=str(tmp_path / name), job_name=name, nodes=nodes,
-                        gpus_per_node=0, tasks_per_node=1, command=command, workdir=str(tmp_path), **kw)
+                        gpus_per_node=0, tasks_per_node=1, python=str(python), workdir=str(tmp_path), **kw)
     return write_script(spec, render_script(spec)), tmp_path / name
 
 
@@ -273,7 +274,8 @@ def test_each_task_picks_its_gpu_under_both_bindings(slurm_cluster, tmp_path, bi
     # Two tasks on one node, so the second has SLURM_LOCALID (LOCAL_RANK) 1.
     command = _bash(BINDINGS[binding] + f"exec {shlex.quote(sys.executable)} -c {shlex.quote(GPU_PROBE)}")
     spec = SlurmJobSpec(config_path="unused.yaml", output_dir=str(tmp_path / "gpus"), job_name="gpus", nodes=1,
-                        gpus_per_node=0, tasks_per_node=2, command=command, workdir=str(tmp_path))
+                        gpus_per_node=0, tasks_per_node=2, python=str(stand_in_python(tmp_path / "python", command)),
+                        workdir=str(tmp_path))
     script = write_script(spec, render_script(spec))
     info = slurm_cluster.wait_job(slurm_cluster.sbatch(script), timeout=60)
     out = _logs(tmp_path / "gpus")

@@ -23,8 +23,8 @@ def _lint(tree: Path) -> subprocess.CompletedProcess:
 
 def _copy(tmp_path: Path) -> Path:
     tree = tmp_path / "tree"
-    for name in ("pretrain", "launch"):
-        shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # pretrain/launch, the link to launch/, is copied as the folder it points to.
+    shutil.copytree(ROOT / "pretrain", tree / "pretrain", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     return tree
 
@@ -42,8 +42,12 @@ def test_the_tree_keeps_the_layers_and_a_planted_upward_import_or_cycle_breaks_t
     tree = _copy(tmp_path)
     _plant(tree / "pretrain" / "data" / "text.py", "from pretrain.model.build import load_tokenizer")  # data -> model
     _plant(tree / "pretrain" / "train" / "schedule.py", "from pretrain.train import trainer")  # trainer -> ... -> here
+    _plant(tree / "pretrain" / "train" / "signals.py", "from pretrain.launch import restarts")  # train -> launch
     broken = _lint(tree)
     assert broken.returncode != 0, broken.stdout
     assert "pretrain.data is not allowed to import pretrain.model" in broken.stdout, broken.stdout
     assert "pretrain.data.text -> pretrain.model.build" in broken.stdout, broken.stdout
     assert "No cycles are allowed in pretrain.train" in broken.stdout, broken.stdout
+    # launch/ is checked as the package it installs as.
+    assert "pretrain.train is not allowed to import pretrain.launch" in broken.stdout, broken.stdout
+    assert "pretrain.train.signals -> pretrain.launch.restarts" in broken.stdout, broken.stdout
