@@ -14,8 +14,8 @@ import json
 
 import torch
 import torch.distributed as tdist
-from helpers.clips import video_config
 
+from helpers.clips import video_config
 from pretrain import distributed as dist
 from pretrain.config import ModelConfig
 from pretrain.demo import tokenizer_corpus
