@@ -1,6 +1,6 @@
 """The vision tower's work split across a sequence-parallel group (pretrain.model.vision_split): the padding and
 slicing arithmetic in-process; on 2 gloo ranks, the split features and the tower/projector gradients equal the
-plain ones, with each rank's tower taking 1/N of the tiles."""
+plain ones, with each rank's tower taking 1/N of the tiles; under ZeRO-3 too."""
 
 from __future__ import annotations
 
@@ -73,4 +73,7 @@ def test_split_features_and_gradients_equal_the_unsplit_ones_on_two_ranks(tmp_pa
         for name in ("tiles3", "text_only", "anyres_video"):  # the trainable tower's gradients are in the comparison
             assert out[name]["tower_params_with_grad"] > 10, (name, out[name])  # (none past the feature layer)
         assert out["tiles3_frozen"]["tower_params"] == 0
+        z = out["zero3"]  # a partitioned, trained tower under ZeRO-3: 3 tiles -> 2 per rank, the same step
+        assert z["rows"] == [[3], [2]] and z["losses"][0] == pytest.approx(z["losses"][1], rel=1e-6), z
+        assert z["grad_diff"] < 1e-5, z
         assert out["no_tiles"] == {"rows": [1], "shape": [0, 17, 64]}  # CLS + 4 x 4 patches
