@@ -341,3 +341,15 @@ def rendezvous_store(timeout_s: float) -> Any:
     store = tdist.distributed_c10d._get_default_store().clone()
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return store
+
+
+# ---- groups of some of the ranks ------------------------------------------------------------------------------------
+def new_group(ranks: Sequence[int]) -> Any:
+    """A process group of `ranks` (e.g. a sequence-parallel group whose ranks split the vision tower's work), with
+    the world's backend. Every rank of the world calls it, member or not, in the same order. None without a
+    process group."""
+    if not active():
+        return None
+    import torch.distributed as tdist
+
+    return tdist.new_group(sorted(ranks))

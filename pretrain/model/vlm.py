@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 from pretrain.model.video import image_and_video_features, is_video_model
+from pretrain.model.vision_split import split_tower
 from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ class VLMForTraining(nn.Module):
         # The widths the alignment rows are padded to (the loader's, under flex_attention, which compiles a kernel
         # per shape; set by the trainer's set-up); None: each call's longest row.
         self.row_widths: tuple[int, ...] | None = None
+        # The ranks that hold the same micro-batch (the sequence-parallel group): the tower's work is split across
+        # them (pretrain.model.vision_split); None: this rank encodes all of its micro-batch's tiles and frames.
+        self.vision_group = None
         # A fresh training wrapper trains: from_pretrained leaves the decoder and tower in eval mode, where
         # transformers skips activation checkpointing (GradientCheckpointingLayer recomputes only in training).
         self.train()
@@ -102,7 +107,7 @@ class VLMForTraining(nn.Module):
         (all images' tokens, hidden), each image's grid unpadded with a newline per row, in image order."""
         cfg = self.vlm.config
         extra = {"image_sizes": [list(s) for s in image_sizes]} if self.anyres else {}
-        with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
+        with self.tower_in_place():
             out = self.vlm.model.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=cfg.vision_feature_layer,
@@ -113,6 +118,17 @@ class VLMForTraining(nn.Module):
         if isinstance(feats, list | tuple):
             feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
         return feats * 0.0 if self.zero_image_features else feats
+
+    @contextlib.contextmanager
+    def tower_in_place(self) -> Iterator[None]:
+        """The tower the vision calls inside run: the frozen replica when there is one, split across
+        `vision_group` when it is set."""
+        with contextlib.ExitStack() as stack:
+            if self.frozen_tower:
+                stack.enter_context(self.frozen_tower.swapped())
+            if self.vision_group is not None:
+                stack.enter_context(split_tower(self.vlm, self.vision_group))
+            yield
 
     def visual_features(self, pixel_values: torch.Tensor | None, image_sizes: list[tuple[int, int]] | None,
                         video_pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -125,7 +141,7 @@ class VLMForTraining(nn.Module):
         if not is_video_model(self.vlm):
             return self.image_features(pixel_values.to(self.dtype), image_sizes), None, dummy
         video = None if video_pixels is None else video_pixels.to(self.dtype)
-        with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
+        with self.tower_in_place():
             images, clips = image_and_video_features(self.vlm, pixel_values.to(self.dtype), image_sizes, video)
         if self.zero_image_features:
             images, clips = images * 0.0, clips * 0.0
