@@ -221,10 +221,14 @@ def write_script(spec: SlurmJobSpec, text: str) -> Path:
     return write_atomic(path, text, file_mode=0o755)
 
 
-def submit(script: str | Path, chain: int = 1, env: dict[str, str] | None = None, timeout: float = 60) -> list[int]:
-    """sbatch the script `chain` times, each job after the previous one ends in any state (afterany); job ids."""
+def check_chain(chain: int) -> None:
     if chain < 1:
         raise SlurmSpecError("--chain must be at least 1")
+
+
+def submit(script: str | Path, chain: int = 1, env: dict[str, str] | None = None, timeout: float = 60) -> list[int]:
+    """sbatch the script `chain` times, each job after the previous one ends in any state (afterany); job ids."""
+    check_chain(chain)
     ids: list[int] = []
     for _ in range(chain):
         argv = ["sbatch", "--parsable"]
