@@ -19,7 +19,7 @@ from pretrain.model.attention import flex_row_widths, resolve_attention
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
-from pretrain.model.lora import adapted_parts
+from pretrain.model.lora import adapted_components
 from pretrain.model.processing import build_processing, run_tokenizer
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
@@ -74,7 +74,7 @@ def build_engine(cfg: Config, ds_config: dict) -> TrainingSetup:
                         packing=cfg.data.packing)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
-    trainable = apply_stage(model, cfg.train.stage, adapted_parts(cfg.model.lora))
+    trainable = apply_stage(model, cfg.train.stage, adapted_components(cfg.model.lora))
     # The wrapper holds the optional alignment heads: they need optimizer groups and ZeRO partitioning too.
     module = VLMForTraining(model, cfg.objectives, seed=cfg.run.seed)
     t = cfg.train
