@@ -38,7 +38,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
-from pretrain.data.batching import label_positions
+from pretrain.data.batching import label_positions, padded_width
 from pretrain.fault_switch import fault_spec
 from pretrain.model.alignment import AlignmentHeads, training_loss
 from pretrain.model.attention import attention_inputs, decode_rows
@@ -236,8 +236,7 @@ class VLMForTraining(nn.Module):
 
     def pad_rows(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and the attention mask, to the smallest of `row_widths` that holds every row."""
-        width = max(len(r) for r in rows)
-        width = min((w for w in self.row_widths or () if w >= width), default=width)
+        width = padded_width(map(len, rows), 1, self.row_widths)
         ids = torch.full((len(rows), width), self.pad_id(), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
