@@ -27,14 +27,11 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import free_port
-from pretrain.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_STALLED
+from pretrain.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_STALLED, SHUTDOWN_TIMEOUT
 from pretrain.launch.restarts import decide, newest_step
 from pretrain.train.watchdog import VERDICT, read_verdict
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-# Time the workers get to finish their step and commit a checkpoint after a signal, before torchrun kills them
-# (torchrun's own default, 30 s, is short for a large model's checkpoint).
-SHUTDOWN_TIMEOUT = 120
 
 
 def default_nproc() -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jinja2
 
+from pretrain.atomic_file import write_atomic
 from pretrain.exit_codes import EXIT_PREEMPTED
 
 TEMPLATE = importlib.resources.files("pretrain.launch") / "templates" / "train.sbatch"
@@ -213,17 +214,17 @@ def write_script(spec: SlurmJobSpec, text: str) -> Path:
     directory = Path(spec.run_dir, "slurm")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.job_name}.sbatch"
-    tmp = path.with_suffix(".sbatch.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, text, file_mode=0o755)
+
+
+def check_chain(chain: int) -> None:
+    if chain < 1:
+        raise SlurmSpecError("--chain must be at least 1")
 
 
 def submit(script: str | Path, chain: int = 1, env: dict[str, str] | None = None, timeout: float = 60) -> list[int]:
     """sbatch the script `chain` times, each job after the previous one ends in any state (afterany); job ids."""
-    if chain < 1:
-        raise SlurmSpecError("--chain must be at least 1")
+    check_chain(chain)
     ids: list[int] = []
     for _ in range(chain):
         argv = ["sbatch", "--parsable"]

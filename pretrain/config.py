@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pretrain.atomic_file import write_atomic
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the key and what would be valid."""
@@ -459,6 +461,4 @@ def to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    write_atomic(path, to_yaml(cfg))

@@ -64,7 +64,8 @@ def processor(root: Path):
 
 def saved_state(urls: list[str], per_shard: int, world: int, fraction: float, buffer: int) -> dict:
     """The merged loader state of `world` ranks (0 workers), each slot `fraction` into its epoch share."""
-    from pretrain.data.loader import LoaderSpec, SlotState, layout
+    from pretrain.data.loader import LoaderSpec, layout
+    from pretrain.data.slot_state import SlotState, StreamState
     from pretrain.data.stream import ShardReader, SourceStream
 
     spec = LoaderSpec(sources=[urls], weights=[1.0], world_size=world, shuffle_buffer=buffer, max_length=64)
@@ -74,8 +75,8 @@ def saved_state(urls: list[str], per_shard: int, world: int, fraction: float, bu
         done = int(fraction * len(shards) * per_shard)
         pos, sample = divmod(done, per_shard)
         previous = [(0, shards[max(pos - 1, 0)], i) for i in range(min(buffer, per_shard))] if done else []
-        slots[str(s)] = SlotState(streams=[{"epoch": 0, "shard_pos": pos, "sample_pos": sample}],
-                                  buffer=previous, buffer_epochs=[0] * len(previous), ok=[done]).__dict__
+        slots[str(s)] = SlotState(streams=[StreamState(0, pos, sample)], buffer=previous,
+                                  buffer_epochs=[0] * len(previous), ok=[done]).to_dict()
     return {"format": 2, **layout(spec), "consumed": 0, "slots": slots}
 
 

@@ -19,8 +19,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pretrain import distributed as dist
-from pretrain.bench.common_practice import IGNORE, LlavaShardDataset, LlavaStyleSample, llava_collate
+from pretrain.bench.common_practice import LlavaShardDataset, LlavaStyleSample, llava_collate
 from pretrain.config import Config
+from pretrain.data.batching import label_count
 from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
 from pretrain.train.engine import loader_workers
@@ -78,7 +79,7 @@ class _TimedTrainer(Trainer):
             self.bench["tokens"] += sum(lens)
             self.bench["samples"] += len(lens)
             if self.shape is not None:
-                labels = int((b["labels"][:, 1:] != IGNORE).sum())
+                labels = label_count(b["labels"])
                 self.bench["flops"] += step_flops(self.shape, lens, len(lens), labels, self.stage).total
         return batches, n_items
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-SHUTDOWN_TIMEOUT = 120  # seconds; pretrain.launch.local's default, kept here so `--help` imports nothing heavy
+from pretrain.exit_codes import SHUTDOWN_TIMEOUT
 
 
 def register(sub: argparse._SubParsersAction) -> None:

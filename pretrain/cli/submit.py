@@ -108,12 +108,11 @@ def build_spec(args: argparse.Namespace) -> SlurmJobSpec:
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.config import ConfigError
-    from pretrain.launch.slurm import SlurmSpecError, render_script, submit, write_script
+    from pretrain.launch.slurm import SlurmSpecError, check_chain, render_script, submit, write_script
 
     try:
         spec = build_spec(args)
-        if args.chain < 1:
-            raise SlurmSpecError("--chain must be at least 1")
+        check_chain(args.chain)
         text = render_script(spec, args.template)
     except (ConfigError, SlurmSpecError, OSError) as err:
         print(f"pretrain submit: {err}", file=sys.stderr)

@@ -16,22 +16,35 @@ Clips: `video_pixels` is their sampled frames concatenated, (frames, 3, S, S), i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
 from pretrain.data.sample import ProcessedSample
 from pretrain.tokens import IGNORE
 
+PAD_TO_MULTIPLE = 8  # a batch's width is rounded up to a multiple of this
 
-def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = 8,
+
+def padded_width(row_lengths: Iterable[int], pad_to_multiple: int = PAD_TO_MULTIPLE,
+                 widths: tuple[int, ...] | None = None) -> int:
+    """The width a batch of rows of these lengths is padded to: the longest rounded up to `pad_to_multiple`, then
+    the smallest of `widths` that holds it (kernels compiled per shape), where given."""
+    width = -(-max(row_lengths) // pad_to_multiple) * pad_to_multiple
+    return min((w for w in widths or () if w >= width), default=width)
+
+
+def label_count(labels: torch.Tensor | Sequence[int]) -> int:
+    """Positions whose next token is a label, where the LM head and the loss run: of one sample's labels or of a
+    batch's (rows, width) tensor. On a host tensor it reads nothing back from a device."""
+    return int((torch.as_tensor(labels)[..., 1:] != IGNORE).sum())
+
+
+def collate(rows: list[list[ProcessedSample]], pad_id: int, pad_to_multiple: int = PAD_TO_MULTIPLE,
             widths: tuple[int, ...] | None = None) -> dict:
-    """Each row is a list of samples laid end to end (one sample per row when not packing). `widths`: the batch is
-    padded to the smallest of them that holds its longest row (kernels compiled per shape); None: to a multiple of
-    `pad_to_multiple`."""
-    lengths = [sum(len(s) for s in row) for row in rows]
-    width = max(lengths)
-    width = -(-width // pad_to_multiple) * pad_to_multiple
-    if widths:
-        width = min((w for w in widths if w >= width), default=width)
+    """Each row is a list of samples laid end to end (one sample per row when not packing), padded to
+    `padded_width`."""
+    width = padded_width((sum(len(s) for s in row) for row in rows), pad_to_multiple, widths)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

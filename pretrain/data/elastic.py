@@ -7,7 +7,7 @@ not train on sits in its shuffle buffer and its batcher (`buffer`, `pending`) as
 
 The rest, per source, from every old slot (the states of *all* old ranks, merged):
 - its unread part of its current epoch and its whole shares of later epochs up to the furthest epoch any old slot
-  reached (slots drift apart when shards hold different sample counts): pieces `[epoch, url, start, stop, step]`;
+  reached (slots drift apart when shards hold different sample counts): pieces (pretrain.data.slot_state.Piece);
 - the samples in its buffer and batcher, which go back into the new slots' shuffle buffers.
 Pieces of local shards (counts from the shard directory's manifest, else from tar headers; no sample is read)
 are concatenated and cut into equal contiguous blocks, one per new slot. Stream pieces (`pipe:`, http: counts
@@ -26,12 +26,11 @@ import logging
 from typing import Any
 
 from pretrain.data.loader_spec import LoaderSpec
+from pretrain.data.slot_state import Piece, SlotState, skip_counts
 from pretrain.data.stream import ShardReader, SourceStream
 from pretrain.data.urls import is_remote
 
 log = logging.getLogger(__name__)
-
-Piece = list  # [epoch, url, start, stop | None, step]
 
 
 def source_fingerprint(urls: list[str]) -> str:
@@ -54,11 +53,11 @@ def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, 
         j = old_index.get(source_fingerprint(urls))
         if j is None:
             log.warning("data: source %d (%d shards) is new in this run: it starts at its first epoch", i, len(urls))
-            parts: dict[int, dict] = {t: {"epoch": 0} for t in mine}
+            positions: dict[int, dict] = {t: {"epoch": 0} for t in mine}
         else:
-            parts = _split_source(state, slots, j, urls, n_new, mine, reader)
+            positions = _split_source(state, slots, j, urls, n_new, mine, reader)
         for t in mine:
-            new[t]["streams"].append(parts[t])
+            new[t]["streams"].append(positions[t])
     _split_refs(state, slots, spec, n_new, new)
     if spec.rank == 0:  # the old counts live on in one slot, so the bad-fraction check keeps its history
         new[0].update(_old_counts(state, slots, spec))
@@ -83,14 +82,13 @@ def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new
     pieces: list[Piece] = []
     for s, pos in enumerate(positions):
         stream = SourceStream(urls, s, n_old, state["seed"], j, state["shuffle"], reader)
-        rest = [list(p) for p in pos.get("rest", [])[pos.get("rest_pos", 0):]]
+        rest = [Piece(*p) for p in pos.get("rest", [])[pos.get("rest_pos", 0):]]
         if rest:  # still in the rest of an earlier resume: its current piece goes on from sample_pos
-            e, url, start, stop, step = rest[0]
-            rest[0][2] = start + max(0, -(-(pos["sample_pos"] - start) // step)) * step
+            rest[0].start = rest[0].first_at(pos["sample_pos"])
             pos = {**pos, "shard_pos": 0, "sample_pos": 0}
         pieces += rest + _unread(stream, pos, following - 1)
     blocks = _split_pieces(pieces, n_new, reader)
-    return {t: {"epoch": following, "rest": blocks[t]} for t in mine}
+    return {t: {"epoch": following, "rest": [p.to_list() for p in blocks[t]]} for t in mine}
 
 
 def _started(pos: dict) -> bool:
@@ -108,18 +106,18 @@ def _unread(stream: SourceStream, pos: dict, last_epoch: int) -> list[Piece]:
             begin = pos["sample_pos"] if here and p == pos["shard_pos"] else 0
             if by_sample:  # this slot takes the samples i with (offset + i) % n == s
                 offset = sum(stream.reader.count(u) or 0 for u in shards[:p])
-                pieces.append([epoch, shards[p], begin + (s - offset - begin) % n, None, n])
+                pieces.append(Piece(epoch, shards[p], begin + (s - offset - begin) % n, None, n))
             else:
-                pieces.append([epoch, shards[p], begin, None, 1])
+                pieces.append(Piece(epoch, shards[p], begin, None, 1))
     return pieces
 
 
 def _split_pieces(pieces: list[Piece], n_new: int, reader: ShardReader) -> list[list[Piece]]:
     """Local pieces cut into n_new equal contiguous blocks; stream pieces dealt out (or strided when few)."""
     # A count above the real one (a shard cut after its manifest) only shifts block edges: reads stop at its end.
-    local = [(e, url, range(a, reader.listed_count(url) if b is None else min(b, reader.listed_count(url)), k))
-             for e, url, a, b, k in pieces if not is_remote(url)]
-    streams = [p for p in pieces if is_remote(p[1])]
+    local = [(p.epoch, p.url, range(p.start, _clipped_stop(p, reader.listed_count(p.url)), p.step))
+             for p in pieces if not is_remote(p.url)]
+    streams = [p for p in pieces if is_remote(p.url)]
     total = sum(len(r) for _, _, r in local)
     out: list[list[Piece]] = [[] for _ in range(n_new)]
     at = 0
@@ -128,14 +126,18 @@ def _split_pieces(pieces: list[Piece], n_new: int, reader: ShardReader) -> list[
             lo, hi = t * total // n_new - at, (t + 1) * total // n_new - at
             part = r[max(lo, 0):max(min(hi, len(r)), 0)]
             if len(part):
-                out[t].append([e, url, part.start, part.stop, part.step])
+                out[t].append(Piece(e, url, part.start, part.stop, part.step))
         at += len(r)
     for t in range(n_new):
         if len(streams) >= n_new:
-            out[t] += [list(p) for p in streams[t::n_new]]
+            out[t] += streams[t::n_new]
         else:
-            out[t] += [[e, url, a + t * k, b, k * n_new] for e, url, a, b, k in streams]
+            out[t] += [Piece(p.epoch, p.url, p.start + t * p.step, p.stop, p.step * n_new) for p in streams]
     return out
+
+
+def _clipped_stop(piece: Piece, count: int) -> int:
+    return count if piece.stop is None else min(piece.stop, count)
 
 
 def _split_refs(state: dict, slots: list[dict], spec: LoaderSpec, n_new: int, new: dict[int, dict]) -> None:
@@ -153,18 +155,9 @@ def _split_refs(state: dict, slots: list[dict], spec: LoaderSpec, n_new: int, ne
 
 
 def _old_counts(state: dict, slots: list[dict], spec: LoaderSpec) -> dict[str, Any]:
-    n = len(spec.sources)
     index = {fp: j for j, fp in enumerate(state["sources"])}
     old = [index.get(source_fingerprint(urls)) for urls in spec.sources]
     ok = [sum(s["ok"][j] for s in slots if s["ok"]) if j is not None else 0 for j in old]
-    skipped: list[dict[str, int]] = [{} for _ in range(n)]
-    for s in slots:
-        for i, j in enumerate(old):
-            if j is None:
-                continue
-            counts = {**(s["skipped"][j] if s["skipped"] else {})}
-            for k, v in s["streams"][j].get("lost", {}).items():
-                counts[k] = counts.get(k, 0) + v
-            for k, v in counts.items():
-                skipped[i][k] = skipped[i].get(k, 0) + v
+    old_slots = [SlotState.from_dict(s) for s in slots]
+    skipped = [skip_counts(old_slots, j) if j is not None else {} for j in old]
     return {"ok": ok, "skipped": skipped, "truncated": sum(s["truncated"] for s in slots)}

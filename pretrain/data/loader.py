@@ -26,7 +26,6 @@ import json
 import logging
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -38,25 +37,11 @@ from pretrain.data.errors import SampleError
 from pretrain.data.loader_spec import LoaderSpec
 from pretrain.data.remote import StreamPolicy
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, StreamState, seeded_rng
+from pretrain.data.slot_state import SlotState, StreamState, skip_counts
+from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, seeded_rng
 from pretrain.data.urls import is_remote
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SlotState:
-    streams: list[dict] = field(default_factory=list)
-    mix_rng: tuple | None = None
-    buffer_rng: tuple | None = None
-    buffer: list[tuple[int, str, int]] = field(default_factory=list)  # (source, url, index) of buffered samples
-    pending: list[tuple[int, str, int]] = field(default_factory=list)  # the same, of samples the batcher holds
-    buffer_epochs: list[int] = field(default_factory=list)  # the source epoch each of them was read in
-    pending_epochs: list[int] = field(default_factory=list)
-    ok: list[int] = field(default_factory=list)
-    skipped: list[dict[str, int]] = field(default_factory=list)
-    truncated: int = 0
-    batches: int = 0
 
 
 class SlotPipeline:
@@ -68,7 +53,7 @@ class SlotPipeline:
         n = len(spec.sources)
         self.streams = [
             SourceStream(urls, slot, n_slots, spec.seed, i, spec.shuffle, self.reader,
-                         StreamState(**st.streams[i]) if st.streams else None, _epoch_share(spec, urls, n_slots))
+                         copy.deepcopy(st.streams[i]) if st.streams else None, _epoch_share(spec, urls, n_slots))
             for i, urls in enumerate(spec.sources)]
         self.mix_rng = seeded_rng(spec.seed, slot, "mix")
         self.buffer = ShuffleBuffer(spec.shuffle_buffer if spec.shuffle else 1, seeded_rng(spec.seed, slot, "buf"))
@@ -105,7 +90,7 @@ class SlotPipeline:
 
     def state(self) -> SlotState:
         return SlotState(
-            streams=[copy.deepcopy(s.state.__dict__) for s in self.streams],
+            streams=[copy.deepcopy(s.state) for s in self.streams],
             mix_rng=self.mix_rng.getstate(), buffer_rng=self.buffer.rng.getstate(),
             buffer=self.buffer.refs(), pending=[ref[:3] for ref, _, _ in self.batcher.pending()],
             buffer_epochs=self.buffer.epochs(), pending_epochs=[ref[3] for ref, _, _ in self.batcher.pending()],
@@ -261,12 +246,13 @@ class ResumableLoader:
                         "the rest of the interrupted epoch is split over the new slots", state.get("world_size"),
                         state.get("num_workers"), self.spec.world_size, self.spec.num_workers)
             split = elastic.split_rest(state, self.spec, ShardReader())
-            self.slot_states = {t: SlotState(**d) for t, d in split.items()}
+            self.slot_states = {t: SlotState.from_dict(d) for t, d in split.items()}
             return
         self.consumed = state["consumed"]
         w = max(self.spec.num_workers, 1)
         # A merged state holds every rank's slots: keep this rank's, so `stats()` counts only its own.
-        self.slot_states = {int(k): SlotState(**v) for k, v in state["slots"].items() if int(k) // w == self.spec.rank}
+        self.slot_states = {int(k): SlotState.from_dict(v) for k, v in state["slots"].items()
+                            if int(k) // w == self.spec.rank}
 
     def _restart_states(self, state: dict) -> dict[int, SlotState]:
         epochs = [s["streams"][i]["epoch"] for s in state["slots"].values() for i in range(len(s["streams"]))]
@@ -277,26 +263,19 @@ class ResumableLoader:
                     epoch)
         w = max(self.spec.num_workers, 1)
         n = len(self.spec.sources)
-        return {self.spec.rank * w + i: SlotState(streams=[{"epoch": epoch} for _ in range(n)]) for i in range(w)}
+        return {self.spec.rank * w + i: SlotState(streams=[StreamState(epoch) for _ in range(n)]) for i in range(w)}
 
     def state_dict(self) -> dict:
         return {
             STATE_FORMAT: 2, **layout(self.spec), "consumed": self.consumed,
-            "slots": {str(k): copy.deepcopy(v.__dict__) for k, v in self.slot_states.items()},
+            "slots": {str(k): v.to_dict() for k, v in self.slot_states.items()},
         }
 
     def stats(self) -> dict:
         """Cumulative counts over this rank's slots: ok and skipped per reason (all sources summed) and per source."""
         n = len(self.spec.sources)
         ok = [sum(s.ok[i] for s in self.slot_states.values() if s.ok) for i in range(n)]
-        skipped: list[dict[str, int]] = [{} for _ in range(n)]
-        for s in self.slot_states.values():
-            for i, d in enumerate(s.skipped):
-                for k, v in d.items():
-                    skipped[i][k] = skipped[i].get(k, 0) + v
-            for i, st in enumerate(s.streams):
-                for k, v in st.get("lost", {}).items():
-                    skipped[i][k] = skipped[i].get(k, 0) + v
+        skipped = [skip_counts(self.slot_states.values(), i) for i in range(n)]
         return {"ok": ok, "skipped": skipped, "truncated": sum(s.truncated for s in self.slot_states.values())}
 
     def __iter__(self) -> Iterator[dict]:

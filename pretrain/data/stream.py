@@ -20,13 +20,14 @@ import logging
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.gopen import set_options
 
 from pretrain.data import errors
 from pretrain.data.remote import RetryingStream, StreamPolicy, open_stream
+from pretrain.data.slot_state import StreamState
 from pretrain.data.tar_index import Member, file_size, group_members, stream_members, truncation
 from pretrain.data.urls import MANIFEST_NAME, is_remote
 
@@ -253,20 +254,6 @@ class ShardReader:
                 stream.close()
 
 
-@dataclass
-class StreamState:
-    epoch: int = 0
-    shard_pos: int = 0  # index into this slot's shard list of the epoch
-    sample_pos: int = 0  # next sample index within that shard
-    taken: int = 0  # samples this slot took in this epoch (counted against `epoch_samples`)
-    lost: dict[str, int] = field(default_factory=dict)
-    # After a resume on other slots: this slot's part of the interrupted epoch(s), read before `epoch` starts.
-    # Each piece is [epoch, url, start, stop, step] (stop None: to the shard's end); sample_pos is the next index
-    # to read within piece `rest_pos`.
-    rest: list[list] = field(default_factory=list)
-    rest_pos: int = 0
-
-
 class SourceStream:
     """One source's endless, seeded, resumable sample stream for one slot.
 
@@ -295,16 +282,16 @@ class SourceStream:
     def _rest(self) -> Iterator[RawSample]:
         st = self.state
         while st.rest_pos < len(st.rest):
-            epoch, url, start, stop, step = st.rest[st.rest_pos]
-            first = start + max(0, -(-(st.sample_pos - start) // step)) * step
+            piece = st.rest[st.rest_pos]
+            first = piece.first_at(st.sample_pos)
             try:
-                with contextlib.closing(self.reader.iterate_range(url, first, stop, step)) as samples:
+                with contextlib.closing(self.reader.iterate_range(piece.url, first, piece.stop, piece.step)) as samples:
                     for raw in samples:
                         st.sample_pos = raw.index + 1
-                        raw.epoch = epoch
+                        raw.epoch = piece.epoch
                         yield raw
             except TarShardError as err:
-                self._lose(err, url, start + max(0, -(-(st.sample_pos - start) // step)) * step, stop, step)
+                self._lose(err, piece.url, piece.first_at(st.sample_pos), piece.stop, piece.step)
             st.rest_pos, st.sample_pos = st.rest_pos + 1, 0
         st.rest, st.rest_pos = [], 0
 

@@ -61,10 +61,10 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
 def greedy_generate(module: VLMForTraining, prompts: list[list[int]], pixel_values: torch.Tensor,
                     stop: int | list[int], max_new_tokens: int = 32) -> list[list[int]]:
     """New token ids for each prompt (one image each, in order), up to and excluding the first stop token."""
-    stop_t = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=module._device())
+    stop_t = torch.tensor([stop] if isinstance(stop, int) else list(stop), device=module.param_device())
     vlm = module.vlm
-    device = module._device()
-    ids, mask = _left_pad(prompts, module._pad_id(), device)
+    device = module.param_device()
+    ids, mask = _left_pad(prompts, module.pad_id(), device)
     embeds = module.embed(ids, pixel_values.to(device, module.dtype))
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     lm = vlm.model.language_model

@@ -46,7 +46,7 @@ class EvalModel:
 
     @property
     def device(self) -> torch.device:
-        return self.module._device()
+        return self.module.param_device()
 
 
 def _copy_pieces(target: torch.Tensor, pieces: Iterable[torch.Tensor], name: str) -> None:

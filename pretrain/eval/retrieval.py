@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from pretrain.model.alignment import pool_text
 from pretrain.model.vlm import VLMForTraining
 
 
 @torch.no_grad()
 def image_features(module: VLMForTraining, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Projected image tokens of every image, (images, tokens, hidden), computed in chunks."""
-    device, dtype = module._device(), module.dtype
+    device, dtype = module.param_device(), module.dtype
     return torch.cat([module.image_features(pixel_values[i : i + batch_size].to(device, dtype))
                       for i in range(0, len(pixel_values), batch_size)])
 
@@ -32,7 +33,7 @@ def contrastive_similarity(module: VLMForTraining, features: torch.Tensor, texts
     empty = torch.zeros(0, features.shape[-1], dtype=features.dtype, device=features.device)
     img = torch.cat([module.alignment(features[i : i + batch_size].mean(1), empty)[0]
                      for i in range(0, len(features), batch_size)])
-    txt = torch.cat([module.alignment(empty, module.pool_text(texts[i : i + batch_size]))[1]
+    txt = torch.cat([module.alignment(empty, pool_text(module, texts[i : i + batch_size]))[1]
                      for i in range(0, len(texts), batch_size)])
     return (img @ txt.T).float().cpu()
 
@@ -43,7 +44,7 @@ def likelihood_similarity(module: VLMForTraining, features: torch.Tensor, texts:
     """Mean log-likelihood of each text given each image, (images, texts). `prompt` is the caption prompt
     (`[bos] <image>*N`), `texts` the caption token ids with eos."""
     rows = [prompt + t for t in texts]
-    ids, mask = module._pad(rows)
+    ids, mask = module.pad_rows(rows)
     targets = torch.full_like(ids, -100)
     for j, t in enumerate(texts):
         targets[j, len(prompt) : len(prompt) + len(t)] = torch.tensor(t)

@@ -65,29 +65,29 @@ class LoraSources:
         if held is None or not held.endswith(BASE + ".weight"):
             return None
         module = held.removesuffix(BASE + ".weight")
-        parts = {k: f"{module}.lora_{k}.{ADAPTER}.weight" for k in ("A", "B")}
-        if any(p not in self.zero.locs for p in parts.values()):
+        factors = {k: f"{module}.lora_{k}.{ADAPTER}.weight" for k in ("A", "B")}
+        if any(p not in self.zero.locs for p in factors.values()):
             return None
         magnitude = f"{module}.lora_magnitude_vector.{ADAPTER}.weight"
 
         def pieces() -> Iterator[torch.Tensor]:
             m = _whole(self.zero, magnitude) if magnitude in self.zero.locs else None
-            shape = self.zero.locs[parts["B"]].shape[0], self.zero.locs[parts["A"]].shape[1]
+            shape = self.zero.locs[factors["B"]].shape[0], self.zero.locs[factors["A"]].shape[1]
             base = (torch.cat([p.reshape(-1).float() for p in self.source_base(name)]).reshape(shape)
                     if self.source_base else _whole(self.zero, held))
-            w = merged_weight(base, _whole(self.zero, parts["A"]), _whole(self.zero, parts["B"]),
+            w = merged_weight(base, _whole(self.zero, factors["A"]), _whole(self.zero, factors["B"]),
                               self.scale, m).reshape(-1)
             yield from w.split(CHUNK)
 
         return pieces()
 
 
-def full_parts(stage: str, lcfg: LoraConfig) -> list[str]:
+def fully_trained_modules(stage: str, lcfg: LoraConfig) -> list[str]:
     """Modules trained in full next to the adapters: PEFT's modules_to_save."""
-    parts = ["multi_modal_projector"]
+    modules = ["multi_modal_projector"]
     if stage == "full" and not lcfg.vision:
-        parts.append("vision_tower")
-    return parts
+        modules.append("vision_tower")
+    return modules
 
 
 def adapter_config(lcfg: LoraConfig, target: str, base: str, modules_to_save: list[str]) -> dict:
@@ -104,7 +104,7 @@ def write_adapter(zero: ZeroCheckpoint, prefix: str, mcfg: ModelConfig, stage: s
     if not mcfg.init_from:
         raise ValueError("--adapter: the adapter applies to the model the run started from, and this run has no "
                          "model.init_from (an exported Llava directory); export it merged instead")
-    keep = full_parts(stage, mcfg.lora)
+    keep = fully_trained_modules(stage, mcfg.lora)
     tensors = {}
     for name in sorted(zero.trainable):
         inner = name.removeprefix(prefix)

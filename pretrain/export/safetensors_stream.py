@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
+
+from pretrain.atomic_file import AtomicFile
 
 # The dtype codes of the safetensors format.
 DTYPE_CODES = {
@@ -44,7 +45,7 @@ class StreamingSafetensorsWriter:
     """`with StreamingSafetensorsWriter(path, specs) as w: w.write_tensor(name, pieces)`, in `specs` order.
 
     Pieces are flat (or any shape) tensors of the spec's dtype whose elements, in order, make up the tensor.
-    The file appears under its final name only when complete (written as `<name>.partial`, then renamed)."""
+    The file appears under its final name only when complete (pretrain.atomic_file)."""
 
     def __init__(self, path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
         if sys.byteorder != "little":
@@ -62,8 +63,8 @@ class StreamingSafetensorsWriter:
         self.data_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % HEADER_ALIGN)
-        self._tmp = self.path.with_name(self.path.name + ".partial")
-        self._file = open(self._tmp, "wb")
+        self._out = AtomicFile(self.path, durable=True)
+        self._file = self._out.file
         self._file.write(len(raw).to_bytes(8, "little") + raw)
         self._next = 0  # index into specs of the next tensor to write
 
@@ -92,15 +93,10 @@ class StreamingSafetensorsWriter:
             self.abort()
             missing = [s.name for s in self.specs[self._next:]]
             raise ValueError(f"{self.path.name}: {len(missing)} tensors never written: {missing[:3]}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._tmp.replace(self.path)
+        self._out.commit()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._out.discard()
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         return self

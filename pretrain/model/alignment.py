@@ -17,6 +17,7 @@ softmax(similarity) (positives and identical texts excluded): 1 positive and 2 n
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from torch import nn
 
 from pretrain import distributed as dist
 from pretrain.tokens import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class AlignmentHeads(nn.Module):
         else:
             self.register_buffer("logit_scale", scale)
         self.max_log_scale = math.log(max_logit_scale)
+        self.warned_no_pairs = False  # text-only micro-batches add nothing to the objectives: said once
 
     def forward(self, image_pooled: torch.Tensor, text_pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(normalised image embeddings, normalised text embeddings, logit scale). The scale is read here, inside
@@ -185,3 +189,111 @@ def itm_pairs(n: int, neg_text: torch.Tensor, neg_image: torch.Tensor) -> tuple[
     label = torch.cat([torch.ones_like(own), torch.zeros_like(own), torch.zeros_like(own)])
     weight = torch.cat([torch.ones_like(own, dtype=torch.bool), neg_text >= 0, neg_image >= 0])
     return image, text, label, weight
+
+
+# -- the objectives over the training wrapper (pretrain.model.vlm.VLMForTraining, `model` below) ---------------------
+def training_loss(model: nn.Module, batch: dict, features: torch.Tensor | None, token_sum: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch's training loss from its caption loss (`token_sum` over its `n` label tokens): caption_weight
+    x token_sum, plus each alignment objective's mean loss x its weight x n (why x n: pretrain.model.vlm); and the
+    detached terms, for logging. `features`: the batch's own image features (None without images)."""
+    o = model.objectives
+    loss = o.caption_weight * token_sum
+    terms = {"caption": token_sum.detach() / max(n, 1)}
+    if model.alignment is not None:
+        aligned = alignment_losses(model, batch, features)
+        weights = {"contrastive": o.contrastive_weight, "itm": o.itm_weight}
+        loss = loss + sum(weights[k] * v for k, v in aligned.items() if k in weights) * n
+        terms.update({k: v.detach() for k, v in aligned.items()})
+    return loss, terms
+
+
+def alignment_losses(model: nn.Module, batch: dict, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Mean contrastive and ITM losses of this micro-batch's image-text pairs (and the logit scale)."""
+    pairs = batch_pairs(batch, model.vlm.config.image_token_id)
+    if not pairs and not model.alignment.warned_no_pairs:
+        model.alignment.warned_no_pairs = True  # text-only data contributes only to the caption loss
+        log.warning("objectives: contrastive/ITM need image-text samples; a micro-batch without images adds "
+                    "nothing to them (warned once)")
+    features = pair_features(batch, features)
+    n_images = 0 if features is None else features.shape[0]
+    if len(pairs) != n_images:
+        raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
+    img, txt, scale = encode_pairs(model, features, pairs.texts)
+    keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
+    out = {"contrastive": contrastive_loss(img, txt, scale, model.pair_capacity),
+           "logit_scale": scale.detach()}
+    if model.alignment.itm_head is not None:
+        out["itm"] = itm_loss(model, features, pairs, img, txt, keys)
+    return out
+
+
+def encode_pairs(model: nn.Module, features: torch.Tensor | None, texts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Normalised contrastive embeddings of images (mean of their image tokens) and texts (mean of the decoder's
+    hidden states over the text alone), and the logit scale."""
+    hidden = model.vlm.config.text_config.hidden_size
+    pooled_img = features.mean(1) if features is not None else torch.zeros(0, hidden, dtype=model.dtype,
+                                                                            device=model.param_device())
+    return model.alignment(pooled_img, pool_text(model, texts))
+
+
+def pool_text(model: nn.Module, texts: list[list[int]]) -> torch.Tensor:
+    """Mean of the decoder's last hidden states over each text, read after a bos token (where the model has
+    one) as a language model expects; (texts, hidden). Runs on a dummy text when there is none."""
+    cfg = model.vlm.config.text_config
+    prefix = [cfg.bos_token_id] if getattr(cfg, "bos_token_id", None) is not None else []
+    rows = [prefix + t for t in texts] or [prefix or [model.pad_id()]]
+    ids, mask = model.pad_rows(rows)
+    # Right padding under a causal mask: no real token attends to a pad, so no padding mask is passed (from
+    # one, transformers reads whether it is all ones back from the device).
+    hidden = model.decode(model.vlm.get_input_embeddings()(ids))
+    weights = mask.clone()
+    weights[:, : len(prefix)] = 0
+    weights = weights.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return pooled[: len(texts)]
+
+
+def itm_loss(model: nn.Module, features: torch.Tensor | None, pairs: Pairs, img: torch.Tensor, txt: torch.Tensor,
+             keys: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positives and the drawn negatives. The rows are indexed on the device
+    (3 per pair, a negative that found no text of its own weighted 0): their count is host-known, the draw
+    is never read back."""
+    if len(pairs) < 2:  # a dummy row: same modules, same collectives; its result is dropped
+        return 0.0 * model.alignment.match_logits(fused_states(model, None, [], None)).sum()
+    with torch.no_grad():
+        neg_text, neg_image = hard_negatives(img @ txt.T, keys)
+    image, text, label, weight = itm_pairs(len(pairs), neg_text, neg_image)
+    logits = model.alignment.match_logits(fused_states(model, features[image], pairs.texts, text))
+    weight = weight.to(logits.dtype)
+    return (F.cross_entropy(logits, label, reduction="none") * weight).sum() / weight.sum()
+
+
+def fused_states(model: nn.Module, feats: torch.Tensor | None, texts: list[list[int]],
+                 text_index: torch.Tensor | None) -> torch.Tensor:
+    """Last-token hidden states of `[bos] image tokens text` for each row's image features (`feats`, one per
+    row) and text (`text_index` into `texts`, a device tensor); (rows, hidden). Texts are right-padded, so
+    each row's last real token is found from its host-known length, indexed on the device."""
+    cfg = model.vlm.config
+    prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
+    n_tokens = cfg.image_seq_length
+    head = len(prefix) + n_tokens
+    if feats is None:
+        feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=model.dtype, device=model.param_device())
+        texts, text_index = [[model.pad_id()]], torch.zeros(1, dtype=torch.long, device=model.param_device())
+    body, body_mask = model.pad_rows(texts)
+    rows = text_index.shape[0]
+    start = torch.tensor(prefix + [cfg.image_token_id] * n_tokens, dtype=torch.long, device=body.device)
+    ids = torch.cat([start.expand(rows, head), body[text_index]], dim=1)
+    hidden = model.decode(model.embed(ids, None, feats))  # right-padded, causal: no padding mask (pool_text)
+    last = head + body_mask.sum(1)[text_index] - 1
+    return hidden[torch.arange(rows, device=hidden.device), last]
+
+
+def pair_features(batch: dict, features: torch.Tensor | None) -> torch.Tensor | None:
+    """The image features of the alignment pairs: only single-image samples pair up (a text that follows several
+    images describes none of them alone), at the host-known `image_pair_index` when the batch has it."""
+    index = batch.get("image_pair_index")
+    if index is None or features is None:
+        return features
+    return features.index_select(0, torch.tensor(index, dtype=torch.long, device=features.device))

@@ -260,8 +260,8 @@ class ParamCounts:
         return self.vision + self.projector + self.llm
 
     def trainable(self, stage: str | Iterable[str]) -> int:
-        parts = trainable_parts(stage)
-        return sum(getattr(self, p) for p in ("vision", "projector", "llm") if p in parts)
+        trained = trainable_components(stage)
+        return sum(getattr(self, c) for c in ("vision", "projector", "llm") if c in trained)
 
     def frozen(self, stage: str | Iterable[str]) -> int:
         return self.total - self.trainable(stage)
@@ -273,16 +273,16 @@ def count_params(shape: VLMShape) -> ParamCounts:
                        llm=_numel(shape.llm.tensors()))
 
 
-def trainable_parts(stage: str | Iterable[str]) -> frozenset[str]:
+def trainable_components(stage: str | Iterable[str]) -> frozenset[str]:
     """`align` | `finetune` | `full`, or an explicit set drawn from {vision, projector, llm}."""
     if isinstance(stage, str):
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"unknown stage {stage!r} (valid: {', '.join(STAGE_TRAINABLE)})")
         return STAGE_TRAINABLE[stage]
-    parts = frozenset(stage)
-    if parts - {"vision", "projector", "llm"}:
-        raise ValueError(f"unknown trainable parts {sorted(parts - {'vision', 'projector', 'llm'})}")
-    return parts
+    trained = frozenset(stage)
+    if trained - {"vision", "projector", "llm"}:
+        raise ValueError(f"unknown trainable components {sorted(trained - {'vision', 'projector', 'llm'})}")
+    return trained
 
 
 @dataclass(frozen=True)
@@ -360,10 +360,10 @@ def batch_flops(shape: VLMShape, tokens: float, pairs: float, samples: int, imag
     """FLOPs of one forward+backward over `tokens` decoder positions whose attention covers `pairs` (query, key)
     pairs: step_flops' arithmetic for a batch described by its totals. The planner prices a padded batch with it
     (the decoder's matmuls run over the padding too, a dense-mask kernel over width^2 pairs per row)."""
-    parts = trainable_parts(stage)
+    trained = trainable_components(stage)
     n_img, n_logit = images, logit_tokens
-    vis_tr, proj_tr, llm_tr = ("vision" in parts), ("projector" in parts), ("llm" in parts)
-    grads_into_llm = bool(parts)  # every trainable part sits upstream of, or in, the decoder
+    vis_tr, proj_tr, llm_tr = ("vision" in trained), ("projector" in trained), ("llm" in trained)
+    grads_into_llm = bool(trained)  # every trainable component sits upstream of, or in, the decoder
 
     llm = shape.llm
     dec_fwd = 2.0 * tokens * llm.layers * llm.layer_matmul_params

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from accelerate import init_empty_weights
 from torch import nn
 
-from pretrain.model.flops import trainable_parts
+from pretrain.model.flops import trainable_components
 
 # What a stage keeps off ZeRO-3's per-call gathers (see the module docstring) follows from what it trains: a frozen
 # tower runs as a replica, a frozen decoder is gathered once per step.
@@ -37,7 +37,7 @@ def _is_partitioned(module: nn.Module) -> bool:
 
 def persist_frozen_decoder(vlm: nn.Module, stage: str) -> int:
     """Mark the frozen decoder's parameters persistent (before the engine starts); returns how many."""
-    if "llm" in trainable_parts(stage):
+    if "llm" in trainable_components(stage):
         return 0
     params = [p for p in list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
               if hasattr(p, "ds_id") and not p.requires_grad]
@@ -97,7 +97,7 @@ class FrozenTower:
 def frozen_tower_for(vlm: nn.Module, stage: str, enabled: bool) -> FrozenTower | None:
     """The replica of the tower when `stage` freezes it, the tower is partitioned and `enabled`; else None."""
     tower = vlm.model.vision_tower
-    if not (enabled and "vision" not in trainable_parts(stage) and _is_partitioned(tower)):
+    if not (enabled and "vision" not in trainable_components(stage) and _is_partitioned(tower)):
         return None
     if any(p.requires_grad for p in tower.parameters()):
         raise ValueError(f"stage {stage}: the vision tower should be frozen before it is replicated")

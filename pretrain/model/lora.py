@@ -37,7 +37,7 @@ def is_adapter(name: str) -> bool:
     return f".{ADAPTER_MARK}" in name
 
 
-def adapted_parts(lcfg: LoraConfig) -> frozenset[str]:
+def adapted_components(lcfg: LoraConfig) -> frozenset[str]:
     """The components whose base weights LoRA freezes (their adapters train instead)."""
     if not lcfg.enabled:
         return frozenset()

@@ -123,10 +123,12 @@ def run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     return apply_chat_format(load_tokenizer(cfg.model, video=cfg.data.video_frames > 0), cfg.data.chat_template)
 
 
-def build_processing(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> DataProcessing:
-    """Everything between shard bytes and a batch for this config; `tokenizer` defaults to `run_tokenizer`."""
+def build_processing(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
+                     vlm_config: LlavaConfig | None = None) -> DataProcessing:
+    """Everything between shard bytes and a batch for this config; `tokenizer` defaults to `run_tokenizer`,
+    `vlm_config` (a built model's) to the config the model will have."""
     tokenizer = tokenizer or run_tokenizer(cfg)
-    vlm_config = vlm_config_for(cfg.model, tokenizer)
+    vlm_config = vlm_config or vlm_config_for(cfg.model, tokenizer)
     image_processor = image_processor_for(cfg.model)
     processor = sample_processor(cfg, tokenizer, vlm_config, image_processor)
     return DataProcessing(tokenizer, image_processor, processor, vlm_config)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from pretrain.model.flops import trainable_parts
+from pretrain.model.flops import trainable_components
 from pretrain.model.lora import is_adapter
 from pretrain.model.projector import frozen_names
 
@@ -36,7 +36,7 @@ def apply_stage(model: LlavaForConditionalGeneration, stage: str,
                 adapted: frozenset[str] = frozenset()) -> dict[str, int]:
     """Freeze by stage; in the `adapted` components (LoRA) only the adapters train. Returns trainable parameter
     counts per component (ZeRO-3 aware)."""
-    trainable = trainable_parts(stage)  # the one stage table, shared with the cost model
+    trainable = trainable_components(stage)  # the one stage table, shared with the cost model
     fixed = frozen_names(model.config)
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():

@@ -39,9 +39,9 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
-from pretrain.data.batching import label_positions
+from pretrain.data.batching import label_positions, padded_width
 from pretrain.fault_switch import fault_spec
-from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
+from pretrain.model.alignment import AlignmentHeads, training_loss
 from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
@@ -67,7 +67,6 @@ class VLMForTraining(nn.Module):
         self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
         # The test switch that breaks the image path (features zeroed), so tests can prove they detect it.
         self.zero_image_features = bool(fault_spec().get("zero_image_features"))
-        self._warned_no_pairs = False
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
         newline = getattr(vlm.model, "image_newline", None)
         if newline is not None and hasattr(newline, "ds_id"):
@@ -137,7 +136,7 @@ class VLMForTraining(nn.Module):
         image where a micro-batch has none, so every rank makes the same calls whatever its clips."""
         dummy = pixel_values is None
         if dummy:
-            pixel_values, image_sizes = self.dummy_image(self._device())
+            pixel_values, image_sizes = self.dummy_image(self.param_device())
         if not is_video_model(self.vlm):
             return self.image_features(pixel_values.to(self.dtype), image_sizes), None, dummy
         video = None if video_pixels is None else video_pixels.to(self.dtype)
@@ -232,93 +231,8 @@ class VLMForTraining(nn.Module):
         count = torch.tensor(n)
         if not self.training:
             return token_sum, count
-        o = self.objectives
-        loss = o.caption_weight * token_sum
-        parts = {"caption": token_sum.detach() / max(n, 1)}
-        if self.alignment is not None:
-            aligned = self.alignment_losses(batch, features)
-            weights = {"contrastive": o.contrastive_weight, "itm": o.itm_weight}
-            loss = loss + sum(weights[k] * v for k, v in aligned.items() if k in weights) * n
-            parts.update({k: v.detach() for k, v in aligned.items()})
-        self.last_losses = parts
+        loss, self.last_losses = training_loss(self, batch, features, token_sum, n)
         return loss, count
-
-    def alignment_losses(self, batch: dict, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Mean contrastive and ITM losses of this micro-batch's image-text pairs (and the logit scale)."""
-        pairs = batch_pairs(batch, self.vlm.config.image_token_id)
-        if not pairs and not self._warned_no_pairs:
-            self._warned_no_pairs = True  # text-only data contributes only to the caption loss
-            log.warning("objectives: contrastive/ITM need image-text samples; a micro-batch without images adds "
-                        "nothing to them (warned once)")
-        features = pair_features(batch, features)
-        n_images = 0 if features is None else features.shape[0]
-        if len(pairs) != n_images:
-            raise ValueError(f"{len(pairs)} samples with image tokens but {n_images} images in the batch")
-        img, txt, scale = self.encode_pairs(features, pairs.texts)
-        keys = torch.tensor(pairs.keys, dtype=torch.long, device=img.device)
-        out = {"contrastive": contrastive_loss(img, txt, scale, self.pair_capacity),
-               "logit_scale": scale.detach()}
-        if self.alignment.itm_head is not None:
-            out["itm"] = self.itm_loss(features, pairs, img, txt, keys)
-        return out
-
-    def encode_pairs(self, features: torch.Tensor | None, texts: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        """Normalised contrastive embeddings of images (mean of their image tokens) and texts (mean of the decoder's
-        hidden states over the text alone), and the logit scale."""
-        hidden = self.vlm.config.text_config.hidden_size
-        pooled_img = features.mean(1) if features is not None else torch.zeros(0, hidden, dtype=self.dtype,
-                                                                                device=self._device())
-        return self.alignment(pooled_img, self.pool_text(texts))
-
-    def pool_text(self, texts: list[list[int]]) -> torch.Tensor:
-        """Mean of the decoder's last hidden states over each text, read after a bos token (where the model has
-        one) as a language model expects; (texts, hidden). Runs on a dummy text when there is none."""
-        cfg = self.vlm.config.text_config
-        prefix = [cfg.bos_token_id] if getattr(cfg, "bos_token_id", None) is not None else []
-        rows = [prefix + t for t in texts] or [prefix or [self._pad_id()]]
-        ids, mask = self._pad(rows)
-        # Right padding under a causal mask: no real token attends to a pad, so no padding mask is passed (from
-        # one, transformers reads whether it is all ones back from the device).
-        hidden = self.decode(self.vlm.get_input_embeddings()(ids))
-        weights = mask.clone()
-        weights[:, : len(prefix)] = 0
-        weights = weights.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return pooled[: len(texts)]
-
-    def itm_loss(self, features: torch.Tensor | None, pairs: Pairs, img: torch.Tensor, txt: torch.Tensor,
-                 keys: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the positives and the drawn negatives. The rows are indexed on the device
-        (3 per pair, a negative that found no text of its own weighted 0): their count is host-known, the draw
-        is never read back."""
-        if len(pairs) < 2:  # a dummy row: same modules, same collectives; its result is dropped
-            return 0.0 * self.alignment.match_logits(self.fused_states(None, [], None)).sum()
-        with torch.no_grad():
-            neg_text, neg_image = hard_negatives(img @ txt.T, keys)
-        image, text, label, weight = itm_pairs(len(pairs), neg_text, neg_image)
-        logits = self.alignment.match_logits(self.fused_states(features[image], pairs.texts, text))
-        weight = weight.to(logits.dtype)
-        return (F.cross_entropy(logits, label, reduction="none") * weight).sum() / weight.sum()
-
-    def fused_states(self, feats: torch.Tensor | None, texts: list[list[int]],
-                     text_index: torch.Tensor | None) -> torch.Tensor:
-        """Last-token hidden states of `[bos] image tokens text` for each row's image features (`feats`, one per
-        row) and text (`text_index` into `texts`, a device tensor); (rows, hidden). Texts are right-padded, so
-        each row's last real token is found from its host-known length, indexed on the device."""
-        cfg = self.vlm.config
-        prefix = [cfg.text_config.bos_token_id] if getattr(cfg.text_config, "bos_token_id", None) is not None else []
-        n_tokens = cfg.image_seq_length
-        head = len(prefix) + n_tokens
-        if feats is None:
-            feats = torch.zeros(1, n_tokens, cfg.text_config.hidden_size, dtype=self.dtype, device=self._device())
-            texts, text_index = [[self._pad_id()]], torch.zeros(1, dtype=torch.long, device=self._device())
-        body, body_mask = self._pad(texts)
-        rows = text_index.shape[0]
-        start = torch.tensor(prefix + [cfg.image_token_id] * n_tokens, dtype=torch.long, device=body.device)
-        ids = torch.cat([start.expand(rows, head), body[text_index]], dim=1)
-        hidden = self.decode(self.embed(ids, None, feats))  # right-padded, causal: no padding mask (pool_text)
-        last = head + body_mask.sum(1)[text_index] - 1
-        return hidden[torch.arange(rows, device=hidden.device), last]
 
     def per_token_loss(self, batch: dict) -> torch.Tensor:
         """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""
@@ -328,33 +242,23 @@ class VLMForTraining(nn.Module):
         loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
         return loss * (targets != IGNORE)
 
-    # -- helpers -------------------------------------------------------------------------------------------------
-    def _device(self) -> torch.device:
+    # -- helpers (the alignment objectives use them too) ----------------------------------------------------------
+    def param_device(self) -> torch.device:
         return self.vlm.get_input_embeddings().weight.device
 
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
         pad = self.vlm.config.pad_token_id
         return int(pad if pad is not None else 0)
 
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_rows(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and the attention mask, to the smallest of `row_widths` that holds every row."""
-        width = max(len(r) for r in rows)
-        width = min((w for w in self.row_widths or () if w >= width), default=width)
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        width = padded_width(map(len, rows), 1, self.row_widths)
+        ids = torch.full((len(rows), width), self.pad_id(), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
-        return ids.to(self._device()), mask.to(self._device())
-
-
-def pair_features(batch: dict, features: torch.Tensor | None) -> torch.Tensor | None:
-    """The image features of the alignment pairs: only single-image samples pair up (a text that follows several
-    images describes none of them alone), at the host-known `image_pair_index` when the batch has it."""
-    index = batch.get("image_pair_index")
-    if index is None or features is None:
-        return features
-    return features.index_select(0, torch.tensor(index, dtype=torch.long, device=features.device))
+        return ids.to(self.param_device()), mask.to(self.param_device())
 
 
 def label_rows(batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from pretrain.config import DeepSpeedConfig
-from pretrain.model.flops import VLMShape, count_params, trainable_parts
+from pretrain.model.flops import VLMShape, count_params, trainable_components
 from pretrain.plan.workload import Workload
 
 DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (elements)
@@ -24,7 +24,7 @@ def comm_per_step(work: Workload, ds: DeepSpeedConfig, n: int, accum: int, compu
     if n <= 1:
         return []
     counts = count_params(work.shape)
-    trainable, parts = work.trained_params(counts), trainable_parts(work.stage)
+    trainable, trained = work.trained_params(counts), trainable_components(work.stage)
     pb = gb = 2 if work.precision == "bf16" else 4
     ring = (n - 1) / n
     grads = trainable * gb * ring
@@ -36,7 +36,7 @@ def comm_per_step(work: Workload, ds: DeepSpeedConfig, n: int, accum: int, compu
         return [(grads * accum, backward_s), (trainable * pb * ring, 0.0)]
     # Backward regathers every part gradients flow through: the decoder and projector always, the vision tower
     # only when it trains (nothing upstream of it does).
-    backward_params = counts.llm + counts.projector + (counts.vision if "vision" in parts else 0)
+    backward_params = counts.llm + counts.projector + (counts.vision if "vision" in trained else 0)
     per_micro = (counts.total + backward_params) * pb * ring + grads
     return [(per_micro * accum, compute_s)]
 
@@ -65,7 +65,7 @@ def collective_calls(work: Workload, ds: DeepSpeedConfig, n: int) -> float:
     (pretrain.model.frozen), a frozen decoder (align) once per step. Gradients leave in reduce_bucket_size buckets:
     every micro-step at stages 2-3, once per step at 0-1; stages 1-2 all-gather the updated weights once.
     """
-    parts = trainable_parts(work.stage)
+    trained = trainable_components(work.stage)
     trainable = work.trained_params(count_params(work.shape))
     buckets = math.ceil(trainable / ds.reduce_bucket_size)
     if ds.zero_stage < 3:
@@ -73,7 +73,7 @@ def collective_calls(work: Workload, ds: DeepSpeedConfig, n: int) -> float:
     ckpt = work.checkpointed_layers(work.shape.llm.layers) / work.shape.llm.layers
     per_micro = per_step = 0.0
     for part, (n_modules, n_layer_modules) in _modules_by_part(work.shape, ds.param_persistence_threshold).items():
-        trains = part in parts
+        trains = part in trained
         if not trains and ds.frozen_unpartitioned:
             per_step += n_modules if part == "llm" else 0  # the tower's replica is never gathered
             continue

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pretrain.config import DeepSpeedConfig
-from pretrain.model.flops import PEAK_FLOPS, PROJECTOR_DEPTH, VLMShape, count_params, mfu, trainable_parts
+from pretrain.model.flops import PEAK_FLOPS, PROJECTOR_DEPTH, VLMShape, count_params, mfu, trainable_components
 from pretrain.plan.comm import collective_calls, comm_per_step, offload_seconds, sub_group_size
 from pretrain.plan.workload import Workload
 
@@ -106,22 +106,22 @@ def memory_per_gpu(work: Workload, ds: DeepSpeedConfig, n_gpus: int, overhead_gi
         host += params - pb * persist
         params = pb * persist
     buffers, replica = _buffer_bytes(work.shape, ds, pb), 0.0
-    parts = trainable_parts(work.stage)
+    trained = trainable_components(work.stage)
     if stage == 3:
         # The optimizer steps one sub-group at a time through an fp32 copy of its gradients (offloaded, the fp32
         # gradient partitions on the host above are that copy).
         if ds.offload_optimizer == "none":
             buffers += 4 * min(sub_group_size(ds), trainable / n)
-        if ds.frozen_unpartitioned and "vision" not in parts:
+        if ds.frozen_unpartitioned and "vision" not in trained:
             replica = pb * counts.vision
-        if ds.frozen_unpartitioned and "llm" not in parts:  # the frozen decoder is held gathered for the step
+        if ds.frozen_unpartitioned and "llm" not in trained:  # the frozen decoder is held gathered for the step
             buffers += pb * counts.llm * (1 - 1 / n)
     return Memory(params, grads, optimizer, activation_bytes(work), buffers, overhead_gib * GIB, host, replica)
 
 
 def activation_bytes(work: Workload) -> float:
     """Saved activations of one micro-batch (plus one layer in flight), per GPU."""
-    shape, parts = work.shape, trainable_parts(work.stage)
+    shape, trained = work.shape, trainable_components(work.stage)
     llm, vis = shape.llm, shape.vision
     a = 2 if work.precision == "bf16" else 4
     tokens = work.micro_batch * work.peak_row_tokens
@@ -130,7 +130,7 @@ def activation_bytes(work: Workload) -> float:
     # Bytes one decoder layer keeps per token. transformers' RMSNorm upcasts: its fp32 input is saved (4h), and the
     # normalised output too when the weight trains. Flash/SDPA attention keeps q, k, v, out; SwiGLU keeps gate, up
     # and silu(gate), plus their product when down_proj's weight needs it. Frozen linears keep no inputs.
-    trains = "llm" in parts
+    trains = "llm" in trained
     per_layer = 2 * (4 * h + a * h * trains) + a * (2 * q + 2 * kv) + a * i * (4 if trains else 3)
     ckpt = work.checkpointed_layers(llm.layers)
     decoder = tokens * (ckpt * a * h + (llm.layers - ckpt) * per_layer + per_layer + 2 * a * h)
@@ -141,7 +141,7 @@ def activation_bytes(work: Workload) -> float:
         logits = logit_rows * llm.vocab * (a + 8)
     images = work.batch().images
     vision = images * vis.seq * vis.hidden * a  # the selected features, at least
-    if "vision" in parts:
+    if "vision" in trained:
         v_layer = 8 * vis.hidden + 2 * vis.intermediate
         g = shape.vision_grad_layers
         v_ckpt = math.ceil(g * ckpt / llm.layers)

@@ -9,10 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from pretrain.config import Config, ConfigError
-from pretrain.data.batching import Batcher, vision_cost
-from pretrain.tokens import IGNORE
-
-PAD_TO_MULTIPLE = 8  # pretrain.data.batching.collate's default: the loader pads a batch's width to a multiple of 8
+from pretrain.data.batching import PAD_TO_MULTIPLE, Batcher, label_count, padded_width, vision_cost
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def batch_mix(samples: Sequence[SampleCost], micro_batch: int, max_length: int, 
     totals = [0.0] * 9
     for rows in batches:
         lengths = [[min(s.length, max_length) for s in row] for row in rows]
-        width = -(-max(sum(row) for row in lengths) // pad_to_multiple) * pad_to_multiple
+        width = padded_width(map(sum, lengths), pad_to_multiple)
         flat = [s for row in rows for s in row]
         for i, value in enumerate((len(rows), len(rows) * width, sum(map(sum, lengths)), len(rows) * width**2,
                                    sum(n * n for row in lengths for n in row), len(flat),
@@ -98,8 +95,7 @@ def shard_samples(cfg: Config, limit: int = 512) -> list[SampleCost]:
                     sample = processor(raw.parts)
                 except SampleError:
                     continue
-                out.append(SampleCost(len(sample), vision_cost(sample),
-                                      sum(1 for t in sample.labels[1:] if t != IGNORE)))
+                out.append(SampleCost(len(sample), vision_cost(sample), label_count(sample.labels)))
         except (OSError, TarShardError) as err:
             raise ConfigError(f"data.train: cannot read {url} for the length distribution: {err}") from None
         if len(out) >= limit:

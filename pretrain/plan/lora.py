@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config import LoraConfig
-from pretrain.model.flops import VLMShape, count_params, trainable_parts
+from pretrain.model.flops import VLMShape, count_params, trainable_components
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ def _adapter_params(linears: dict[str, tuple[int, int, int]], names: list[str] |
 def lora_counts(shape: VLMShape, lcfg: LoraConfig, stage: str) -> LoraCounts:
     if not lcfg.enabled:
         return LoraCounts()
-    parts, counts = trainable_parts(stage), count_params(shape)
+    trained, counts = trainable_components(stage), count_params(shape)
     adapters = _adapter_params(_decoder_linears(shape), lcfg.target_modules, lcfg)
-    frozen = counts.llm if "llm" in parts else 0
+    frozen = counts.llm if "llm" in trained else 0
     if lcfg.vision:
         adapters += _adapter_params(_tower_linears(shape), None, lcfg)
-        frozen += counts.vision if "vision" in parts else 0
+        frozen += counts.vision if "vision" in trained else 0
     return LoraCounts(adapters, frozen)

@@ -6,20 +6,20 @@ environment (mtime, uid/gid, user/group names, file mode) is fixed. We use webda
 writes plain USTAR headers whose only inputs are the member name and the bytes. Members of a sample are written in
 sorted extension order by `TarWriter`, which is also deterministic.
 
-Shards are written to `NAME.tmp` and renamed when complete, so a crash never leaves a half-written `.tar` that looks
-finished.
+Shards are written to `NAME.tmp<pid>` and renamed when complete (pretrain.atomic_file), so a crash never leaves a
+half-written `.tar` that looks finished.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.atomic_file import AtomicFile, write_atomic
 from pretrain.data.urls import MANIFEST_NAME  # the name the runtime looks for
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[dict[str, Any]] = []
         self._writer: TarWriter | None = None
-        self._file: Any = None
-        self._path: Path | None = None
+        self._file: AtomicFile | None = None
         self._count = 0
         self._bytes = 0
         self._keys: set[str] = set()
@@ -138,21 +137,18 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = self.out_dir / name
-        self._file = open(self._path.with_name(name + ".tmp"), "wb")
+        self._file = AtomicFile(self.out_dir / name)
         from webdataset.writer import TarWriter  # imported when a shard is written: keeps `--help` fast
 
-        self._writer = TarWriter(self._file, user="pretrain", group="pretrain", mode=0o444, encoder=False, mtime=0)
+        self._writer = TarWriter(self._file.file, user="pretrain", group="pretrain", mode=0o444, encoder=False, mtime=0)
         self._count = 0
         self._bytes = 0
 
     def _finish_shard(self) -> None:
-        assert self._writer is not None and self._path is not None
+        assert self._writer is not None and self._file is not None
         self._writer.close()
-        self._file.close()
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        os.replace(tmp, self._path)
-        self.shards.append({"url": self._path.name, "samples": self._count, "bytes": self._path.stat().st_size})
+        path = self._file.commit()
+        self.shards.append({"url": path.name, "samples": self._count, "bytes": path.stat().st_size})
         self._writer = None
         self._file = None
 
@@ -161,10 +157,9 @@ class ShardWriter:
         if self._writer is not None:
             try:
                 self._writer.close()
-                self._file.close()
             finally:
-                assert self._path is not None
-                self._path.with_name(self._path.name + ".tmp").unlink(missing_ok=True)
+                assert self._file is not None
+                self._file.discard()
                 self._writer = None
 
 
@@ -172,12 +167,12 @@ def clear_shard_dir(out_dir: str | Path, prefix: str = "shard", overwrite: bool 
     """Make sure a new build cannot mix with an old one in `out_dir`.
 
     Existing shards or a manifest are an error unless `overwrite`; then exactly those files (`{prefix}-NNNNNN.tar`,
-    their `.tmp` leftovers and `manifest.json`) are removed and nothing else.
+    their `.tmp<pid>` leftovers and `manifest.json`) are removed and nothing else.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
-    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
+    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar(\.tmp\d*)?$")
     old = sorted(p for p in out_dir.iterdir() if pattern.match(p.name) or p.name == MANIFEST_NAME)
     if old and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a shard build ({old[0].name}, ...); --overwrite replaces it")
@@ -219,9 +214,7 @@ def write_manifest(
         manifest[key] = value
     path = Path(out_dir) / MANIFEST_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.atomic_file import AtomicFile, fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "COMMITTED"
@@ -43,24 +45,6 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(tag.split("_")[-1])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,12 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> Path:
     path = ckpt_dir / f"trainer_rank{rank:05d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
+    with AtomicFile(path, durable=True) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
     return path
 
 
@@ -135,15 +115,15 @@ def commit(root: Path, tag: str, meta: dict[str, Any], reports: list[dict[str, i
         written_by[str(rank)] = sorted(report)
     for p in sorted(ckpt_dir.rglob("*")):
         if p.is_dir():
-            _fsync_dir(p)
+            fsync_dir(p)
     marker = {**meta, "tag": tag, "time": time.time(), "files": dict(sorted(files.items()))}
     if written_by:
         marker["written_by"] = written_by
     if crcs is not None:
         crcs = {**crcs, **checksums(ckpt_dir, [n for n in files if n not in crcs])}
         marker["crc32"] = dict(sorted(crcs.items()))
-    _atomic_write(ckpt_dir / COMMIT_MARKER, json.dumps(marker, indent=1))
-    _atomic_write(root / LATEST, tag)
+    write_atomic(ckpt_dir / COMMIT_MARKER, json.dumps(marker, indent=1), durable=True)
+    write_atomic(root / LATEST, tag, durable=True)
 
 
 def problem(ckpt_dir: Path, verify: str = "sizes") -> str | None:

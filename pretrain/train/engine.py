@@ -19,8 +19,8 @@ from pretrain.model.attention import flex_row_widths, resolve_attention
 from pretrain.model.build import ZeroContext, build_model
 from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
-from pretrain.model.lora import adapted_parts
-from pretrain.model.processing import image_processor_for, run_tokenizer, sample_processor
+from pretrain.model.lora import adapted_components
+from pretrain.model.processing import build_processing, run_tokenizer
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train.ds_config import optimizer_offloaded
@@ -33,7 +33,9 @@ VAL_WORKERS = 1
 
 
 @dataclass
-class Built:
+class TrainingSetup:
+    """What `build_engine` returns: the engine, the run's sample processing and the trainable parameter counts."""
+
     engine: Any
     tokenizer: PreTrainedTokenizerBase
     processor: SampleProcessor
@@ -60,7 +62,7 @@ def host_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
-def build_engine(cfg: Config, ds_config: dict) -> Built:
+def build_engine(cfg: Config, ds_config: dict) -> TrainingSetup:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -72,7 +74,7 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
                         packing=cfg.data.packing)
     m = cfg.model
     enable_activation_checkpointing(model, m.activation_checkpointing, m.activation_checkpointing_every_k)
-    trainable = apply_stage(model, cfg.train.stage, adapted_parts(cfg.model.lora))
+    trainable = apply_stage(model, cfg.train.stage, adapted_components(cfg.model.lora))
     # The wrapper holds the optional alignment heads: they need optimizer groups and ZeRO partitioning too.
     module = VLMForTraining(model, cfg.objectives, seed=cfg.run.seed)
     t = cfg.train
@@ -91,9 +93,8 @@ def build_engine(cfg: Config, ds_config: dict) -> Built:
     # Every image takes at least image_seq_length tokens of a row: a bound every rank knows without asking.
     module.pair_capacity = t.micro_batch_size * max(1, cfg.data.max_length // model.config.image_seq_length)
     # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
-    image_processor = image_processor_for(cfg.model)
-    processor = sample_processor(cfg, tokenizer, model.config, image_processor)
-    return Built(engine, tokenizer, processor, image_processor, trainable)
+    processing = build_processing(cfg, tokenizer, model.config)
+    return TrainingSetup(engine, tokenizer, processing.processor, processing.image_processor, trainable)
 
 
 def cpus_for_rank(env: Mapping[str, str] | None = None) -> int:

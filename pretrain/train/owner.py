@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from pretrain.atomic_file import write_atomic
 from pretrain.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ def _take_over(path: Path, me: dict) -> None:
     if owner and owner.get("job") != me["job"]:
         log.warning("run directory %s: its owner %s is gone; this job (%s) takes it over", path.parent,
                     describe(owner), me["job"])
-    tmp = path.with_name(f"{OWNER}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(me) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(me) + "\n")
     now = json.loads(path.read_text())
     if now.get("pid") != me["pid"]:  # another job took it over in the same moment
         raise RunDirOwned(f"run directory {path.parent} was just taken over by {describe(now)}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pretrain.atomic_file import write_atomic
 from pretrain.train.trackers import CLOSE_TIMEOUT_S, Background, open_trackers
 
 METRICS = "metrics.jsonl"
@@ -37,9 +38,7 @@ def _drop_after(path: Path, step: int) -> int:
     steps = [json.loads(ln).get("step", 0) if ln.strip() else None for ln in lines]
     kept = [ln for ln, s in zip(lines, steps) if s is not None and s <= step]
     if len(kept) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_atomic(path, "".join(kept))
     return max((s for s in steps if s is not None), default=0)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain import distributed as dist
+from pretrain.atomic_file import write_atomic
 from pretrain.train import checkpoint as ckpt
 
 TOKEN = ".run_token"
@@ -51,9 +52,7 @@ def check_one_run_dir(run_dir: Path, rank: int, grace_s: float = TOKEN_GRACE_S) 
     token = None
     if rank == 0:
         token = f"{uuid.uuid4().hex} written by rank 0 on {socket.gethostname()}"
-        tmp = path.with_name(f"{TOKEN}.tmp{os.getpid()}")
-        tmp.write_text(token + "\n")
-        tmp.replace(path)
+        write_atomic(path, token + "\n")
     token = dist.broadcast_object(token)
     seen = token if rank == 0 else _wait_for_token(path, token, grace_s)
     views = dist.all_gather_object({"host": socket.gethostname(), "path": str(path.absolute()), "seen": seen})

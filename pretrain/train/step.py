@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from pretrain import distributed as dist
+from pretrain.data.batching import label_count
 from pretrain.model.flops import VLMShape, step_flops
-from pretrain.tokens import IGNORE
 from pretrain.train.faults import Faults
 
 
@@ -45,12 +45,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def label_tokens(batch: dict) -> int:
-    """Positions whose next token is a label: where the loss (and the LM head) is computed. Counted on the host
-    batch through numpy, so it never touches the device."""
-    return int((batch["labels"][:, 1:].numpy() != IGNORE).sum())
-
-
 def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, faults: Faults, step: int,
                shared: Sequence[float] = (), read_grad_norm: bool = True,
                stop_requested: Callable[[], bool] = lambda: False,
@@ -61,7 +55,7 @@ def train_step(engine: Any, batches: list[dict], world: int, device: torch.devic
     `phase(name)` is told where the step is (forward, backward, optimizer), for the hang watchdog."""
     gas = len(batches)
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-    n_local = sum(label_tokens(b) for b in batches)
+    n_local = sum(label_count(b["labels"]) for b in batches)
     n_global = dist.all_reduce(torch.tensor(float(n_local), dtype=torch.float64).to(device, non_blocking=True))
     scale = (world * gas) / n_global.clamp(min=1.0)  # on the device: nothing is read back here
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -153,7 +147,7 @@ class FlopsMeter:
         lens = [n for row in batch["sample_lengths"] for n in row]
         images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
         images += sum(batch.get("video_frames") or [])  # clip frames run through the tower like tiles
-        return step_flops(self.shape, lens, images, label_tokens(batch), self.stage).total
+        return step_flops(self.shape, lens, images, label_count(batch["labels"]), self.stage).total
 
     def add(self, batches: list[dict]) -> None:
         self.flops += sum(self.batch_flops(b) for b in batches)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain import distributed as dist
+from pretrain.atomic_file import write_atomic
 from pretrain.exit_codes import EXIT_STALLED
 
 PHASES = ("setup", "data", "forward", "backward", "optimizer", "save", "commit", "validate", "done")
@@ -227,9 +228,8 @@ class Watchdog:
                 except OSError:
                     pass
         try:
-            tmp = self.run_dir / f"{VERDICT}.tmp{self.pid}"
-            tmp.write_text(json.dumps({"message": message, "blamed": blamed, "by_rank": self.rank}) + "\n")
-            tmp.replace(self.run_dir / VERDICT)
+            write_atomic(self.run_dir / VERDICT,
+                         json.dumps({"message": message, "blamed": blamed, "by_rank": self.rank}) + "\n")
         except OSError:
             pass
         os._exit(EXIT_STALLED)

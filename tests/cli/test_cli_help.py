@@ -39,10 +39,3 @@ def test_help_imports_no_library_code():
     assert result["heavy"] == [], result["heavy"]
     assert "a100-40gb" in subprocess.run([sys.executable, "-m", "pretrain", "plan", "--help"], capture_output=True,
                                          text=True, timeout=120, cwd=ROOT).stdout
-
-
-def test_launch_help_default_is_the_launchers():
-    from pretrain.cli import launch
-    from pretrain.launch.local import SHUTDOWN_TIMEOUT
-
-    assert launch.SHUTDOWN_TIMEOUT == SHUTDOWN_TIMEOUT

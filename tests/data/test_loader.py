@@ -57,7 +57,7 @@ def test_ranks_and_workers_cover_an_epoch_once(processor, shapes):
         batches = list(islice(loader, 512 // 8 // 2))  # one epoch of this rank
         seen[rank] = [by_print[_fingerprint(ids.tolist(), px)] for b in batches
                       for ids, px in zip(b["input_ids"], b["pixel_values"], strict=True)]
-        assert all(s.streams[0]["epoch"] == 0 or s.streams[0]["shard_pos"] == 0 for s in loader.slot_states.values())
+        assert all(s.streams[0].epoch == 0 or s.streams[0].shard_pos == 0 for s in loader.slot_states.values())
         assert sum(sum(s.ok) for s in loader.slot_states.values()) == 256
     assert len(seen[0]) == len(seen[1]) == 256
     assert len(set(seen[0])) == 256 and len(set(seen[1])) == 256  # no worker repeats another's samples

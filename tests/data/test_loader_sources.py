@@ -95,8 +95,8 @@ def test_mixed_sources_with_stream_epoch_size(processor, shapes):
     assert 0.65 < ok[0] / sum(ok) < 0.85
     streams = loader.slot_states[0].streams
     taken_from_pipe = ok[1] + len([r for r in loader.slot_states[0].buffer if r[0] == 1])
-    assert streams[1]["epoch"] * 20 + streams[1]["taken"] == pytest.approx(taken_from_pipe, abs=1)
-    assert streams[1]["epoch"] >= 1 and streams[0]["epoch"] == 0  # 160 samples: 2 x 64 local shards not done
+    assert streams[1].epoch * 20 + streams[1].taken == pytest.approx(taken_from_pipe, abs=1)
+    assert streams[1].epoch >= 1 and streams[0].epoch == 0  # 160 samples: 2 x 64 local shards not done
     resumed = ResumableLoader(_spec(sources, **kw), processor, _state_after(processor, sources, kw, 23))
     assert [_ids(b) for b in islice(resumed, 17)] == [_ids(b) for b in batches[23:]]
 
@@ -160,7 +160,7 @@ def test_world_size_change_sees_the_next_epoch_once(processor, uneven, caplog):
     for rank in range(3):
         loader = ResumableLoader(_spec([uneven], rank=rank, **new), processor, merged)
         slot = loader.slot_states[rank]
-        assert slot.streams[0]["epoch"] == max(epochs) + 1
+        assert slot.streams[0].epoch == max(epochs) + 1
         stream = SourceStream(uneven, rank, 3, 0, 0, True, ShardReader())
         share = sum(ShardReader().count(u) for u in stream.shards_for(max(epochs) + 1)[0])
         seen += _take_epoch(loader, share) if share else []

@@ -17,7 +17,7 @@ from torch import nn
 
 from pretrain.config import ConfigError, ModelConfig, load_config
 from pretrain.model.build import build_model
-from pretrain.model.lora import adapted_parts, is_adapter, merged_weight, scaling
+from pretrain.model.lora import adapted_components, is_adapter, merged_weight, scaling
 from pretrain.model.stages import apply_stage, component_of, param_groups
 
 
@@ -61,7 +61,7 @@ def test_base_frozen_adapters_and_projector_train_with_their_multipliers(assets,
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
     mcfg = ModelConfig(llm=str(assets["llama"]), vision=str(assets["clip"]), lora=lora)
     model = build_model(mcfg, tokenizer)
-    apply_stage(model, "finetune", adapted_parts(mcfg.lora))
+    apply_stage(model, "finetune", adapted_components(mcfg.lora))
     trainable = _trainable(model)
     assert set(trainable) == {"llm lora", "projector"}, trainable.keys()
     # A and B of q_proj and v_proj in each of the 2 decoder layers; CLIP's q_proj / v_proj are not adapted.
@@ -73,11 +73,11 @@ def test_base_frozen_adapters_and_projector_train_with_their_multipliers(assets,
 
     # Stage full with the tower adapted too: its base frozen, its adapters trained; without `vision` it trains whole.
     model = build_model(mcfg.model_copy(update={"lora": mcfg.lora.model_copy(update={"vision": True})}), tokenizer)
-    apply_stage(model, "full", adapted_parts(model_lora := mcfg.lora.model_copy(update={"vision": True})))
+    apply_stage(model, "full", adapted_components(model_lora := mcfg.lora.model_copy(update={"vision": True})))
     assert set(_trainable(model)) == {"llm lora", "vision lora", "projector"}
-    assert adapted_parts(model_lora) == {"llm", "vision"}
+    assert adapted_components(model_lora) == {"llm", "vision"}
     model = build_model(mcfg, tokenizer)
-    apply_stage(model, "full", adapted_parts(mcfg.lora))
+    apply_stage(model, "full", adapted_components(mcfg.lora))
     assert set(_trainable(model)) == {"llm lora", "vision", "projector"}
 
 

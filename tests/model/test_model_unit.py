@@ -135,12 +135,12 @@ def test_alignment_rows_take_the_loader_widths(tokenizer):
     """The alignment objectives' own decoder rows (texts; image + text) are padded to the loader's widths too, so
     flex_attention compiles no kernel per text length."""
     model = VLMForTraining(build_model(_mcfg(), tokenizer))
-    ids, mask = model._pad([[5] * 3, [5] * 40])
+    ids, mask = model.pad_rows([[5] * 3, [5] * 40])
     assert ids.shape == (2, 40)
     model.row_widths = flex_row_widths(100)
-    ids, mask = model._pad([[5] * 3, [5] * 40])
+    ids, mask = model.pad_rows([[5] * 3, [5] * 40])
     assert ids.shape == (2, 56) and mask.sum(1).tolist() == [3, 40]
-    assert model._pad([[5] * 130])[0].shape == (1, 130)  # longer than every width: its own
+    assert model.pad_rows([[5] * 130])[0].shape == (1, 130)  # longer than every width: its own
 
 
 FLASH_STAND_INS = {

@@ -43,7 +43,7 @@ def test_deterministic_and_readable_by_webdataset(tmp_path: Path) -> None:
     assert [r["__key__"] for r in read] == [s["__key__"] for s in samples]
     assert [r["jpg"] for r in read] == [s["jpg"] for s in samples]
     assert read[2]["txt"] == b"caption 2"
-    assert not list((tmp_path / "a").glob("*.tmp"))
+    assert not list((tmp_path / "a").glob("*.tmp*"))
 
 
 def test_rotation_by_bytes_keeps_every_shard_under_the_limit(tmp_path: Path) -> None:

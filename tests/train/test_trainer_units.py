@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, build_config
+from pretrain.data.batching import label_count
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.urls import expand_urls
 from pretrain.model.flops import VLMShape, step_flops
@@ -24,7 +25,7 @@ from pretrain.tokens import IGNORE
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.ds_config import build_ds_config, optimizer_offloaded
 from pretrain.train.schedule import lr_lambda
-from pretrain.train.step import FlopsMeter, label_tokens
+from pretrain.train.step import FlopsMeter
 from pretrain.train.universal import ResumeError, merge_loader_states, needs_universal
 
 # LLaVA's scripts/zero3.json, as LLaVA users bring it (HF Trainer "auto" values).
@@ -165,8 +166,8 @@ def test_flops_meter_sums_the_flops_model_over_micro_batches(assets, tokenizer):
     labels[1, 10:12] = 5
     batch = {"sample_lengths": [[30], [12, 8]], "pixel_values": torch.zeros(3, 3, 8, 8), "labels": labels}
     meter = FlopsMeter.for_model(llava, "mlp2x_gelu", "align")
-    want = step_flops(shape, [30, 12, 8], 3, label_tokens(batch), "align").total
-    assert label_tokens(batch) == 12 and meter.batch_flops(batch) == pytest.approx(want) and want > 0
+    want = step_flops(shape, [30, 12, 8], 3, label_count(batch["labels"]), "align").total
+    assert label_count(batch["labels"]) == 12 and meter.batch_flops(batch) == pytest.approx(want) and want > 0
     meter.add([batch, {**batch, "pixel_values": None}])
     text_only = step_flops(shape, [30, 12, 8], 0, 12, "align").total
     assert meter.take() == pytest.approx(want + text_only) and meter.take() == 0.0
