@@ -39,13 +39,11 @@ from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
 from pretrain.data.batching import label_positions
-from pretrain.fault_switch import fault_spec
 from pretrain.model.alignment import AlignmentHeads, Pairs, batch_pairs, contrastive_loss, hard_negatives, itm_pairs
 from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 from pretrain.model.video import image_and_video_features, is_video_model
-from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,6 @@ class VLMForTraining(nn.Module):
             self.alignment = AlignmentHeads(vlm.config.text_config.hidden_size, o.embed_dim, o.temperature_init,
                                             o.learnable_temperature, o.max_logit_scale, o.itm_weight > 0, seed)
         self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
-        # The test switch that breaks the image path (features zeroed), so tests can prove they detect it.
-        self.zero_image_features = bool(fault_spec().get("zero_image_features"))
         self._warned_no_pairs = False
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
         newline = getattr(vlm.model, "image_newline", None)
@@ -112,7 +108,7 @@ class VLMForTraining(nn.Module):
         feats = out.pooler_output
         if isinstance(feats, list | tuple):
             feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
-        return feats * 0.0 if self.zero_image_features else feats
+        return feats
 
     def visual_features(self, pixel_values: torch.Tensor | None, image_sizes: list[tuple[int, int]] | None,
                         video_pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -127,8 +123,6 @@ class VLMForTraining(nn.Module):
         video = None if video_pixels is None else video_pixels.to(self.dtype)
         with self.frozen_tower.swapped() if self.frozen_tower else contextlib.nullcontext():
             images, clips = image_and_video_features(self.vlm, pixel_values.to(self.dtype), image_sizes, video)
-        if self.zero_image_features:
-            images, clips = images * 0.0, clips * 0.0
         return images, clips, dummy
 
     def dummy_image(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -199,9 +193,7 @@ class VLMForTraining(nn.Module):
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), None, batch.get("image_sizes"),
                             batch.get("video_pixels"), visual)
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
-        return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
-                           batch.get("position_ids"), packed=batch.get("packed", False),
-                           sample_lengths=batch.get("sample_lengths"))
+        return decode_rows(self.vlm.model.language_model, embeds, batch.get("position_ids"), batch["sample_lengths"])
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,14 +295,6 @@ class VLMForTraining(nn.Module):
         hidden = self.decode(self.embed(ids, None, feats))  # right-padded, causal: no padding mask (pool_text)
         last = head + body_mask.sum(1)[text_index] - 1
         return hidden[torch.arange(rows, device=hidden.device), last]
-
-    def per_token_loss(self, batch: dict) -> torch.Tensor:
-        """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""
-        hidden = self.hidden_states(batch)[:, :-1]
-        targets = batch["labels"][:, 1:]
-        logits = self.vlm.lm_head(hidden).float()
-        loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        return loss * (targets != IGNORE)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
