@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration, pipeline
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, pipeline
 
 from pretrain.config import ModelConfig
 from pretrain.data.chat_formats import FORMATS, apply_chat_format
@@ -73,6 +73,7 @@ def test_typed_messages_render_and_tokenize_as_training(tokenizer, assets, llava
     assert is_export_template(processor.chat_template)
     # A run that starts from an export trains with its wrapped template: exporting that run wraps it once.
     assert export_chat_template(processor.chat_template) == processor.chat_template
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == processor.chat_template  # generate --video
     bos = tok.bos_token
     # Text: what training tokenizes is bos + the training template's rendering of the string turns.
     for messages, gen in ((typed(), False), (typed()[:1], True), (typed()[:3], True)):
