@@ -1,8 +1,9 @@
 """Plug-ins: modules named in PRETRAIN_PLUGINS (comma-separated, importable: installed or on PYTHONPATH) that a
-`pretrain` command loads before its own work, in every process it runs (the launcher's workers inherit the
-variable). Each module defines `activate(command: str) -> None`, called with the sub-command's name (`train`,
-`eval`, `launch`, ...); what it does there is its own business: wrap a function for profiling, add a log handler,
-patch a library. Importing the module should be cheap; `activate` does the work for the commands it is about.
+`pretrain` command loads before its own work (the ranks a launcher starts are `pretrain train` processes that
+inherit the variable). Each module defines `activate(command: str) -> None`, called with the sub-command's name
+(`train`, `eval`, `launch`, ...); what it does there is its own business: wrap a function for profiling, add a log
+handler, patch a library. Importing the module should be cheap; `activate` does the work for the commands it is
+about.
 """
 
 from __future__ import annotations
