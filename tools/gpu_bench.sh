@@ -101,7 +101,7 @@ for kv in ${GPU_BENCH_BOXES:-}; do BOX[${kv%%=*}]=${kv#*=}; done  # e.g. "mid=20
 RESERVE_S=15  # kept back for the trap's summary and tarball
 MID=${GPU_BENCH_MID:-configs/bench/mid.yaml}
 SMALL=${GPU_BENCH_SMALL:-configs/bench/small.yaml}
-OVERRIDES=${GPU_BENCH_OVERRIDES:-"-o data.num_workers=auto"}
+OVERRIDES=${GPU_BENCH_OVERRIDES:-"data.num_workers=auto"}
 START=$SECONDS
 COMMAND="bash tools/gpu_bench.sh${*:+ $*}"
 mkdir -p "$OUT" "$WORK/logs"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pretrain import distributed as dist
+from pretrain.tokens import IGNORE
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 # Packed vs alone agree to rounding; these bound the relative difference (losses per sample, the gradient vector).
@@ -98,7 +99,6 @@ def tiny_model(impl: str, dtype: torch.dtype, device: torch.device, zero: Any = 
 def samples(config: Any, lengths: tuple[int, ...], seed: int = 0) -> list:
     """Samples of random tokens with `lengths` label tokens each; every other one has an image (the first does)."""
     from pretrain.data.sample import ProcessedSample
-    from pretrain.tokens import IGNORE
 
     g = torch.Generator().manual_seed(seed)
     text, size = config.text_config, config.vision_config.image_size
@@ -122,8 +122,6 @@ def packed_and_alone(items: list, pad_id: int) -> tuple[dict, list[dict]]:
     packed = collate([items[:2], items[2:]], pad_id, widths=(width,))
     alone = [collate([[items[0]], [items[1]]], pad_id, widths=(width,)),
              collate([[items[2]], []], pad_id, widths=(width,))]
-    for b in alone:
-        b["packed"] = True  # the same decoder path as the packed batch
     return packed, alone
 
 
@@ -131,10 +129,20 @@ def _on(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def per_token_loss(wrapper: Any, batch: dict) -> torch.Tensor:
+    """Loss of every next-token prediction of a VLMForTraining (IGNORE positions 0), shape (B, T-1), through the
+    plain LM head (not the fused chunked one the training loss takes): the reference a per-sample loss is read from."""
+    hidden = wrapper.hidden_states(batch)[:, :-1]
+    targets = batch["labels"][:, 1:]
+    logits = wrapper.vlm.lm_head(hidden).float()
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return loss * (targets != IGNORE)
+
+
 def _per_sample(wrapper: Any, batch: dict, device: torch.device) -> list[torch.Tensor]:
     """Each sample's own next-token losses (not the prediction across a boundary into the next sample)."""
     with torch.no_grad():
-        losses = wrapper.per_token_loss(_on(batch, device)).float().cpu()
+        losses = per_token_loss(wrapper, _on(batch, device)).float().cpu()
     out = []
     for r, row in enumerate(batch["sample_lengths"]):
         at = 0

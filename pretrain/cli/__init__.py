@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from pretrain.cli.plugins import activate_plugins
     from pretrain.config import ConfigError  # after parsing: `--help` imports no library code
 
     try:
+        activate_plugins(args.command)
         return int(args.handler(args) or 0)
     except ConfigError as err:
         # One place reports a config that cannot run, for every command: the key, what is valid, exit 2.

@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
 
 def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a recipe, e.g. configs/bench/mid.yaml")
-    p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as in every command")
     p.add_argument("--work-dir", default=DEFAULT_WORK, help="tokenizer and run directories (default runs/bench)")
     p.add_argument("--samples-per-shard", type=int, default=250, help="for generated bench shards")
     p.add_argument("--image-sizes", default=None, help="generated images, e.g. 854x480,1280x720 (default 480p-720p)")
@@ -83,7 +83,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from pretrain.bench.inputs import with_local_inputs
     from pretrain.config import load_config
 
-    cfg = load_config(args.config, args.override)
+    cfg = load_config(args.config, args.overrides)
     return with_local_inputs(cfg, args.work_dir, args.samples_per_shard, _sizes(args.image_sizes))
 
 
@@ -110,12 +110,11 @@ def _command(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces this run, every option spelled out (defaults included)."""
     words = ["pretrain", "bench", args.bench_command]
     for key, value in vars(args).items():
-        if key in ("command", "bench_command", "handler") or value is None or value is False:
+        if key in ("command", "bench_command", "handler", "overrides") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
-        for item in value if isinstance(value, list) else [value]:
-            words += [flag] if item is True else [flag, str(item)]
-    return words
+        words += [flag] if value is True else [flag, str(value)]
+    return words + args.overrides
 
 
 def cmd_data(args: argparse.Namespace) -> int:

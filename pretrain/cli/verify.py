@@ -24,8 +24,6 @@ def register(sub: Any) -> None:
                    help="shards (brace patterns, quoted globs, pipe:, http) or shard directories, then config "
                         "overrides as in every command, e.g. data.max_length=4096")
     p.add_argument("--config", required=True, help="the training config (tokenizer, vision tower, data settings)")
-    p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="deprecated: give key=value after the URLs, as in every other command")
     p.add_argument("--workers", type=int, default=1, help="processes, each verifying whole shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run, overrides=[])
@@ -36,13 +34,10 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 def split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(shard URLs, overrides): `key.sub=value` words among the positionals (a URL has `:` or `/` before any
-    `=`), those after the flags, and the deprecated `-o` ones."""
+    `=`) and those after the flags."""
     words = [*args.urls, *args.overrides]
     overrides = [w for w in words if _OVERRIDE.match(w) and not Path(w).exists()]
-    if args.override:
-        print("pretrain shards verify: -o/--override is deprecated; give key=value after the URLs",
-              file=sys.stderr)
-    return [w for w in words if w not in overrides], [*args.override, *overrides]
+    return [w for w in words if w not in overrides], overrides
 
 
 def _error(message: str) -> int:

@@ -10,7 +10,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pretrain.data.image import decode_image
 from pretrain.data.image_formats import to_rgb
-from pretrain.export.chat_template import export_chat_template
 from pretrain.tokens import IMAGE_TOKEN
 
 IMAGE = IMAGE_TOKEN  # the placeholder a prompt marks each image with
@@ -83,8 +82,6 @@ class Captioner:
                  device: str | torch.device = "cpu") -> None:
         base = adapter_base(hf_dir)  # a PEFT adapter directory (`pretrain convert --adapter`) over this export
         self.processor = load_processor(base or hf_dir)
-        # Exports written before the typed-content template: wrap their training template the same way.
-        self.processor.chat_template = export_chat_template(self.processor.chat_template)
         self.device = torch.device(device)
         self.model = AutoModelForImageTextToText.from_pretrained(base or hf_dir, dtype=dtype)
         if base is not None:

@@ -20,7 +20,6 @@ from transformers.utils import VIDEO_PROCESSOR_NAME
 from pretrain.data.anyres import tile_processor
 from pretrain.data.image_formats import DEFAULT_MAX_PIXELS
 from pretrain.data.video import FrameTransform, clip_frames
-from pretrain.export.chat_template import export_chat_template
 from pretrain.model.video import tokens_per_frame
 from pretrain.tokens import VIDEO_TOKEN
 
@@ -38,7 +37,6 @@ class ClipAnswerer:
         self.frames = int(settings.get("num_frames") or DEFAULT_FRAMES)
         self.fps = settings.get("fps")
         self.tok = AutoTokenizer.from_pretrained(hf_dir)
-        self.tok.chat_template = export_chat_template(self.tok.chat_template)
         self.transform = FrameTransform(tile_processor(LlavaNextImageProcessorPil.from_pretrained(hf_dir)))
         self.device = torch.device(device)
         self.model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()

@@ -224,31 +224,9 @@ def attention_inputs(impl: str, sample_lengths: list[list[int]], embeds: torch.T
     return {"attention_mask": mask, "position_ids": position_ids}
 
 
-def one_row_for_packing(impl: str, packed: bool, rows: int) -> bool:
-    """Without sample_lengths, transformers' flash_attention_2 reads sample boundaries from restarting position ids
-    only in a batch of one row (modeling_flash_attention_utils._is_packed_sequence); with more rows it would attend
-    across the samples of a row. Such batches go through the decoder as one long row: every row starts at position
-    0, so rows stay apart as well."""
-    return packed and impl == "flash_attention_2" and rows > 1
-
-
-def decode_rows(decoder: torch.nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, packed: bool, one_row: bool | None = None,
-                sample_lengths: list[list[int]] | None = None) -> torch.Tensor:
-    """The decoder's last hidden states for a padded or packed micro-batch. With `sample_lengths` (every collated
-    batch has them) the masks come from the host (attention_inputs); without, packed rows carry no attention mask
-    and transformers derives the per-sample causal mask from the restarting position ids."""
-    impl = decoder.config._attn_implementation
-    if sample_lengths is not None:
-        inputs = attention_inputs(impl, sample_lengths, embeds, position_ids)
-        return decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state
-    if one_row is None:
-        one_row = one_row_for_packing(impl, packed, embeds.shape[0])
-    if one_row:
-        b, t = embeds.shape[:2]
-        out = decoder(inputs_embeds=embeds.reshape(1, b * t, -1), attention_mask=None,
-                      position_ids=position_ids.reshape(1, b * t), use_cache=False)
-        return out.last_hidden_state.reshape(b, t, -1)
-    out = decoder(inputs_embeds=embeds, attention_mask=None if packed else attention_mask, position_ids=position_ids,
-                  use_cache=False)
-    return out.last_hidden_state
+def decode_rows(decoder: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor | None,
+                sample_lengths: list[list[int]]) -> torch.Tensor:
+    """The decoder's last hidden states for a padded or packed micro-batch, its masks from the host-known
+    `sample_lengths` (every collated batch has them; see attention_inputs)."""
+    inputs = attention_inputs(decoder.config._attn_implementation, sample_lengths, embeds, position_ids)
+    return decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state

@@ -34,20 +34,17 @@ import logging
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from pretrain.config import ObjectivesConfig
 from pretrain.data.batching import label_positions, padded_width
-from pretrain.fault_switch import fault_spec
 from pretrain.model.alignment import AlignmentHeads, training_loss
 from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
 from pretrain.model.video import image_and_video_features, is_video_model
 from pretrain.model.vision_split import split_tower
-from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +62,6 @@ class VLMForTraining(nn.Module):
             self.alignment = AlignmentHeads(vlm.config.text_config.hidden_size, o.embed_dim, o.temperature_init,
                                             o.learnable_temperature, o.max_logit_scale, o.itm_weight > 0, seed)
         self.last_losses: dict[str, torch.Tensor] = {}  # detached parts of the last training loss, for logging
-        # The test switch that breaks the image path (features zeroed), so tests can prove they detect it.
-        self.zero_image_features = bool(fault_spec().get("zero_image_features"))
         self.loss_chunk = LOSS_CHUNK  # label rows whose fp32 logits exist at once (memory only, not the math)
         newline = getattr(vlm.model, "image_newline", None)
         if newline is not None and hasattr(newline, "ds_id"):
@@ -116,7 +111,7 @@ class VLMForTraining(nn.Module):
         feats = out.pooler_output
         if isinstance(feats, list | tuple):
             feats = torch.cat(list(feats)) if self.anyres else torch.stack(list(feats))
-        return feats * 0.0 if self.zero_image_features else feats
+        return feats
 
     @contextlib.contextmanager
     def tower_in_place(self) -> Iterator[None]:
@@ -142,8 +137,6 @@ class VLMForTraining(nn.Module):
         video = None if video_pixels is None else video_pixels.to(self.dtype)
         with self.tower_in_place():
             images, clips = image_and_video_features(self.vlm, pixel_values.to(self.dtype), image_sizes, video)
-        if self.zero_image_features:
-            images, clips = images * 0.0, clips * 0.0
         return images, clips, dummy
 
     def dummy_image(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -214,9 +207,7 @@ class VLMForTraining(nn.Module):
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), None, batch.get("image_sizes"),
                             batch.get("video_pixels"), visual)
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
-        return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
-                           batch.get("position_ids"), packed=batch.get("packed", False),
-                           sample_lengths=batch.get("sample_lengths"))
+        return decode_rows(self.vlm.model.language_model, embeds, batch.get("position_ids"), batch["sample_lengths"])
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,14 +224,6 @@ class VLMForTraining(nn.Module):
             return token_sum, count
         loss, self.last_losses = training_loss(self, batch, features, token_sum, n)
         return loss, count
-
-    def per_token_loss(self, batch: dict) -> torch.Tensor:
-        """Loss of every next-token prediction (IGNORE positions 0), shape (B, T-1): for tests and evaluation."""
-        hidden = self.hidden_states(batch)[:, :-1]
-        targets = batch["labels"][:, 1:]
-        logits = self.vlm.lm_head(hidden).float()
-        loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        return loss * (targets != IGNORE)
 
     # -- helpers (the alignment objectives use them too) ----------------------------------------------------------
     def param_device(self) -> torch.device:

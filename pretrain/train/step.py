@@ -27,7 +27,6 @@ import torch
 from pretrain import distributed as dist
 from pretrain.data.batching import label_count
 from pretrain.model.flops import VLMShape, step_flops
-from pretrain.train.faults import Faults
 
 
 @dataclass
@@ -45,14 +44,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, faults: Faults, step: int,
-               shared: Sequence[float] = (), read_grad_norm: bool = True,
+def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, shared: Sequence[float] = (),
+               read_grad_norm: bool = True,
                stop_requested: Callable[[], bool] = lambda: False,
                phase: Callable[[str], None] = lambda _: None) -> StepResult:
-    """Forward/backward over the micro-batches of one step and the optimizer update; `step` is the new step's
-    number (for fault injection). `shared`: host numbers to sum over ranks in the step's one collective, which also
-    carries `stop_requested()` (asked after the last forward, so a signal during the step is seen in this step).
-    `phase(name)` is told where the step is (forward, backward, optimizer), for the hang watchdog."""
+    """Forward/backward over the micro-batches of one step and the optimizer update. `shared`: host numbers to sum
+    over ranks in the step's one collective, which also carries `stop_requested()` (asked after the last forward,
+    so a signal during the step is seen in this step). `phase(name)` is told where the step is (forward, backward,
+    optimizer), for the hang watchdog."""
     gas = len(batches)
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     n_local = sum(label_count(b["labels"]) for b in batches)
@@ -63,9 +62,6 @@ def train_step(engine: Any, batches: list[dict], world: int, device: torch.devic
     for i, batch in enumerate(batches):
         phase("forward")
         loss, _ = engine(to_device(batch, device))
-        if faults.loss_is_nan(step):
-            loss = loss * float("nan")
-        faults.maybe_sleep(step)
         loss_sum += loss.detach().double()
         n_bad += (~torch.isfinite(loss.detach())).double()
         if i < gas - 1:

@@ -30,7 +30,6 @@ from pretrain.train import owner, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.engine import build_engine, make_loader
-from pretrain.train.faults import Faults
 from pretrain.train.preflight import preflight
 from pretrain.train.run_log import MetricsWriter
 from pretrain.train.samples import SampleRecorder
@@ -54,8 +53,7 @@ class Trainer:
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
-        self.faults = Faults()
-        self.run_dir = Path(self.faults.run_dir_for(self.rank, cfg.run.output_dir))
+        self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.stop.marker = self.run_dir / "PREEMPTED"
@@ -173,7 +171,6 @@ class Trainer:
         crcs = None if crcs is None else {n: c for _, rank_crcs in gathered for n, c in rank_crcs.items()}
 
         def commit() -> None:
-            self.faults.maybe_slow_commit()
             try:
                 ckpt.commit(self.ckpt_root, tag, {"step": self.step, "world_size": self.world,
                                                   "zero_stage": self.cfg.deepspeed.zero_stage}, reports, crcs)
@@ -193,7 +190,6 @@ class Trainer:
                   "versions": {p: version(p) for p in ("torch", "deepspeed", "transformers")}}
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         path = self.ckpt_root / tag
-        self.faults.maybe_disk_full(self.rank, self.step, str(path))
         state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
         if self.rank == 0:
             state["tracker_runs"] = self.writer.run_ids() if self.writer else self.tracker_runs
@@ -234,14 +230,13 @@ class Trainer:
                 # The stop request, whether rank 0's clock says a timed save is due (one clock, so every rank
                 # decides alike) and on logging steps the counters ride on the step's one collective.
                 due = self._timed_save_due(saved_at)
-                out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1,
+                out = train_step(self.engine, batches, self.world, self.device,
                                  shared=[due, *(counts.values if counts else ())], read_grad_norm=logging,
                                  stop_requested=lambda: self.stop.requested, phase=self.progress.enter)
                 self.step += 1
                 self.progress.step_done(time.perf_counter() - t0)
                 if recorder is not None:
                     recorder.record(self.step, batches)
-                self.faults.maybe_die(self.rank, self.step)
                 self._count_nonfinite(out)
                 if counts is not None:
                     self._log(writer, out, window, counts.unpack(out.shared[1:]))

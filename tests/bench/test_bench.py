@@ -38,9 +38,9 @@ def test_bench_data_tiny(capsys, config, tmp_path):
     """Generates its JPEG shards, measures the three paths, and records the table with its provenance."""
     urls = f"{tmp_path}/data/shard-{{000000..000001}}.tar"
     results = tmp_path / "RESULTS.md"
-    code = main(["bench", "data", "--config", str(config), "-o", f"data.train.0.urls={urls}", "--samples-per-shard",
-                 "12", "--image-sizes", SIZES, "--seconds", "0.3", "--warmup", "0.1", "--rounds", "1", "--workers",
-                 "0", "--work-dir", str(tmp_path / "work"), "--json", "--record", str(results)])
+    code = main(["bench", "data", "--config", str(config), "--samples-per-shard", "12", "--image-sizes", SIZES,
+                 "--seconds", "0.3", "--warmup", "0.1", "--rounds", "1", "--workers", "0", "--work-dir",
+                 str(tmp_path / "work"), "--json", "--record", str(results), f"data.train.0.urls={urls}"])
     assert code == 0
     out = _last_json(capsys)
     result = out["data"]

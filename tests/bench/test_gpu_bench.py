@@ -58,7 +58,7 @@ def test_gpu_bench_rehearsal_runs_every_stage_and_returns_the_table(tmp_path, as
     peer timed for both recipes, and what comes back is three files: the summary, the JSON, the logs."""
     config = write_config(tmp_path / "config.yaml", assets, shapes, **{"run.name": "tiny"})
     done, out, work = _gpu_bench(tmp_path, 900, GPU_BENCH_MID=str(config), GPU_BENCH_SMALL=str(config), STEPS="3",
-                                 WARMUP="1", GPU_BENCH_OVERRIDES="-o data.num_workers=0")
+                                 WARMUP="1", GPU_BENCH_OVERRIDES="data.num_workers=0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
     stages = _stages(work)
@@ -109,7 +109,7 @@ def test_gpu_bench_stops_a_stage_at_its_box_skips_what_cannot_fit_and_still_writ
     config = write_config(tmp_path / "config.yaml", assets, shapes, **{"run.name": "tiny"})
     done, out, work = _gpu_bench(tmp_path, 300, STAGES="mid small", GPU_BENCH_BOXES="mid=25", BUDGET_S="55",
                                  GPU_BENCH_MID=str(config), GPU_BENCH_SMALL=str(config), STEPS="400",
-                                 GPU_BENCH_OVERRIDES="-o data.num_workers=0")
+                                 GPU_BENCH_OVERRIDES="data.num_workers=0")
     assert done.returncode == 0, done.stdout + done.stderr
     stages = _stages(work)
     assert stages["mid"][0] == "FAILED" and "stopped at its box of 25 s" in stages["mid"][2], stages

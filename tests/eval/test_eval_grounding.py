@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.faults import fault_env
 from helpers.runs import ROOT, launch
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 TRAIN = ["train.lr=2e-3", "train.lr_multipliers={vision: 0.1}", "objectives.contrastive_weight=0.5",
          "train.val_every=0", "checkpoint.every_steps=0", "train.log_every=50", "train.progress_bar=false",
          "data.num_workers=0"]
-BROKEN = {"PRETRAIN_TEST_FAULTS": json.dumps({"zero_image_features": True})}
+BROKEN = fault_env({"zero_image_features": True})
 
 
 def grounding_problems(result: dict) -> list[str]:

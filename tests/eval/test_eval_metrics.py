@@ -128,6 +128,7 @@ def test_greedy_generate_equals_transformers_generate(tiny):
 
 
 def test_likelihood_similarity_equals_the_training_loss(tiny):
+    from pretrain.bench.device_check import per_token_loss
     from pretrain.eval.greedy import caption_prompt
     from pretrain.eval.retrieval import image_features, likelihood_similarity
 
@@ -144,9 +145,9 @@ def test_likelihood_similarity_equals_the_training_loss(tiny):
             ids = torch.tensor([prompt + texts[j]])
             labels = torch.tensor([[-100] * len(prompt) + texts[j]])
             batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-                     "pixel_values": px[i : i + 1]}
+                     "pixel_values": px[i : i + 1], "sample_lengths": [[ids.shape[1]]]}
             with torch.no_grad():
-                mean_nll = module.per_token_loss(batch).sum() / len(texts[j])
+                mean_nll = per_token_loss(module, batch).sum() / len(texts[j])
             assert sim[i, j].item() == pytest.approx(-mean_nll.item(), abs=1e-4)
     assert math.isfinite(sim.sum().item())
 
@@ -186,7 +187,8 @@ def test_the_validation_loop_sums_token_losses_over_batches_and_measures_the_ima
             labels[row, len(prompt) : len(prompt) + len(t)] = torch.tensor(t)
             mask[row, : len(prompt) + len(t)] = 1
         px = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
-        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px})
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px,
+                        "sample_lengths": [[len(prompt) + len(t)] for t in texts]})
     module.train()
     got = validation_metrics(module, iter(batches), torch.device("cpu"), max_batches=2, image_ablation=True)
     assert module.training  # put back in the mode it was in

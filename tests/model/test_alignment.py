@@ -1,5 +1,6 @@
 """The alignment objectives in one process (and the cross-rank gather in two): pairs, losses, gradients, the loss
-normalisation contract with the trainer, the image-path test switch, and config validation."""
+normalisation contract with the trainer, the image-path fault (tests/helpers/faults.py), and
+config validation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.faults import install
 
 from pretrain.config import ConfigError, ObjectivesConfig, build_config
 from pretrain.data.batching import collate
@@ -165,13 +167,13 @@ def test_align_stage_projector_learns_from_contrastive_alone(parts):
         vlm.zero_grad(set_to_none=True)
 
 
-def test_zero_image_features_switch_breaks_the_image_path(parts, monkeypatch):
+def test_zero_image_features_fault_breaks_the_image_path(parts, monkeypatch):
     from pretrain.model.vlm import VLMForTraining
 
     vlm, batch = parts
     px = batch["pixel_values"]
     assert VLMForTraining(vlm).image_features(px).abs().sum() > 0
-    monkeypatch.setenv("PRETRAIN_TEST_FAULTS", '{"zero_image_features": true}')
+    install({"zero_image_features": True}, monkeypatch.setattr)
     assert VLMForTraining(vlm).image_features(px).abs().sum() == 0
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.bench import loss as bench_loss
+from pretrain.bench.device_check import per_token_loss
 from pretrain.config import ModelConfig, ObjectivesConfig
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
@@ -147,7 +148,7 @@ def test_training_forward_makes_no_host_sync_of_its_own(tokenizer):
     assert syncs.ours == [], syncs.ours
     assert n.device.type == "cpu" and int(n) == batch["n_labels"] == int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
-        want = wrapper.per_token_loss(batch).sum()
+        want = per_token_loss(wrapper, batch).sum()
     torch.testing.assert_close(wrapper.last_losses["caption"] * int(n), want, rtol=1e-5, atol=1e-5)
     # The counter sees a sync where there is one: the old device-side image-token check.
     with SyncCounter() as probe:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 
+from pretrain.bench.device_check import per_token_loss
 from pretrain.config import ConfigError, ModelConfig, build_config
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
@@ -24,7 +25,6 @@ from pretrain.model.attention import (
     decode_rows,
     flash_attn_works,
     flex_row_widths,
-    one_row_for_packing,
     resolve_attention,
 )
 from pretrain.model.build import build_model, load_tokenizer
@@ -59,7 +59,7 @@ def _samples(model, tokenizer, seed: int = 0) -> list[ProcessedSample]:
 def _per_sample_losses(wrapper: VLMForTraining, batch: dict, lengths: list[list[int]]) -> list[torch.Tensor]:
     """Token losses of each sample's own predictions (not the one across a boundary into the next sample)."""
     with torch.no_grad():
-        losses = wrapper.per_token_loss(batch)
+        losses = per_token_loss(wrapper, batch)
     out = []
     for r, row in enumerate(lengths):
         at = 0
@@ -183,16 +183,14 @@ def test_auto_takes_flash_attention_only_when_its_kernel_runs(tmp_path, monkeypa
         sys.modules.pop("flash_attn", None)
 
 
-def _packing_batches(samples: list[ProcessedSample], pad_id: int, packed_path: bool) -> tuple[dict, list[dict]]:
-    """Two packed rows ([s0 s1], [s2 + pad]) and the same samples unpacked, every batch of shape (2, W).
-    `packed_path`: the unpacked batches go through the no-mask path too (the pad tail is its own segment, and causal
-    attention never lets a sample see what follows it), so flex_attention compiles one kernel, not two (~20 s)."""
+def _packing_batches(samples: list[ProcessedSample], pad_id: int) -> tuple[dict, list[dict]]:
+    """Two packed rows ([s0 s1], [s2 + pad]) and the same samples unpacked, every batch of shape (2, W): the pad
+    tails are segments of their own, so all take the same mask path and flex_attention compiles one kernel, not two
+    (~20 s)."""
     width = len(samples[0]) + len(samples[1])
     packed = collate([samples[:2], samples[2:]], pad_id, pad_to_multiple=width)
     alone = [collate([[samples[0]], [samples[1]]], pad_id, pad_to_multiple=width),
              collate([[samples[2]], [samples[0]]], pad_id, pad_to_multiple=width)]
-    for b in alone:
-        b["packed"] = packed_path
     assert packed["packed"] and {b["input_ids"].shape for b in [packed, *alone]} == {(2, width)}
     return packed, alone
 
@@ -205,7 +203,7 @@ def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
     assert model.config.text_config._attn_implementation == impl
     wrapper = VLMForTraining(model)
     samples = _samples(model, tokenizer)
-    packed, alone = _packing_batches(samples, tokenizer.pad_token_id, packed_path=impl == "flex_attention")
+    packed, alone = _packing_batches(samples, tokenizer.pad_token_id)
     got = _per_sample_losses(wrapper, packed, packed["sample_lengths"])
     want = _per_sample_losses(wrapper, alone[0], alone[0]["sample_lengths"])
     want.append(_per_sample_losses(wrapper, alone[1], alone[1]["sample_lengths"])[0])
@@ -218,31 +216,12 @@ def test_packed_rows_give_each_sample_its_unpacked_loss(tokenizer, impl):
     assert not torch.allclose(crossed[1], got[1], atol=1e-3)
 
 
-def test_packed_rows_laid_end_to_end_stay_apart(tokenizer):
-    """What flash_attention_2 gets for a multi-row packed batch (decode_rows' one long row), checked with sdpa's
-    position-derived mask: every sample's hidden states equal those it has alone."""
-    model = build_model(_mcfg(), tokenizer).eval()
-    assert one_row_for_packing("flash_attention_2", True, 2) and not one_row_for_packing("sdpa", True, 2)
-    samples = _samples(model, tokenizer)
-    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
-    wrapper = VLMForTraining(model)
-    decoder = model.model.language_model
-    with torch.no_grad():
-        embeds = wrapper.embed(packed["input_ids"], packed["pixel_values"])
-        flat = decode_rows(decoder, embeds, None, packed["position_ids"], packed=True, one_row=True)
-        for row, at, s in ((0, 0, samples[0]), (0, len(samples[0]), samples[1]), (1, 0, samples[2])):
-            batch = collate([[s]], tokenizer.pad_token_id)
-            own = decode_rows(decoder, wrapper.embed(batch["input_ids"], batch["pixel_values"]),
-                              batch["attention_mask"], batch["position_ids"], packed=False)
-            torch.testing.assert_close(flat[row, at : at + len(s)], own[0, : len(s)], rtol=1e-5, atol=1e-5)
-
-
 def test_flash_varlen_kwargs_cut_the_rows_laid_end_to_end_at_every_sample(tokenizer):
     """flash_attention_2 cannot run here: check the varlen kwargs themselves. transformers flattens (B, L) to B*L
     and runs causal attention within [cu[i], cu[i+1]): every such span must be exactly one sample or a pad tail."""
     model = build_model(_mcfg(), tokenizer)
     samples = _samples(model, tokenizer)
-    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
+    packed, _ = _packing_batches(samples, tokenizer.pad_token_id)
     embeds = torch.zeros(*packed["input_ids"].shape, 8)
     got = attention_inputs("flash_attention_2", packed["sample_lengths"], embeds, packed["position_ids"])
     assert got["attention_mask"] is None and got["position_ids"] is packed["position_ids"]
@@ -280,7 +259,7 @@ def test_decoder_masks_from_sample_lengths_read_nothing_back(tokenizer, impl):
     model = build_model(_mcfg(attn_implementation=impl), tokenizer).eval()
     wrapper = VLMForTraining(model)
     samples = _samples(model, tokenizer)
-    packed, _ = _packing_batches(samples, tokenizer.pad_token_id, packed_path=True)
+    packed, _ = _packing_batches(samples, tokenizer.pad_token_id)
     full = collate([[samples[0]], [samples[0]]], tokenizer.pad_token_id, pad_to_multiple=1)
     decoder = model.model.language_model
     assert attention_inputs(impl, full["sample_lengths"], torch.zeros(2, len(samples[0]), 8), None) == \
@@ -292,8 +271,10 @@ def test_decoder_masks_from_sample_lengths_read_nothing_back(tokenizer, impl):
         for name, batch, lengths in cases:
             embeds = wrapper.embed(batch["input_ids"], None)
             with _SyncCount() as mode:
-                decode_rows(decoder, embeds, batch["attention_mask"], batch["position_ids"], packed=True,
-                            sample_lengths=lengths)
+                if lengths is None:  # transformers' own path: no mask, boundaries from restarting position ids
+                    decoder(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False)
+                else:
+                    decode_rows(decoder, embeds, batch["position_ids"], lengths)
             counts[name] = mode.seen
     assert counts["packed"] == []
     # Without a mask the decoder makes its own position ids and transformers checks them for restarts: one read per
@@ -311,7 +292,7 @@ def test_flash_attention_path_reads_back_once_per_forward_in_transformers_mask_c
 
     model = build_model(_mcfg(), tokenizer).eval()
     config = model.model.language_model.config
-    packed, _ = _packing_batches(_samples(model, tokenizer), tokenizer.pad_token_id, packed_path=True)
+    packed, _ = _packing_batches(_samples(model, tokenizer), tokenizer.pad_token_id)
     embeds = torch.zeros(*packed["input_ids"].shape, config.hidden_size)
     inputs = attention_inputs("flash_attention_2", packed["sample_lengths"], embeds, packed["position_ids"])
     config._attn_implementation = "flash_attention_2"

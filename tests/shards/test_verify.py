@@ -100,8 +100,6 @@ def test_unreadable_input_is_an_error(capsys, config, tmp_path, shapes):
     assert code == 2 and "no such shard" in err
     code, _, err = _verify(capsys, expand_urls(shapes["val"]["urls"])[0], "--config", tmp_path / "nope.yaml")
     assert code == 2 and "not found" in err
-    code, _, err = _verify(capsys, expand_urls(shapes["val"]["urls"])[0], "--config", config, "-o", "data.nope=1")
-    assert code == 2 and "unknown key" in err and "-o/--override is deprecated" in err
     # The syntax of every other command: key=value after the URLs, or after the flags.
     code, _, err = _verify(capsys, expand_urls(shapes["val"]["urls"])[0], "data.nope=1", "--config", config)
     assert code == 2 and "data.nope: unknown key" in err and "no such shard" not in err

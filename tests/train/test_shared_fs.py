@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.faults import fault_env
 from helpers.model import torchrun
 from helpers.runs import ROOT, launch, write_config
 
@@ -52,7 +53,7 @@ def test_a_rank_with_another_run_dir_stops_the_run_at_start_up(tmp_path, assets,
     cfg = write_config(tmp_path / "c.yaml", assets, shapes)
     local = tmp_path / "node-local"
     fault = {"run_dir": {"rank": 1, "path": str(local)}}
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=180)
+    out = launch(cfg, env=fault_env(fault), timeout=180)
     text = out.stdout + out.stderr
     assert out.returncode not in (0, 75), text
     assert "run.output_dir is not one directory shared by all ranks" in text, text[-3000:]
@@ -64,7 +65,7 @@ def test_a_rank_with_another_run_dir_stops_the_run_at_start_up(tmp_path, assets,
 def test_a_commit_slower_than_the_collective_timeout_does_not_kill_the_run(tmp_path, assets, shapes):
     # A 12 s collective timeout, and rank 0 spends 25 s in the commit while rank 1 waits for it.
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"train.max_steps": 2, "deepspeed.timeout_minutes": 0.2})
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"commit_sleep": 25})}, timeout=300)
+    out = launch(cfg, env=fault_env({"commit_sleep": 25}), timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     tag = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert ckpt.is_committed(tag) and (tmp_path / "run" / "DONE").is_file()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wandb_files
+from helpers.faults import fault_env
 from helpers.runs import ROOT, metrics, write_config
 from helpers.trainer import kill_tree, wait_for
 
@@ -90,7 +91,7 @@ def tracked(tmp_path_factory, assets, shapes):
         env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tracked", "MLFLOW_DISABLE_TELEMETRY": "true",
                "NETRC": str(root / "no-netrc")}
         # First attempt: a NaN loss at step 4 stops it after step 3 was logged past the checkpoint of step 2.
-        first = _train_alone(cfg, {**env, "PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [4]})})
+        first = _train_alone(cfg, {**env, **fault_env({"nan_steps": [4]})})
         wait_for(lambda: _server_up(uri), 240, "MLflow server")
         assert first.wait(timeout=300) != 0
         client = MlflowClient(uri)
@@ -106,7 +107,7 @@ def tracked(tmp_path_factory, assets, shapes):
             by_key.open()
         # Second attempt resumes at step 2; the server dies once it holds step 4, while steps 5-6 are slowed.
         second = _train_alone(cfg, {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                    "PRETRAIN_TEST_FAULTS": json.dumps({"step_sleep": 1.0, "step_sleep_from": 5})},
+                                    **fault_env({"step_sleep": 1.0, "step_sleep_from": 5})},
                               ["train.val_every=0"])
         (run_id,) = after_first
 

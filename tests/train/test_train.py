@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
 import pytest
+from helpers.faults import fault_env
 from helpers.runs import launch, losses, metrics, torchrun_train, write_config
 from helpers.trainer import assert_resumed, cut_back_to
 
@@ -71,7 +71,7 @@ def test_nonfinite_loss_skips_the_update_and_too_many_in_a_row_stop_the_run(tmp_
     and steps 5-6 are 2 in a row: the run stops with an error, its last checkpoint the one of step 5."""
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1,
                                                                "train.max_nonfinite_in_row": 2, "train.max_steps": 8})
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [3, 5, 6]})})
+    out = launch(cfg, env=fault_env({"nan_steps": [3, 5, 6]}))
     assert out.returncode not in (0, EXIT_PREEMPTED), out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 non-finite steps in a row" in out.stdout + out.stderr
     rows = {r["step"]: r for r in metrics(tmp_path / "run")}
@@ -88,7 +88,7 @@ def test_torn_and_size_mismatched_checkpoints_are_passed_over(tmp_path, assets, 
     passes over both, with a warning each, to step 2, and the run ends as the uninterrupted one does."""
     cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"checkpoint.every_steps": 1})
     fault = {"torn_save": {"rank": 0, "step": 4, "file": "optim_states"}}
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=240)
+    out = launch(cfg, env=fault_env(fault), timeout=240)
     assert out.returncode not in (0, EXIT_PREEMPTED), out.stdout[-3000:] + out.stderr[-3000:]
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000003"
@@ -116,7 +116,7 @@ def test_a_dead_rank_ends_the_run_without_hanging(tmp_path, assets, shapes):
     (Which failure torchrun calls the root cause is a race: rank 0 fails within the same second, on the broken
     connection to the dead rank, so the report's entries are read, not its order.)"""
     cfg = write_config(tmp_path / "c.yaml", assets, shapes)
-    out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"die": {"rank": 1, "step": 2}})}, timeout=180)
+    out = launch(cfg, env=fault_env({"die": {"rank": 1, "step": 2}}), timeout=180)
     text = out.stdout + out.stderr
     assert out.returncode not in (0, 2, EXIT_PREEMPTED), text[-3000:]
     failures = logged_rank_failures(text)

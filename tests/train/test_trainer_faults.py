@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+from helpers.faults import fault_env
 from helpers.runs import losses, write_config
 from helpers.trainer import finish, kill_tree, logged_step, output, start_launch, training_processes, wait_for
 
@@ -42,7 +43,7 @@ def test_hung_then_killed_rank_restarts_and_trains_every_sample_once(tmp_path, a
     # Slow steps after the checkpoint of step 3 (fault injection: a sleep, the numbers are unchanged), so that the
     # faults land mid-run.
     faults = {"step_sleep": 2.0, "step_sleep_from": 4}
-    proc = start_launch(cfg, overrides=["--max-restarts", "2"], env={"PRETRAIN_TEST_FAULTS": json.dumps(faults)})
+    proc = start_launch(cfg, overrides=["--max-restarts", "2"], env=fault_env(faults))
     try:
         _hang_then_crash(cfg, proc)
     finally:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 
 import pytest
 import torch
 from helpers.consolidate import STATES, consolidate
+from helpers.faults import fault_env
 from helpers.runs import launch, losses, write_config
 from helpers.trainer import cut_back_to, may_mount, probe_resume, small_tmpfs
 
@@ -83,7 +83,8 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, assets, sha
     """The run directory on a real 4 MiB tmpfs: the checkpoint of step 2 (~2.7 MB) fits, the one of step 4 does not.
     The run stops with an error that says "no space left" and names the checkpoint; step 2 stays committed and
     `latest`. Where this process may mount (root with CAP_SYS_ADMIN) the tmpfs is required; elsewhere ENOSPC is
-    injected at rank 1's trainer-state write instead, and the test says so (a warning and the `disk_full` property)."""
+    injected at rank 1's first DeepSpeed file of the save of step 4 instead, and the test says so (a warning and the
+    `disk_full` property)."""
     with small_tmpfs(tmp_path / "disk", "4m") as (mounted, refusal):
         assert mounted or not may_mount(), f"mounting a tmpfs should be permitted here but failed: {refusal}"
         path = "a real 4 MiB tmpfs" if mounted else f"ENOSPC injected (mount refused: {refusal})"
@@ -95,7 +96,7 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, assets, sha
         cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{"run.output_dir": str(run),
                                                                    "checkpoint.every_steps": 2})
         fault = {} if mounted else {"enospc_in_save": {"rank": 1, "step": 4}}
-        out = launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps(fault)}, timeout=300)
+        out = launch(cfg, env=fault_env(fault), timeout=300)
         text = out.stdout + out.stderr
         assert out.returncode not in (0, EXIT_PREEMPTED), text[-3000:]
         assert "no space left on device while saving checkpoint" in text, text[-5000:]

@@ -6,11 +6,11 @@ deadlines, and max_steps is large enough that the run is still going when the si
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
 import pytest
+from helpers.faults import fault_env
 from helpers.runs import launch, losses, metrics, write_config
 from helpers.trainer import (
     assert_resumed,
@@ -83,7 +83,7 @@ def test_sigterm_to_torchrun_during_a_save_ends_on_that_checkpoint(tmp_path, ass
     reports 75."""
     cfg = _config(tmp_path, assets, shapes, **{"checkpoint.every_steps": 2})
     run = cfg.parent / "run"
-    proc = start_launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"commit_sleep": 4.0})})
+    proc = start_launch(cfg, env=fault_env({"commit_sleep": 4.0}))
     saving = run / "checkpoints" / ckpt.tag_for(2)
     wait_for(lambda: saving.is_dir() and not (saving / ckpt.COMMIT_MARKER).exists(), 300, "the save of step 2",
              proc, cfg)
@@ -99,7 +99,7 @@ def test_a_second_signal_exits_at_once_without_a_new_checkpoint(tmp_path, assets
     the checkpoint of step 1, no later one exists, and the exit code says "resume me"."""
     cfg = _config(tmp_path, assets, shapes, **{"checkpoint.every_steps": 1})
     run = cfg.parent / "run"
-    proc = start_launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"step_sleep": 12.0, "step_sleep_from": 2})})
+    proc = start_launch(cfg, env=fault_env({"step_sleep": 12.0, "step_sleep_from": 2}))
     latest = run / "checkpoints" / "latest"
     wait_for(lambda: latest.is_file() and latest.read_text().strip() == ckpt.tag_for(1), 300,
              "the checkpoint of step 1", proc, cfg)

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from helpers.faults import fault_env
 from helpers.runs import metrics, write_config
 from helpers.trainer import finish, output, start_launch
 
@@ -38,7 +39,7 @@ def test_uneven_validation_shards_keep_ranks_in_lockstep_and_a_nonfinite_step_is
         "train.val_captions": 0, "data.val": [{"urls": uneven["val"]["urls"]}]})
     per_rank = sorted(_val_batches_per_rank(cfg, r) for r in (0, 1))
     assert per_rank[0] < 4 <= per_rank[1], per_rank  # the uneven case really occurs
-    proc = start_launch(cfg, env={"PRETRAIN_TEST_FAULTS": json.dumps({"nan_steps": [3]})})
+    proc = start_launch(cfg, env=fault_env({"nan_steps": [3]}))
     assert finish(proc, cfg, 420) == 0, output(cfg)[-5000:]  # a hang kills the run's process tree and fails
     run = tmp_path / "run"
     vals = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
