@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import Config, save_config
-from pretrain.distributed import free_port
 from pretrain.model.flops import mfu
+from pretrain.ports import free_port
 
 
 def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, extra: list[str] = ()) -> None:

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# numpy and torch are imported inside the functions that seed, save or load tensors: the launcher and the requeue
+# decision (launch/) read checkpoint directories without paying torch's import.
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -71,6 +74,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -80,6 +86,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> Path:
     path = ckpt_dir / f"trainer_rank{rank:05d}.pt"
+    import torch
+
     tmp = path.with_suffix(".pt.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -93,6 +101,8 @@ def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
     path = Path(ckpt_dir) / f"trainer_rank{rank:05d}.pt"
     if not path.is_file():
         return None
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
