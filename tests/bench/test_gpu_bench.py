@@ -107,12 +107,12 @@ def test_gpu_bench_stops_a_stage_at_its_box_skips_what_cannot_fit_and_still_writ
     """A stage over its box is stopped with every process group it started (the torchrun job pretrain bench
     starts in its own session included); a stage without the time left is skipped and said; the summary stands."""
     config = write_config(tmp_path / "config.yaml", assets, shapes, **{"run.name": "tiny"})
-    done, out, work = _gpu_bench(tmp_path, 300, STAGES="mid small", GPU_BENCH_BOXES="mid=12", BUDGET_S="42",
+    done, out, work = _gpu_bench(tmp_path, 300, STAGES="mid small", GPU_BENCH_BOXES="mid=18", BUDGET_S="48",
                                  GPU_BENCH_MID=str(config), GPU_BENCH_SMALL=str(config), STEPS="400",
                                  GPU_BENCH_OVERRIDES="-o data.num_workers=0")
     assert done.returncode == 0, done.stdout + done.stderr
     stages = _stages(work)
-    assert stages["mid"][0] == "FAILED" and "stopped at its box of 12 s" in stages["mid"][2], stages
+    assert stages["mid"][0] == "FAILED" and "stopped at its box of 18 s" in stages["mid"][2], stages
     assert stages["small"][0] == "skipped", stages
     assert len(set((work / "pgids").read_text().split())) == 2  # the stage's group and the torchrun job's, both gone
     assert _all_gone(work) == []
