@@ -39,15 +39,17 @@ def _stages(work: Path) -> dict[str, list[str]]:
 
 
 def _all_gone(work: Path) -> list[int]:
-    """The processes (not zombies) still alive in the process groups the call recorded."""
+    """The processes (not zombies) still alive in the process groups the call recorded, or anywhere else with the
+    call's work folder on their command line (torchrun starts each rank in a session of its own)."""
     groups = {int(p) for p in (work / "pgids").read_text().split()}
     alive = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        if int(fields[2]) in groups and fields[0] != "Z":  # state, ppid, pgrp
+        if (int(fields[2]) in groups or str(work) in cmdline) and fields[0] != "Z":  # state, ppid, pgrp
             alive.append(int(stat.parent.name))
     return alive
 
