@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import free_port
 from pretrain.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_STALLED, SHUTDOWN_TIMEOUT
 from pretrain.launch.restarts import decide, newest_step
+from pretrain.ports import free_port
 from pretrain.train.watchdog import VERDICT, read_verdict
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)

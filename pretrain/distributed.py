@@ -17,7 +17,6 @@ import datetime
 import importlib
 import logging
 import os
-import socket
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -25,14 +24,9 @@ from typing import Any
 
 import torch
 
+from pretrain.ports import free_port
+
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that was free a moment ago (a rendezvous port for a local group or a test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def skip_shm_op_build() -> None:

@@ -57,8 +57,8 @@ def run_config(run: Path, tok_dir: Path, size: str):
 
 def make_template(work: Path, nproc: int) -> Path:
     from pretrain.demo import tokenizer_corpus
-    from pretrain.distributed import free_port
     from pretrain.model.tiny import build_tokenizer
+    from pretrain.ports import free_port
 
     build_tokenizer(tokenizer_corpus(), vocab_size=400).save_pretrained(work / "tokenizer")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

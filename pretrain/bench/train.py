@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil  # DeepSpeed's dependency; imported here, not in the signal handler that uses it
+
 from pretrain.config import Config, save_config
-from pretrain.distributed import free_port
 from pretrain.model.flops import mfu
+from pretrain.ports import free_port
 
 
 def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, extra: list[str] = ()) -> None:
@@ -49,14 +51,14 @@ def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, ext
                 pgids.write(f"{proc.pid}\n")
 
         def stop(signum: int, _frame: Any) -> None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc.pid)
             raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc.pid)
             proc.wait()
             code = None
         finally:
@@ -65,6 +67,20 @@ def run_worker(role: str, config: Path, out: Path, nproc: int, timeout: int, ext
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         why = f"timed out after {timeout} s" if code is None else f"exit code {code}"
         raise RuntimeError(f"bench {role} failed ({why}); end of {log}:\n{tail}")
+
+
+def kill_job(torchrun_pid: int) -> None:
+    """SIGKILL a torchrun job: torchrun's process group and each rank's. torchrun starts every rank in a session of
+    its own, so killing torchrun's group alone leaves the ranks running, orphaned (holding their GPU memory)."""
+    try:
+        ranks = [child.pid for child in psutil.Process(torchrun_pid).children()]
+    except psutil.Error:  # torchrun is gone already
+        ranks = []
+    for pgid in (torchrun_pid, *ranks):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def summarize(records: list[dict], warmup: int, nproc: int, device: str) -> dict[str, Any]:

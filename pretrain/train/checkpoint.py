@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+# numpy and torch are imported inside the functions that seed, save or load tensors: the launcher and the requeue
+# decision (launch/) read checkpoint directories without paying torch's import.
 from pretrain.atomic_file import AtomicFile, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,9 @@ def step_of(tag: str) -> int:
 
 
 def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -55,6 +57,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -64,6 +69,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> Path:
     path = ckpt_dir / f"trainer_rank{rank:05d}.pt"
+    import torch
+
     with AtomicFile(path, durable=True) as f:
         torch.save(state, f)
     return path
@@ -73,6 +80,8 @@ def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
     path = Path(ckpt_dir) / f"trainer_rank{rank:05d}.pt"
     if not path.is_file():
         return None
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

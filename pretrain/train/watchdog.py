@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain import distributed as dist
 from pretrain.atomic_file import write_atomic
 from pretrain.exit_codes import EXIT_STALLED
 
@@ -97,6 +96,8 @@ class Watchdog:
         self.fixed_s = None if timeout_minutes is None else 60.0 * timeout_minutes
         shortest = self.fixed_s or FLOOR_S
         self.poll_s = min(10.0, max(0.5, shortest / 20))
+        from pretrain import distributed as dist  # here, not at the top: the launcher reads verdicts without torch
+
         self.store = dist.rendezvous_store(timeout_s=max(self.poll_s, min(30.0, shortest / 4)))
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.on_beat = on_beat

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers.runs import launch, metrics, write_config
-from pretrain.distributed import free_port
+from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ("projector", "llm", "vision")

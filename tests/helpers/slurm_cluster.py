@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.distributed import free_port
+from pretrain.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "tools" / "install_slurm.sh"

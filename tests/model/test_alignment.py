@@ -15,8 +15,8 @@ from helpers.faults import install
 from pretrain.config import ConfigError, ObjectivesConfig, build_config
 from pretrain.data.batching import collate
 from pretrain.data.sample import ProcessedSample
-from pretrain.distributed import free_port
 from pretrain.model.alignment import batch_pairs, contrastive_loss, gather_with_grad, hard_negatives, itm_pairs
+from pretrain.ports import free_port
 
 IMG = 7  # image token id in the hand-made batches
 

@@ -116,6 +116,6 @@ def test_a_loader_blocked_on_a_stalled_file_ends_the_process(tmp_path):
 
 
 def _port() -> int:
-    from pretrain.distributed import free_port
+    from pretrain.ports import free_port
 
     return free_port()
