@@ -269,10 +269,21 @@ def _sample_ids(batches) -> Counter:
     return Counter((k["shard"], k["key"], k["epoch"]) for b in batches for k in b["sample_keys"])
 
 
+def _rest_of(loader) -> Counter:
+    """The samples a resumed loader reads before its first one of epoch 2."""
+    got = Counter()
+    for batch in loader:
+        got += _sample_ids([batch])
+        if any(k["epoch"] == 2 for k in batch["sample_keys"]):
+            return Counter({k: n for k, n in got.items() if k[2] < 2})
+    raise AssertionError("the loader ended")
+
+
 def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(processor, shapes, tmp_path):
     """2 ranks -> 1: rank 1 had passed into epoch 1 while rank 0 was early in epoch 0. The checkpoint's trainer
     states of both ranks go to the new loader, and it reads exactly what neither old rank had: the rest of epoch 0
-    and of epoch 1, each sample once across the two parts, then epoch 2."""
+    and of epoch 1, each sample once across the two parts, then epoch 2. 2 ranks -> 3: the new ranks share that
+    rest exactly."""
     ckpt_dir = tmp_path / "step_00000009"
     ckpt_dir.mkdir()
     consumed = {0: 5, 1: 40}  # batches of 8; an epoch of one rank is 256 samples = 32 batches
@@ -292,6 +303,12 @@ def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(proc
         both = Counter({(s, k): n for (s, k, e), n in (seen + got).items() if e == epoch})
         assert set(both) == everything and set(both.values()) == {1}, epoch  # every sample of it once
     assert [e for _, _, e in got].count(2) == 8  # the batch after the rest opens epoch 2
+    # 2 ranks -> 3: each new rank reads its own block of that rest (up to its first sample of epoch 2); the blocks
+    # are disjoint, of equal sizes, and together the same rest.
+    blocks = [_rest_of(_loader(processor, shapes, states=SavedRanks(ckpt_dir, world=2).part("loader"), rank=rank,
+                               world_size=3)) for rank in range(3)]
+    assert sum(blocks, Counter()) == Counter({k: n for k, n in got.items() if k[2] < 2})
+    assert max(map(sum, map(Counter.values, blocks))) - min(map(sum, map(Counter.values, blocks))) <= 1
     (ckpt_dir / "trainer_rank00001.pt").unlink()  # an old rank's state missing: refused, naming it
     with pytest.raises(ResumeError, match="rank 1 of 2"):
         _loader(processor, shapes, states=SavedRanks(ckpt_dir, world=2).part("loader"), rank=0, world_size=1)
