@@ -62,31 +62,32 @@ def processor(root: Path):
                            max_image_pixels=10**7)
 
 
-def saved_state(urls: list[str], per_shard: int, world: int, fraction: float, buffer: int) -> dict:
-    """The merged loader state of `world` ranks (0 workers), each slot `fraction` into its epoch share."""
+def saved_state(urls: list[str], per_shard: int, world: int, fraction: float, buffer: int) -> dict[int, dict]:
+    """The loader states of `world` ranks (0 workers) by rank, each slot `fraction` into its epoch share."""
     from pretrain.data.loader import LoaderSpec, layout
     from pretrain.data.slot_state import SlotState, StreamState
     from pretrain.data.stream import ShardReader, SourceStream
 
     spec = LoaderSpec(sources=[urls], weights=[1.0], world_size=world, shuffle_buffer=buffer, max_length=64)
-    slots = {}
+    states = {}
     for s in range(world):
         shards, _ = SourceStream(urls, s, world, 0, 0, True, ShardReader()).shards_for(0)
         done = int(fraction * len(shards) * per_shard)
         pos, sample = divmod(done, per_shard)
         previous = [(0, shards[max(pos - 1, 0)], i) for i in range(min(buffer, per_shard))] if done else []
-        slots[str(s)] = SlotState(streams=[StreamState(0, pos, sample)], buffer=previous,
-                                  buffer_epochs=[0] * len(previous), ok=[done]).to_dict()
-    return {"format": 2, **layout(spec), "consumed": 0, "slots": slots}
+        slot = SlotState(streams=[StreamState(0, pos, sample)], buffer=previous,
+                         buffer_epochs=[0] * len(previous), ok=[done])
+        states[s] = {**layout(spec), "consumed": 0, "slots": {str(s): slot.to_dict()}}
+    return states
 
 
-def time_resume(proc, urls: list[str], state: dict, world: int, buffer: int) -> tuple[float, float]:
+def time_resume(proc, urls: list[str], states: dict[int, dict], world: int, buffer: int) -> tuple[float, float]:
     from pretrain.data.loader import LoaderSpec, ResumableLoader
 
     spec = LoaderSpec(sources=[urls], weights=[1.0], rank=0, world_size=world, shuffle_buffer=buffer,
                       rows_per_batch=1, max_length=64)
     t0 = time.perf_counter()
-    loader = ResumableLoader(spec, proc, json.loads(json.dumps(state)))
+    loader = ResumableLoader(spec, proc, {r: json.loads(json.dumps(s)) for r, s in states.items()})
     t1 = time.perf_counter()
     next(iter(loader))
     return t1 - t0, time.perf_counter() - t1
@@ -108,9 +109,9 @@ def main() -> None:
     print("| position | resumed on | load state (s) | first batch (s) | total (s) |")
     print("| --- | --- | --- | --- | --- |")
     for fraction in (0.0, 0.01, 0.9):
-        state = saved_state(urls, args.per_shard, 4, fraction, args.buffer)
+        states = saved_state(urls, args.per_shard, 4, fraction, args.buffer)
         for world, what in ((4, "4 ranks (same)"), (3, "3 ranks (changed)"), (1, "1 rank (changed)")):
-            load, first = time_resume(proc, urls, state, world, args.buffer)
+            load, first = time_resume(proc, urls, states, world, args.buffer)
             print(f"| {fraction:.0%} | {what} | {load:.2f} | {first:.2f} | {load + first:.2f} |", flush=True)
 
 

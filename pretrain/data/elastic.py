@@ -5,7 +5,7 @@ every S-th shard (or every S-th sample when there are fewer shards than slots; s
 slot position (epoch, shard_pos, sample_pos) therefore names exactly what that slot has read; what it read but did
 not train on sits in its shuffle buffer and its batcher (`buffer`, `pending`) as references.
 
-The rest, per source, from every old slot (the states of *all* old ranks, merged):
+The rest, per source, from every old slot (the states of *all* old ranks):
 - its unread part of its current epoch and its whole shares of later epochs up to the furthest epoch any old slot
   reached (slots drift apart when shards hold different sample counts): pieces (pretrain.data.slot_state.Piece);
 - the samples in its buffer and batcher, which go back into the new slots' shuffle buffers.
@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from pretrain.data.loader_spec import LoaderSpec
-from pretrain.data.slot_state import Piece, SlotState, skip_counts
+from pretrain.data.slot_state import Piece, SlotState, StreamState, skip_counts
 from pretrain.data.stream import ShardReader, SourceStream
 from pretrain.data.urls import is_remote
 
@@ -38,12 +39,15 @@ def source_fingerprint(urls: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(urls)).encode()).hexdigest()[:16]
 
 
-def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, dict[str, Any]]:
-    """The slot states (SlotState fields) of this rank's new slots, from the merged state of every old rank."""
-    n_old = state["world_size"] * max(state["num_workers"], 1)
-    # A slot missing from the merged state never handed out a batch (a checkpoint before every worker had): it
-    # is at the start of everything. (A missing rank's state is an error where states are merged.)
-    slots = [state["slots"].get(str(s)) or _fresh(len(state["sources"])) for s in range(n_old)]
+def split_rest(states: list[dict], spec: LoaderSpec, reader: ShardReader) -> dict[int, dict[str, Any]]:
+    """The slot states (SlotState fields) of this rank's new slots, from every old rank's state (`states[r]`, all
+    of one layout: the loader checks)."""
+    state = states[0]  # the layout, the same in every one
+    saved = {k: v for s in states for k, v in s["slots"].items()}
+    n_old = len(states) * max(state["num_workers"], 1)
+    # A slot missing from its rank's state never handed out a batch (a checkpoint before every worker had): it is
+    # at the start of everything.
+    slots = [saved.get(str(s)) or _fresh(len(state["sources"])) for s in range(n_old)]
     w = max(spec.num_workers, 1)
     n_new = spec.world_size * w
     mine = range(spec.rank * w, spec.rank * w + w)
@@ -57,7 +61,8 @@ def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, 
         else:
             positions = _split_source(state, slots, j, urls, n_new, mine, reader)
         for t in mine:
-            new[t]["streams"].append(positions[t])
+            # complete: a later resume reads every field
+            new[t]["streams"].append(StreamState.from_dict(positions[t]).to_dict())
     _split_refs(state, slots, spec, n_new, new)
     if spec.rank == 0:  # the old counts live on in one slot, so the bad-fraction check keeps its history
         new[0].update(_old_counts(state, slots, spec))
@@ -65,8 +70,8 @@ def split_rest(state: dict, spec: LoaderSpec, reader: ShardReader) -> dict[int, 
 
 
 def _fresh(n_sources: int) -> dict[str, Any]:
-    return {"streams": [{"epoch": 0, "shard_pos": 0, "sample_pos": 0} for _ in range(n_sources)], "buffer": [],
-            "pending": [], "buffer_epochs": [], "pending_epochs": [], "ok": [], "skipped": [], "truncated": 0}
+    return {"streams": [asdict(StreamState()) for _ in range(n_sources)], "buffer": [], "pending": [],
+            "buffer_epochs": [], "pending_epochs": [], "ok": [], "skipped": [], "truncated": 0}
 
 
 def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new: int, mine: range,
@@ -82,7 +87,7 @@ def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new
     pieces: list[Piece] = []
     for s, pos in enumerate(positions):
         stream = SourceStream(urls, s, n_old, state["seed"], j, state["shuffle"], reader)
-        rest = [Piece(*p) for p in pos.get("rest", [])[pos.get("rest_pos", 0):]]
+        rest = [Piece(*p) for p in pos["rest"][pos["rest_pos"]:]]
         if rest:  # still in the rest of an earlier resume: its current piece goes on from sample_pos
             rest[0].start = rest[0].first_at(pos["sample_pos"])
             pos = {**pos, "shard_pos": 0, "sample_pos": 0}
@@ -92,7 +97,7 @@ def _split_source(state: dict, slots: list[dict], j: int, urls: list[str], n_new
 
 
 def _started(pos: dict) -> bool:
-    return bool(pos["shard_pos"] or pos["sample_pos"] or pos.get("taken")) and not pos.get("rest")
+    return bool(pos["shard_pos"] or pos["sample_pos"] or pos["taken"]) and not pos["rest"]
 
 
 def _unread(stream: SourceStream, pos: dict, last_epoch: int) -> list[Piece]:

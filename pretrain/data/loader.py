@@ -6,11 +6,10 @@ slot's state *after* that batch, so the main process can save exactly the positi
 however far the DataLoader prefetched. torch's DataLoader takes batches from workers round-robin, so on resume the
 worker order is rotated to continue with the slot that was next.
 
-A resume on the same layout (`layout()`: world size, workers, seed, sources, batching) continues every slot in
-place. On another layout the rest of the epoch, computed from the states of *all* old ranks (pass
-`merge_states([state of rank 0, state of rank 1, ...])`), is split exactly over the new slots: pretrain.data.elastic.
-A state written before that (no `format`) keeps the old rule on a layout change: every new slot starts the epoch
-after the furthest one any old slot reached, and the rest of the interrupted epoch is dropped, with a warning.
+A resume is given every old rank's state (`load_state_dict(states)`, Megatron-Energon's restore_state_global) and
+decides here, once, how to go on: on the same layout (`layout()`: world size, workers, seed, sources, batching) each
+rank continues its own slots in place and reads only its own state; on another layout the rest of the epoch,
+computed from the states of all old ranks, is split exactly over the new slots (pretrain.data.elastic).
 
 Every batch carries `sample_keys` (source, shard, key and source epoch of each sample) for data.record_samples.
 
@@ -25,7 +24,7 @@ import copy
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,7 +36,7 @@ from pretrain.data.errors import SampleError
 from pretrain.data.loader_spec import LoaderSpec
 from pretrain.data.remote import StreamPolicy
 from pretrain.data.sample import SampleProcessor
-from pretrain.data.slot_state import SlotState, StreamState, skip_counts
+from pretrain.data.slot_state import SlotState, skip_counts
 from pretrain.data.stream import ShardReader, ShuffleBuffer, SourceStream, seeded_rng
 from pretrain.data.urls import is_remote
 
@@ -71,8 +70,7 @@ class SlotPipeline:
         # At a batch boundary the batcher holds at most the carried-over sample: re-pushing rebuilds it exactly.
         refs = [*st.pending, *st.buffer]
         raws = self.reader.read_refs([(url, index) for _, url, index in refs])
-        # States written before epochs were recorded have none: the stream's current one is the best guess.
-        epochs = [*st.pending_epochs, *st.buffer_epochs] or [self.streams[src].state.epoch for src, _, _ in refs]
+        epochs = [*st.pending_epochs, *st.buffer_epochs]
         for (src, _, _), raw, epoch in zip(refs, raws, epochs):
             if raw is None:  # its shard vanished or broke since the save: the sample is lost, and counted
                 lost = self.streams[src].state.lost
@@ -158,26 +156,21 @@ class SlotPipeline:
         return batch
 
 
-STATE_FORMAT = "format"  # absent in states written before elastic resume
-
-
 def layout(spec: LoaderSpec) -> dict:
     """What a saved position depends on: with all of it equal a resume continues each slot in place; otherwise
     the rest of the epoch is recomputed from every old slot (pretrain.data.elastic)."""
     return {"world_size": spec.world_size, "num_workers": spec.num_workers, "seed": spec.seed,
             "shuffle": spec.shuffle, "epoch_size": spec.epoch_size,
             "sources": [source_fingerprint(urls) for urls in spec.sources],
-            # The image budget only when set: positions saved before it existed still resume in place.
-            "batching": [spec.rows_per_batch, spec.max_length, spec.packing]
-            + ([spec.max_images_per_batch] if spec.max_images_per_batch is not None else [])}
+            "batching": [spec.rows_per_batch, spec.max_length, spec.packing, spec.max_images_per_batch]}
 
 
-def resumes_in_place(state: dict, spec: LoaderSpec) -> bool:
-    """Whether each slot of `state` continues as it was (else every old rank's state is needed: merge_states)."""
-    if STATE_FORMAT not in state:
-        return (state.get("world_size"), state.get("num_workers")) == (spec.world_size, spec.num_workers)
-    now = json.loads(json.dumps(layout(spec)))  # as a checkpoint round trip would give it
-    return all(state.get(k) == v for k, v in now.items())
+_LAYOUT_KEYS = ("world_size", "num_workers", "seed", "shuffle", "epoch_size", "sources", "batching")
+
+
+def _saved_layout(state: dict) -> dict:
+    """The layout a saved state was written under."""
+    return {k: state[k] for k in _LAYOUT_KEYS}
 
 
 def _epoch_share(spec: LoaderSpec, urls: list[str], n_slots: int) -> int | None:
@@ -185,20 +178,6 @@ def _epoch_share(spec: LoaderSpec, urls: list[str], n_slots: int) -> int | None:
     if spec.epoch_size is None or not any(is_remote(u) for u in urls):
         return None
     return -(-spec.epoch_size // n_slots)
-
-
-def merge_states(states: list[dict]) -> dict:
-    """One loader state holding the slots of every rank's state (all saved at the same step), for a resume with
-    another world size or worker count, where the restart epoch must account for every old slot."""
-    if not states:
-        raise ValueError("no loader states to merge")
-    merged = {**states[0], "slots": {}}
-    for state in states:
-        if (state.get("world_size"), state.get("num_workers")) != (merged.get("world_size"),
-                                                                    merged.get("num_workers")):
-            raise ValueError("loader states from runs of different world sizes or worker counts")
-        merged["slots"].update(state["slots"])
-    return merged
 
 
 def _as_rng_state(state) -> tuple:
@@ -228,48 +207,38 @@ class _SlotDataset(IterableDataset):
 class ResumableLoader:
     """Iterate batches; `state_dict()` is the position after the last batch handed out."""
 
-    def __init__(self, spec: LoaderSpec, processor: SampleProcessor, state: dict | None = None) -> None:
+    def __init__(self, spec: LoaderSpec, processor: SampleProcessor, states: Mapping[int, dict] | None = None) -> None:
         self.spec, self.processor = spec, processor
         self.slot_states: dict[int, SlotState] = {}
         self.consumed = 0
-        if state:
-            self.load_state_dict(state)
+        if states:
+            self.load_state_dict(states)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position: in place, or (another layout) the rest of the epoch split anew, which
-        needs the merged state of every old rank."""
-        if not resumes_in_place(state, self.spec):
-            if STATE_FORMAT not in state:  # written before the epoch order was global: no remainder to split
-                self.slot_states = self._restart_states(state)
-                return
-            log.warning("data: world size or workers changed (%s x %s -> %s x %s) or the sources or batching did: "
-                        "the rest of the interrupted epoch is split over the new slots", state.get("world_size"),
-                        state.get("num_workers"), self.spec.world_size, self.spec.num_workers)
-            split = elastic.split_rest(state, self.spec, ShardReader())
-            self.slot_states = {t: SlotState.from_dict(d) for t, d in split.items()}
+    def load_state_dict(self, states: Mapping[int, dict]) -> None:
+        """Continue from a checkpoint, given the old ranks' states by rank (`states[r]`: what rank r's `state_dict()`
+        returned; a mapping that reads each when first asked for does: a resume in place asks only for its own).
+        The one place that decides: on the same layout this rank continues its own slots in place; on another, the
+        rest of the epoch, from every old rank's slots, is split over the new slots."""
+        own = states[self.spec.rank] if self.spec.rank in states else None
+        if own is not None and _saved_layout(own) == json.loads(json.dumps(layout(self.spec))):  # as saved
+            self.consumed = own["consumed"]
+            self.slot_states = {int(k): SlotState.from_dict(v) for k, v in own["slots"].items()}
             return
-        self.consumed = state["consumed"]
-        w = max(self.spec.num_workers, 1)
-        # A merged state holds every rank's slots: keep this rank's, so `stats()` counts only its own.
-        self.slot_states = {int(k): SlotState.from_dict(v) for k, v in state["slots"].items()
-                            if int(k) // w == self.spec.rank}
-
-    def _restart_states(self, state: dict) -> dict[int, SlotState]:
-        epochs = [s["streams"][i]["epoch"] for s in state["slots"].values() for i in range(len(s["streams"]))]
-        epoch = max(epochs, default=0) + 1
-        log.warning("data: world size or workers changed (%s x %s -> %s x %s) and the loader state predates "
-                    "elastic resume: each slot starts epoch %d; the rest of the interrupted epoch is not seen",
-                    state.get("world_size"), state.get("num_workers"), self.spec.world_size, self.spec.num_workers,
-                    epoch)
-        w = max(self.spec.num_workers, 1)
-        n = len(self.spec.sources)
-        return {self.spec.rank * w + i: SlotState(streams=[StreamState(epoch) for _ in range(n)]) for i in range(w)}
+        old_world = (own or states[0])["world_size"]
+        old = [states[r] for r in range(old_world)]
+        if len(states) != old_world or any(_saved_layout(s) != _saved_layout(old[0]) for s in old):
+            raise ValueError(f"{len(states)} loader states of {old_world} old ranks, or of different layouts: an "
+                             "elastic resume needs every old rank's state, all from one checkpoint")
+        log.warning("data: world size or workers changed (%s x %s -> %s x %s) or the sources or batching did: "
+                    "the rest of the interrupted epoch is split over the new slots", len(old),
+                    old[0]["num_workers"], self.spec.world_size, self.spec.num_workers)
+        split = elastic.split_rest(old, self.spec, ShardReader())
+        self.slot_states = {t: SlotState.from_dict(d) for t, d in split.items()}
 
     def state_dict(self) -> dict:
-        return {
-            STATE_FORMAT: 2, **layout(self.spec), "consumed": self.consumed,
-            "slots": {str(k): v.to_dict() for k, v in self.slot_states.items()},
-        }
+        """This rank's position: its slots after the last batch handed out, and the layout they depend on."""
+        return {**layout(self.spec), "consumed": self.consumed,
+                "slots": {str(k): v.to_dict() for k, v in self.slot_states.items()}}
 
     def stats(self) -> dict:
         """Cumulative counts over this rank's slots: ok and skipped per reason (all sources summed) and per source."""

@@ -1,11 +1,11 @@
 """Sharded checkpoints that count only once complete.
 
 Layout: `checkpoints/<tag>/` holds DeepSpeed's files (saved with save_latest=False), one `trainer_rank<r>.pt` per
-rank (loader position and RNG states), and `COMMITTED`, written by rank 0 last, after every rank has written and
-reported its files: it lists every file with its size as the rank that wrote it reported it. `checkpoints/latest`
-(the tag as text, DeepSpeed's own format, so its tools read it too) is replaced atomically only after that. A save
-killed half-way leaves a tag without COMMITTED; `latest` still names the previous one, and `resume: auto` passes
-over the incomplete one with a warning.
+rank (its parts of the run's state: pretrain.train.resume), and `COMMITTED`, written by rank 0 last, after every
+rank has written and reported its files: it lists every file with its size as the rank that wrote it reported it.
+`checkpoints/latest` (the tag as text, DeepSpeed's own format, so its tools read it too) is replaced atomically only
+after that. A save killed half-way leaves a tag without COMMITTED; `latest` still names the previous one, and
+`resume: auto` passes over the incomplete one with a warning.
 
 `checkpoint.verify`: `sizes` checks that every listed file is there with its size; `crc` also stores a CRC-32 of
 every listed file in COMMITTED (each rank sums what it wrote, right after writing it) and checks them at resume, so
@@ -19,7 +19,6 @@ import errno
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import zlib
@@ -46,25 +45,6 @@ def step_of(tag: str) -> int:
     return int(tag.split("_")[-1])
 
 
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def write_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> Path:

@@ -1,7 +1,8 @@
 """The training loop: one process of a data-parallel DeepSpeed run.
 
 What happens where: step.py (one optimizer step, loss normalisation, model FLOPs), checkpoint.py (commit marker,
-`latest`, retention), universal.py (resume on another number of ranks), validation.py (val loss, captions),
+`latest`, retention), resume.py (what a checkpoint holds: the run's Stateful parts, this trainer among them, and the
+resume that restores them), universal.py (resume on another number of ranks), validation.py (val loss, captions),
 signals.py (SIGUSR1/SIGTERM -> checkpoint and exit 75), run_log.py (metrics.jsonl, TensorBoard, progress bar),
 watchdog.py (a rank without progress ends the run, exit 76), owner.py (one job per run directory).
 """
@@ -13,7 +14,6 @@ import logging
 import math
 import resource
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -22,7 +22,6 @@ from pretrain import distributed as dist
 from pretrain import exit_codes
 from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
-from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.model.flops import mfu
 from pretrain.train import checkpoint as ckpt
@@ -31,6 +30,7 @@ from pretrain.train.config_change import check_resume_config, write_run_config
 from pretrain.train.ds_config import build_ds_config
 from pretrain.train.engine import build_engine, make_loader
 from pretrain.train.preflight import preflight
+from pretrain.train.resume import Checkpointer, RNGState, Scope
 from pretrain.train.run_log import MetricsWriter
 from pretrain.train.samples import SampleRecorder
 from pretrain.train.signals import StopRequest
@@ -70,10 +70,8 @@ class Trainer:
             write_run_config(cfg, self.run_dir)
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
             (self.run_dir / VERDICT).unlink(missing_ok=True)
-        self.universal = bool(self.resume_from) and universal.needs_universal(self.resume_meta, self.world,
-                                                                              cfg.deepspeed.zero_stage)
-        if self.universal:  # before the engine exists: the converter reads whole checkpoints into memory
-            universal.convert(self.resume_from, self.rank, cfg.deepspeed.rank0_work_timeout_minutes)
+        self.universal = universal.prepare(self.resume_from, self.resume_meta, self.world, cfg.deepspeed.zero_stage,
+                                           self.rank, cfg.deepspeed.rank0_work_timeout_minutes)
         self.ds_config = build_ds_config(cfg, self.world, load_universal=self.universal)
         if self.rank == 0:  # what DeepSpeed really ran with, after merging a user's file: for the user to check
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
@@ -89,15 +87,14 @@ class Trainer:
         self.nonfinite_total = 0
         self.writer: MetricsWriter | None = None
         self.tracker_runs: dict[str, str] = {}  # rank 0: the W&B / MLflow runs a resumed run continues
-        loader_state = self._resume()
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True)
-        if loader_state is not None:
-            same_ranks = loader_state.get("world_size") == self.world  # else it is every old rank's already
-            if same_ranks and not resumes_in_place(loader_state, self.loader.spec):
-                # Other workers, sources or batching: the rest of the epoch is split anew, from every old slot.
-                loader_state = universal.merge_loader_states(self.resume_from, self.world)
-            self.loader.load_state_dict(loader_state)
+        self.checkpointer = Checkpointer(self.engine, self.rank, self.world)
+        self.checkpointer.register("trainer", self, Scope.RUN)
+        self.checkpointer.register("rng", RNGState(), Scope.RANK)
+        self.checkpointer.register("loader", self.loader, Scope.EVERY_RANK)
+        if self.resume_from:
+            self.checkpointer.load(self.resume_from, self.resume_meta, self.universal)
         self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
         self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
                                    self.device, self.run_dir)
@@ -119,36 +116,14 @@ class Trainer:
             raise owner.RunDirOwned(refused)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _resume(self) -> dict | None:
-        path = self.resume_from
-        if path is None:
-            return None
-        load_dir, tag = (path, universal.UNIVERSAL) if self.universal else (path.parent, path.name)
-        _, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load {path}")
-        if self.engine.module.frozen_tower is not None:  # the replica holds the loaded tower, not the built one
-            self.engine.module.frozen_tower.refresh()
-        self.step, self.tokens_seen = client["step"], client["tokens_seen"]
-        self.nonfinite_total = client.get("nonfinite_total", 0)
-        if self.rank == 0:
-            self.tracker_runs = (ckpt.read_rank_state(path, 0) or {}).get("tracker_runs", {})
-        old_world = client.get("world_size", self.resume_meta.get("world_size"))
-        if old_world != self.world:
-            # Another world size: no rank's loader position or RNG maps one to one; the loader splits the rest of
-            # the epoch over the new slots, from every old rank's state.
-            if self.rank == 0:
-                log.warning("resumed from %s at step %d on %d rank(s); it was written by %d%s", path, self.step,
-                            self.world, old_world, " (through DeepSpeed's universal checkpoint)" * self.universal)
-            return universal.merge_loader_states(path, old_world)
-        mine = ckpt.read_rank_state(path, self.rank)
-        if mine is None:
-            raise RuntimeError(f"{path}: trainer state of rank {self.rank} is missing")
-        ckpt.set_rng_state(mine["rng"])
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", path, self.step)
-        return mine["loader"]
+    def state_dict(self) -> dict:
+        """The run's own record, a checkpoint's `trainer` part (rank 0's is the one a resume reads)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
+                "tracker_runs": self.writer.run_ids() if self.writer else self.tracker_runs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.nonfinite_total, self.tracker_runs = state["nonfinite_total"], state["tracker_runs"]
 
     def save(self) -> Path:
         """Every rank writes its shards and trainer state and reports the files; rank 0 commits what was reported
@@ -185,15 +160,9 @@ class Trainer:
         return path
 
     def _write_checkpoint(self, tag: str) -> None:
-        client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
-                  "nonfinite_total": self.nonfinite_total,
-                  "versions": {p: version(p) for p in ("torch", "deepspeed", "transformers")}}
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client, save_latest=False)
         path = self.ckpt_root / tag
-        state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "step": self.step}
-        if self.rank == 0:
-            state["tracker_runs"] = self.writer.run_ids() if self.writer else self.tracker_runs
-        self.written.add(ckpt.write_rank_state(path, self.rank, state))
+        self.checkpointer.save_engine(path)
+        self.written.add(self.checkpointer.save_parts(path))
         if self.rank == 0:
             save_config(self.cfg, path / "config.yaml")  # the resolved config this checkpoint was trained with
             # What an export needs besides the weights: the Llava config, tokenizer and image processor.

@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks: DeepSpeed's universal checkpoint, and the loader state that goes with it.
+"""Resuming on another number of ranks or ZeRO stage: DeepSpeed's universal checkpoint.
 
 A native ZeRO checkpoint holds each rank's flat partition of the fp32 weights and optimizer state; it loads only at
 the data-parallel size it was written with. `deepspeed.checkpoint.ds_to_universal` rewrites it as one file per
@@ -11,8 +11,8 @@ rendezvous store (dist.rank0_work), not in a collective that would time out, and
 complete. The checkpoint's own files and its commit marker are left as they are.
 
 Optimizer state survives exactly (the same fp32 numbers, re-partitioned); losses after the resume still differ from
-a run that kept its ranks: the rest of the epoch is split over the new ranks (pretrain.data.elastic), so batches hold
-other samples, and sums are reduced in another order.
+a run that kept its ranks: the loader splits the rest of the epoch over the new ranks (pretrain.data.elastic), so
+batches hold other samples, and sums are reduced in another order. The rest of the checkpoint: pretrain.train.resume.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from pretrain import distributed as dist
-from pretrain.data.loader import merge_states
-from pretrain.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +47,16 @@ def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
     if 0 in (old_stage, zero_stage):
         raise ResumeError(f"checkpoint written with ZeRO stage {old_stage} on {old_world} rank(s) cannot be resumed "
                           f"with stage {zero_stage} on {world}: the universal format needs ZeRO 1-3 on both sides")
+    return True
+
+
+def prepare(ckpt_dir: Path | None, meta: dict[str, Any], world: int, zero_stage: int, rank: int,
+            timeout_minutes: float) -> bool:
+    """Whether the engine loads `ckpt_dir` (COMMITTED `meta`) through the universal format, converted first where
+    it must be. All ranks call it, before the engine exists: the converter reads whole checkpoints into memory."""
+    if ckpt_dir is None or not needs_universal(meta, world, zero_stage):
+        return False
+    convert(ckpt_dir, rank, timeout_minutes)
     return True
 
 
@@ -98,15 +106,3 @@ def _convert(src: Path, out: Path) -> None:
         raise OSError(f"ds_to_universal exited with {done.returncode} (log: {log_path}):\n{tail}")
     (tmp / _DONE).write_text("ok\n")
     tmp.rename(out)
-
-
-def merge_loader_states(ckpt_dir: Path, old_world: int) -> dict[str, Any]:
-    """Every old rank's loader state merged into one (pretrain.data.loader.merge_states): the rest of the epoch on
-    another layout is what *all* old slots had not consumed (pretrain.data.elastic)."""
-    states = []
-    for r in range(old_world):
-        state = ckpt.read_rank_state(ckpt_dir, r)
-        if state is None:
-            raise ResumeError(f"{ckpt_dir}: trainer state of rank {r} of {old_world} is missing")
-        states.append(state["loader"])
-    return merge_states(states)

@@ -14,9 +14,9 @@ from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.urls import expand_urls
 
 
-def _loader(processor, urls, state=None, **spec):
+def _loader(processor, urls, states=None, **spec):
     defaults = dict(sources=[expand_urls(urls)], weights=[1.0], shuffle_buffer=8, rows_per_batch=2, max_length=64)
-    return ResumableLoader(LoaderSpec(**{**defaults, **spec}), processor, state)
+    return ResumableLoader(LoaderSpec(**{**defaults, **spec}), processor, states)
 
 
 def _ids(batch) -> list[tuple]:
@@ -85,7 +85,7 @@ def test_exact_resume(processor, shapes, workers, packing, stop_at):
     head_batches = list(islice(first, stop_at))
     head = [_ids(b) for b in head_batches]
     state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
-    tail = [_ids(b) for b in islice(_loader(processor, urls, state=state, **kw), 6)]
+    tail = [_ids(b) for b in islice(_loader(processor, urls, states={0: state}, **kw), 6)]
     assert head == full[:stop_at]
     assert tail == full[stop_at:]
     if packing:

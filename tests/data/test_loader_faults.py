@@ -34,10 +34,10 @@ def shard_dir(shapes, tmp_path) -> Path:
     return out
 
 
-def _loader(processor, shard_dir, state=None, **spec) -> ResumableLoader:
+def _loader(processor, shard_dir, states=None, **spec) -> ResumableLoader:
     kw = dict(sources=[expand_urls(str(shard_dir))], weights=[1.0], rows_per_batch=8, max_length=64,
               shuffle=False, shuffle_buffer=8, single_pass=True)
-    return ResumableLoader(LoaderSpec(**{**kw, **spec}), processor, state)
+    return ResumableLoader(LoaderSpec(**{**kw, **spec}), processor, states)
 
 
 def _keys(batches) -> list[tuple[str, str]]:
@@ -84,7 +84,7 @@ def test_resume_after_a_buffered_shard_vanished_trains_the_rest_once(processor, 
     victim, n_buffered = buffered.most_common(1)[0]
     assert n_buffered > 1
     (shard_dir / victim).unlink()
-    resumed = _loader(processor, shard_dir, state=state, **kw)
+    resumed = _loader(processor, shard_dir, states={0: state}, **kw)
     after = _keys(resumed)
     trained = before + after
     assert len(trained) == len(set(trained))  # nothing twice

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor
 
 from pretrain.data.batching import Batcher, vision_cost
 from pretrain.data.image import ImageTransform
-from pretrain.data.loader import LoaderSpec, ResumableLoader, merge_states
+from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import ProcessedSample, SampleProcessor
 from pretrain.data.text import TextProcessor
 
@@ -92,10 +92,10 @@ def mixed_shards(tmp_path_factory) -> tuple[list[str], int]:
     return urls, too_many
 
 
-def _loader(processor, urls, state=None, **kw):
+def _loader(processor, urls, states=None, **kw):
     spec = LoaderSpec(sources=[urls], weights=[1.0], shuffle_buffer=6, rows_per_batch=2, max_length=128,
                       max_images_per_batch=BUDGET, **kw)
-    return ResumableLoader(spec, processor, state)
+    return ResumableLoader(spec, processor, states)
 
 
 def _view(batch) -> tuple:
@@ -114,7 +114,7 @@ def test_exact_resume_with_documents_under_the_budget(processor, mixed_shards, p
     first = _loader(processor, urls, **kw)
     head = [_view(b) for b in islice(first, stop_at)]
     state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
-    tail = [_view(b) for b in islice(_loader(processor, urls, state=state, **kw), 6)]
+    tail = [_view(b) for b in islice(_loader(processor, urls, states={0: state}, **kw), 6)]
     assert head + tail == [_view(b) for b in full]
     costs = [0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in full]
     assert max(costs) <= BUDGET and max(costs) >= 2  # bounded, and multi-image samples were in it
@@ -141,7 +141,7 @@ def test_elastic_resume_with_documents_under_the_budget(processor, mixed_shards)
         states.append(json.loads(json.dumps(loader.state_dict())))
     assert any(slot["pending"] for s in states for slot in s["slots"].values())  # carried samples to hand over
     tail = []
-    for batch in islice(_loader(processor, urls, state=merge_states(states), packing=True), 30):
+    for batch in islice(_loader(processor, urls, states=dict(enumerate(states)), packing=True), 30):
         assert batch["pixel_values"] is None or batch["pixel_values"].shape[0] <= BUDGET
         tail += batch["sample_keys"]
     epoch0 = Counter(k["key"] for k in head + tail if k["epoch"] == 0)

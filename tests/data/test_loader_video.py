@@ -14,7 +14,7 @@ from helpers.shards import image_bytes, write_tar
 from transformers import AutoImageProcessor
 
 from pretrain.data.image import ImageTransform
-from pretrain.data.loader import LoaderSpec, ResumableLoader, merge_states
+from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor, VideoSampling
 from pretrain.data.text import TextProcessor
 from pretrain.data.video import FrameTransform
@@ -50,10 +50,10 @@ def clip_shards(tmp_path_factory) -> list[str]:
     return urls
 
 
-def _loader(processor, urls, state=None, **kw):
+def _loader(processor, urls, states=None, **kw):
     spec = LoaderSpec(sources=[urls], weights=[1.0], shuffle_buffer=6, rows_per_batch=2, max_length=256,
                       max_images_per_batch=BUDGET, **kw)
-    return ResumableLoader(spec, processor, state)
+    return ResumableLoader(spec, processor, states)
 
 
 def _cost(batch) -> int:
@@ -74,7 +74,7 @@ def test_exact_resume_with_clips_under_the_budget(processor, clip_shards):
     first = _loader(processor, clip_shards, **kw)
     head = [_view(b) for b in islice(first, stop_at)]
     state = json.loads(json.dumps(first.state_dict()))
-    tail = [_view(b) for b in islice(_loader(processor, clip_shards, state=state, **kw), 16 - stop_at)]
+    tail = [_view(b) for b in islice(_loader(processor, clip_shards, states={0: state}, **kw), 16 - stop_at)]
     assert head + tail == [_view(b) for b in full]
 
 
@@ -86,7 +86,7 @@ def test_elastic_resume_with_clips(processor, clip_shards):
             head += batch["sample_keys"]
         states.append(json.loads(json.dumps(loader.state_dict())))
     tail = []
-    for batch in islice(_loader(processor, clip_shards, state=merge_states(states), packing=True), 30):
+    for batch in islice(_loader(processor, clip_shards, states=dict(enumerate(states)), packing=True), 30):
         assert _cost(batch) <= BUDGET
         tail += batch["sample_keys"]
     epoch0 = Counter(k["key"] for k in head + tail if k["epoch"] == 0)

@@ -98,7 +98,7 @@ def tracked(tmp_path_factory, assets, shapes):
         after_first = _mlflow_state(client, "tracked")
         first_rows = metrics(root / "run")
         # A checkpoint written before the server answered holds only the key the sink chose: it finds the run.
-        kept = ckpt.read_rank_state(root / "run" / "checkpoints" / ckpt.tag_for(2), 0)["tracker_runs"]
+        kept = ckpt.read_rank_state(root / "run" / "checkpoints" / ckpt.tag_for(2), 0)["trainer"]["tracker_runs"]
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", uri)
             mp.setenv("MLFLOW_EXPERIMENT_NAME", "tracked")
@@ -188,7 +188,7 @@ def test_wandb_without_a_key_logs_offline_into_the_run_directory_one_run_each_st
     ids = set().union(*(wandb_files.run_ids(p) for p in segments))
     assert len(ids) == 1
     state = ckpt.read_rank_state(run / "checkpoints" / ckpt.tag_for(6), 0)
-    runs = state["tracker_runs"]
+    runs = state["trainer"]["tracker_runs"]
     assert runs["wandb"] == ids.pop() and runs["mlflow"] == tracked["run_id"] and len(runs["mlflow_key"]) == 32
     histories = [wandb_files.history(p) for p in segments]
     assert sorted(histories[0]) == [1, 2, 3] and sorted(histories[1]) == [4, 5, 6]  # no step sent twice

@@ -26,7 +26,7 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     from pretrain.model.processing import build_processing
     from pretrain.model.vlm import VLMForTraining
     from pretrain.train.engine import make_loader
-    from pretrain.train.universal import merge_loader_states
+    from pretrain.train.resume import SavedRanks
 
     cfg = load_config(cfg_path)
     processing = build_processing(cfg)
@@ -35,7 +35,8 @@ def _first_loss_from(weights: dict, cfg_path, ckpt_dir) -> float:
     assert not missing, missing
     module.load_state_dict(weights, strict=False)  # frozen parameters keep the values they were built with
     loader = make_loader(cfg, cfg.data.train, processing.processor, processing.tokenizer.pad_token_id, 0, 1,
-                         train=True, state=merge_loader_states(ckpt_dir, 2))
+                         train=True)
+    loader.load_state_dict(SavedRanks(ckpt_dir, 2).part("loader"))
     it = iter(loader)
     with torch.no_grad():
         sums = [module.eval()(next(it)) for _ in range(cfg.train.grad_accum)]

@@ -24,9 +24,10 @@ from pretrain.model.flops import VLMShape, step_flops
 from pretrain.tokens import IGNORE
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.ds_config import build_ds_config, optimizer_offloaded
+from pretrain.train.resume import SavedRanks
 from pretrain.train.schedule import lr_lambda
 from pretrain.train.step import FlopsMeter
-from pretrain.train.universal import ResumeError, merge_loader_states, needs_universal
+from pretrain.train.universal import ResumeError, needs_universal
 
 # LLaVA's scripts/zero3.json, as LLaVA users bring it (HF Trainer "auto" values).
 LLAVA_ZERO3 = {
@@ -258,21 +259,32 @@ def test_which_resumes_need_the_universal_format():
         needs_universal({"world_size": 2, "zero_stage": 0}, 1, 3)
 
 
-def _loader(processor, shapes, state=None, **kw):
+def _loader(processor, shapes, states=None, **kw):
     # A shuffle buffer of 1: the batches of an epoch hold exactly that epoch's samples (shards are still shuffled).
     spec = LoaderSpec(sources=[expand_urls(shapes["train"]["urls"])], weights=[1.0], shuffle_buffer=1,
                       rows_per_batch=8, max_length=64, **kw)
-    return ResumableLoader(spec, processor, state)
+    return ResumableLoader(spec, processor, states)
 
 
 def _sample_ids(batches) -> Counter:
     return Counter((k["shard"], k["key"], k["epoch"]) for b in batches for k in b["sample_keys"])
 
 
+def _rest_of(loader) -> Counter:
+    """The samples a resumed loader reads before its first one of epoch 2."""
+    got = Counter()
+    for batch in loader:
+        got += _sample_ids([batch])
+        if any(k["epoch"] == 2 for k in batch["sample_keys"]):
+            return Counter({k: n for k, n in got.items() if k[2] < 2})
+    raise AssertionError("the loader ended")
+
+
 def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(processor, shapes, tmp_path):
     """2 ranks -> 1: rank 1 had passed into epoch 1 while rank 0 was early in epoch 0. The checkpoint's trainer
-    states of both ranks are merged, and the new rank reads exactly what neither old rank had: the rest of epoch 0
-    and of epoch 1, each sample once across the two parts, then epoch 2."""
+    states of both ranks go to the new loader, and it reads exactly what neither old rank had: the rest of epoch 0
+    and of epoch 1, each sample once across the two parts, then epoch 2. 2 ranks -> 3: the new ranks share that
+    rest exactly."""
     ckpt_dir = tmp_path / "step_00000009"
     ckpt_dir.mkdir()
     consumed = {0: 5, 1: 40}  # batches of 8; an epoch of one rank is 256 samples = 32 batches
@@ -284,8 +296,7 @@ def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(proc
     assert {e for _, _, e in seen} == {0, 1}  # the case: the old ranks stood in different epochs
     everything = {(s, k) for s, k, _ in _sample_ids(islice(_loader(processor, shapes, shuffle=False), 512 // 8))}
     assert len(everything) == 512
-    merged = merge_loader_states(ckpt_dir, old_world=2)
-    new = _loader(processor, shapes, state=merged, rank=0, world_size=1)
+    new = _loader(processor, shapes, states=SavedRanks(ckpt_dir, world=2).part("loader"), rank=0, world_size=1)
     rest = 2 * 512 - sum(seen.values())
     assert rest % 8 == 0
     got = _sample_ids(islice(new, rest // 8 + 1))
@@ -293,8 +304,15 @@ def test_fewer_ranks_continue_the_rest_of_every_epoch_the_old_ranks_were_in(proc
         both = Counter({(s, k): n for (s, k, e), n in (seen + got).items() if e == epoch})
         assert set(both) == everything and set(both.values()) == {1}, epoch  # every sample of it once
     assert [e for _, _, e in got].count(2) == 8  # the batch after the rest opens epoch 2
-    with pytest.raises(ResumeError, match="rank 2"):
-        merge_loader_states(ckpt_dir, old_world=3)
+    # 2 ranks -> 3: each new rank reads its own block of that rest (up to its first sample of epoch 2); the blocks
+    # are disjoint, of equal sizes, and together the same rest.
+    blocks = [_rest_of(_loader(processor, shapes, states=SavedRanks(ckpt_dir, world=2).part("loader"), rank=rank,
+                               world_size=3)) for rank in range(3)]
+    assert sum(blocks, Counter()) == Counter({k: n for k, n in got.items() if k[2] < 2})
+    assert max(map(sum, map(Counter.values, blocks))) - min(map(sum, map(Counter.values, blocks))) <= 1
+    (ckpt_dir / "trainer_rank00001.pt").unlink()  # an old rank's state missing: refused, naming it
+    with pytest.raises(ResumeError, match="rank 1 of 2"):
+        _loader(processor, shapes, states=SavedRanks(ckpt_dir, world=2).part("loader"), rank=0, world_size=1)
 
 
 @pytest.mark.slow
