@@ -25,6 +25,7 @@ from pretrain.data.errors import REASONS
 from pretrain.data.loader import resumes_in_place
 from pretrain.data.stream import DataSourceError
 from pretrain.model.flops import mfu
+from pretrain.model.sequence_parallel import gradient_divisor
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import owner, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
@@ -54,6 +55,9 @@ class Trainer:
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
+        # What DeepSpeed divides the summed gradients by: the world, or under sequence parallelism at ZeRO 0-2 the
+        # data-parallel size; the step scales the loss by it.
+        self.grad_divisor = gradient_divisor(cfg.deepspeed.zero_stage, self.world, cfg.deepspeed.sequence_parallel_size)
         self.faults = Faults()
         self.run_dir = Path(self.faults.run_dir_for(self.rank, cfg.run.output_dir))
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -95,7 +99,7 @@ class Trainer:
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True)
         if loader_state is not None:
-            same_ranks = loader_state.get("world_size") == self.world  # else it is every old rank's already
+            same_ranks = loader_state.get("world_size") == self.loader.spec.world_size  # else every old rank's
             if same_ranks and not resumes_in_place(loader_state, self.loader.spec):
                 # Other workers, sources or batching: the rest of the epoch is split anew, from every old slot.
                 loader_state = universal.merge_loader_states(self.resume_from, self.world)
@@ -234,7 +238,7 @@ class Trainer:
                 # The stop request, whether rank 0's clock says a timed save is due (one clock, so every rank
                 # decides alike) and on logging steps the counters ride on the step's one collective.
                 due = self._timed_save_due(saved_at)
-                out = train_step(self.engine, batches, self.world, self.device, self.faults, self.step + 1,
+                out = train_step(self.engine, batches, self.grad_divisor, self.device, self.faults, self.step + 1,
                                  shared=[due, *(counts.values if counts else ())], read_grad_norm=logging,
                                  stop_requested=lambda: self.stop.requested, phase=self.progress.enter)
                 self.step += 1
