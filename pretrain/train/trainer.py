@@ -152,6 +152,10 @@ class Trainer:
         if mine is None:
             raise RuntimeError(f"{path}: trainer state of rank {self.rank} is missing")
         ckpt.set_rng_state(mine["rng"])
+        if mine["loader"].get("world_size") != self.cfg.deepspeed.data_parallel_size(self.world):
+            # Another sequence-parallel size on as many ranks: other data-parallel slots; the rest of the epoch is
+            # split over the new ones, from every old rank's state (a group's ranks hold the same slots).
+            return universal.merge_loader_states(path, old_world)
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
         return mine["loader"]

@@ -5,6 +5,7 @@ one training step against the same global batch without it: the same loss and th
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -111,3 +112,44 @@ def test_sequence_parallel_step_equals_the_whole_sequence_step(tmp_path, assets)
         assert r["start_diff"] == 0.0 and r["parameters"] > 50
         assert abs(r["loss"] - r["ref_loss"]) < 1e-5 * abs(r["ref_loss"]), r
         assert r["grad_rel_diff"] < 1e-4, r
+
+
+@pytest.mark.slow
+def test_resume_from_a_sequence_parallel_checkpoint_without_it_trains_the_epoch_once(tmp_path, assets, shapes):
+    """2 ranks as one group of 2 (packed rows, images) save at step 1; 1 rank without sequence parallelism (the
+    same data-parallel layout; DeepSpeed's universal checkpoint for the other world size) resumes and runs past the
+    end of the epoch. The group's ranks read the same samples; the epoch is trained once."""
+    from collections import Counter
+
+    from helpers.runs import launch, losses, write_config
+
+    from pretrain.data.stream import ShardReader
+    from pretrain.data.urls import expand_urls
+
+    shard = expand_urls(shapes["train"]["urls"])[:1]
+    cfg = write_config(tmp_path / "c.yaml", assets, shapes, **{
+        "data.train": [{"urls": shard}], "data.packing": True, "data.record_samples": True,
+        "train.micro_batch_size": 8, "train.max_steps": 200, "checkpoint.every_steps": 1,
+        "deepspeed.sequence_parallel_size": 2})
+    first = launch(cfg, nproc=2, overrides=["train.stop_at_step=1"])
+    assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
+    run = tmp_path / "run"
+
+    def records() -> dict[int, list[dict]]:
+        return {int(p.stem[4:]): [json.loads(x) for x in p.read_text().splitlines()]
+                for p in sorted((run / "samples").glob("rank*.jsonl"))}
+
+    head = records()
+    assert head[0] == head[1] and len(head[0]) == 1  # one group: both ranks trained the same rows
+    second = launch(cfg, nproc=1, timeout=400, overrides=["deepspeed.sequence_parallel_size=1",
+                                                          "train.stop_at_step=6"])
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-5000:]
+    assert "it was written by 2" in text
+    lines = records()[0]
+    assert [line["step"] for line in lines] == list(range(1, 7))
+    keys = Counter((k["shard"], k["key"]) for line in lines for k in line["keys"] if k["epoch"] == 0)
+    every = Counter((url, key) for url in shard for key, _ in ShardReader()._local_index(url))
+    assert keys == every  # the whole epoch, each sample once, across the two parts
+    assert any(k["epoch"] == 1 for line in lines for k in line["keys"])  # and it had ended
+    assert all(math.isfinite(v) for v in losses(run).values())
