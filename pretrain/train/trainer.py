@@ -55,9 +55,8 @@ class Trainer:
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
-        # What DeepSpeed divides the summed gradients by: the world, or under sequence parallelism at ZeRO 0-2 the
-        # data-parallel size; the step scales the loss by it.
-        self.grad_divisor = gradient_divisor(cfg.deepspeed.zero_stage, self.world, cfg.deepspeed.sequence_parallel_size)
+        ds = cfg.deepspeed  # the step scales the loss by what DeepSpeed divides the summed gradients by
+        self.grad_divisor = gradient_divisor(ds.zero_stage, self.world, ds.sequence_parallel_size)
         self.faults = Faults()
         self.run_dir = Path(self.faults.run_dir_for(self.rank, cfg.run.output_dir))
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -104,6 +103,8 @@ class Trainer:
                 # Other workers, sources or batching: the rest of the epoch is split anew, from every old slot.
                 loader_state = universal.merge_loader_states(self.resume_from, self.world)
             self.loader.load_state_dict(loader_state)
+        sp = self.engine.module.sequence_parallel  # a group's ranks share rows: its first counts them, once
+        self.counts_rows = sp is None or sp.rank == 0
         self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
         self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
                                    self.device, self.run_dir)
@@ -153,8 +154,7 @@ class Trainer:
             raise RuntimeError(f"{path}: trainer state of rank {self.rank} is missing")
         ckpt.set_rng_state(mine["rng"])
         if mine["loader"].get("world_size") != self.cfg.deepspeed.data_parallel_size(self.world):
-            # Another sequence-parallel size on as many ranks: other data-parallel slots; the rest of the epoch is
-            # split over the new ones, from every old rank's state (a group's ranks hold the same slots).
+            # Another sequence-parallel size on as many ranks: the epoch's rest from every old rank's slots.
             return universal.merge_loader_states(path, old_world)
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
@@ -236,8 +236,8 @@ class Trainer:
                 batches = [next(it) for _ in range(t.grad_accum)]
                 window.wait += time.perf_counter() - t0
                 logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                self._pending_tokens += window.add(batches)
-                self.flops.add(batches)
+                self._pending_tokens += window.add(batches, counted=self.counts_rows)
+                self.flops.add(batches if self.counts_rows else [])
                 counts = _LogCounts.pack(self, window) if logging else None
                 # The stop request, whether rank 0's clock says a timed save is due (one clock, so every rank
                 # decides alike) and on logging steps the counters ride on the step's one collective.
@@ -363,10 +363,13 @@ class _Window:
         self.start = time.perf_counter()
         self.wait, self.tokens, self.samples, self.steps = 0.0, 0, 0, 0
 
-    def add(self, batches: list[dict]) -> int:
-        """Count one step; returns its (non-padding) tokens on this rank."""
-        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)  # host batch: no device op
+    def add(self, batches: list[dict], counted: bool = True) -> int:
+        """Count one step; returns its (non-padding) tokens on this rank (none when not `counted`: another rank
+        of its sequence-parallel group counts them)."""
         self.steps += 1
+        if not counted:
+            return 0
+        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)  # host batch: no device op
         self.tokens += tokens
         self.samples += sum(b["n_samples"] for b in batches)
         return tokens
