@@ -131,9 +131,13 @@ def test_resume_from_a_sequence_parallel_checkpoint_without_it_trains_the_epoch_
         "data.train": [{"urls": shard}], "data.packing": True, "data.record_samples": True,
         "train.micro_batch_size": 8, "train.max_steps": 200, "checkpoint.every_steps": 1,
         "deepspeed.sequence_parallel_size": 2})
-    first = launch(cfg, nproc=2, overrides=["train.stop_at_step=1"])
+    # The group also validates (its loss over the shards) and generates a caption (the whole sequence per rank).
+    first = launch(cfg, nproc=2, overrides=["train.stop_at_step=1", "train.val_every=1", "train.val_batches=1",
+                                            "train.val_captions=1", "train.val_caption_tokens=4"])
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     run = tmp_path / "run"
+    (val,) = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
+    assert math.isfinite(val["val_loss"]) and len(val["captions"]) == 1
 
     def records() -> dict[int, list[dict]]:
         return {int(p.stem[4:]): [json.loads(x) for x in p.read_text().splitlines()]
