@@ -6,11 +6,10 @@ sequence: the rows padded to a multiple of N and cut into N contiguous shards, s
 decoder runs on the shard; in each attention layer DeepSpeed's `UlyssesSPAttentionHF` swaps sequence for heads with
 an all-to-all (each rank then holds the whole sequence for H/N heads), calls the core attention, and swaps back.
 
-Masks. DeepSpeed's wrapper drops every dense mask and all-gathers the position ids, so the core attention gets the
-whole sequence's position ids and no mask. Sample boundaries are where a row's position ids restart at 0 (the loader
-numbers every packed sample, and a pad tail, from 0; the pad added here for divisibility starts at 0 too), so the
-core builds the causal mask within samples from the gathered ids, on the device (no read back): packed rows keep
-their boundaries across the split. The core is sdpa with that boolean mask.
+Masks. DeepSpeed's wrapper drops every mask (it all-gathers the position ids, which RoPE already used on each
+shard). The sample boundaries are known on the host (`sample_lengths`, as in pretrain.model.attention): the core
+attention runs causal sdpa on each sample and pad tail of the whole row on its own (`segment_sdpa`), so packed rows
+keep their boundaries across the split, no L x L mask is built, and nothing is read back from the device.
 
 Registration. DeepSpeed's own `register_with_transformers` replaces transformers' attention function of the core's
 name for every model, and the vision tower runs sdpa too (with no position ids, which the wrapper requires). So the
@@ -36,10 +35,11 @@ from typing import Any
 import torch
 
 from pretrain.config import ConfigError
+from pretrain.model.attention import row_segments
 from pretrain.tokens import IGNORE
 
 # The decoder's attention implementation under sequence parallelism (an ALL_ATTENTION_FUNCTIONS key of our own).
-ULYSSES = "ulysses_document_sdpa"
+ULYSSES = "ulysses_segment_sdpa"
 
 
 @dataclass
@@ -49,6 +49,7 @@ class SequenceParallel:
     size: int
     attention: Any = None  # DeepSpeed's UlyssesSPAttentionHF, once registered
     active: bool = False  # the decoder runs on a shard now (else: plain sdpa, e.g. caption generation)
+    segments: list[list[int]] | None = None  # the whole rows' samples and pad tails, for the core attention
 
     @contextlib.contextmanager
     def sharded(self) -> Iterator[None]:
@@ -106,9 +107,9 @@ def shard_batch(batch: dict, sp: SequenceParallel | None) -> dict:
 
 
 def decode_shard(decoder: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor,
-                 sp: SequenceParallel) -> torch.Tensor:
+                 sample_lengths: list[list[int]], sp: SequenceParallel) -> torch.Tensor:
     """The decoder's last hidden states of this rank's shard of `embeds` (rows, width, hidden): the rows padded to a
-    multiple of N (the pad a segment of its own, from position 0), then the rank's contiguous 1/N."""
+    multiple of N (the pad one more segment, from position 0), then the rank's contiguous 1/N."""
     rows, width = embeds.shape[:2]
     local = shard_width(width, sp.size)
     pad = local * sp.size - width
@@ -117,27 +118,33 @@ def decode_shard(decoder: torch.nn.Module, embeds: torch.Tensor, position_ids: t
         tail = torch.arange(pad, device=position_ids.device).expand(rows, pad)
         position_ids = torch.cat([position_ids, tail], dim=1)
     cut = slice(sp.rank * local, (sp.rank + 1) * local)
+    sp.segments = row_segments(sample_lengths, local * sp.size)
     with sp.sharded():
         out = decoder(inputs_embeds=embeds[:, cut], position_ids=position_ids[:, cut], attention_mask=None,
                       use_cache=False)
     return out.last_hidden_state
 
 
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(rows, 1, L, L) bool: causal within the samples of each row, a sample starting where its position is 0."""
-    docs = (position_ids == 0).cumsum(-1)
-    pos = torch.arange(position_ids.shape[-1], device=position_ids.device)
-    return (docs[:, None, :, None] == docs[:, None, None, :]) & (pos[:, None] >= pos[None, :])
-
-
-def document_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The core attention behind DeepSpeed's all-to-all: sdpa over the whole sequence (this rank's heads) with the
-    sample mask from the gathered position ids."""
+def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 segments: list[list[int]], **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The core attention behind DeepSpeed's all-to-all, over the whole rows (this rank's heads): causal sdpa over
+    each segment (sample, or pad tail) on its own. No L x L mask exists (sdpa turns a boolean mask into a saved
+    float32 one per layer: 256 MiB at 8k tokens), and the blocks across samples are never computed. The loop runs
+    over host numbers and calls no module (lockstep holds)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mask = document_causal_mask(kwargs.pop("position_ids"))
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    kwargs.pop("position_ids", None)
+    rows = []
+    for b, row in enumerate(segments):
+        parts, start = [], 0
+        for n in row:
+            piece = slice(start, start + n)
+            out, _ = sdpa_attention_forward(module, query[b:b + 1, :, piece], key[b:b + 1, :, piece],
+                                            value[b:b + 1, :, piece], None, **kwargs)
+            parts.append(out)
+            start += n
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows), None
 
 
 def register_ulysses(text_config: Any, sp: SequenceParallel, micro_batch: int) -> None:
@@ -148,8 +155,12 @@ def register_ulysses(text_config: Any, sp: SequenceParallel, micro_batch: int) -
 
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     check_heads(sp.size, heads, kv_heads)
+    def core(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return segment_sdpa(module, query, key, value, sp.segments, **kwargs)
+
     sp.attention = UlyssesSPAttentionHF(
-        attn=document_sdpa, batch_size=micro_batch, attn_head_count=heads,
+        attn=core, batch_size=micro_batch, attn_head_count=heads,
         attn_head_size=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
         kv_head_count=kv_heads, num_hidden_layers=text_config.num_hidden_layers, process_group=sp.group,
         seq_length_is_variable=True)

@@ -204,7 +204,8 @@ class VLMForTraining(nn.Module):
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), None, batch.get("image_sizes"),
                             batch.get("video_pixels"), visual)
         if self.sequence_parallel is not None:  # this rank's shard of the sequence; masks from the position ids
-            return decode_shard(self.vlm.model.language_model, embeds, batch["position_ids"], self.sequence_parallel)
+            return decode_shard(self.vlm.model.language_model, embeds, batch["position_ids"],
+                                batch["sample_lengths"], self.sequence_parallel)
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
         return decode_rows(self.vlm.model.language_model, embeds, batch.get("attention_mask"),
                            batch.get("position_ids"), packed=batch.get("packed", False),

@@ -1,5 +1,5 @@
-"""Ulysses sequence parallelism (deepspeed.sequence_parallel_size): the host-side shard of a batch, the sample mask
-from position ids, the configuration errors (in-process); on 4 CPU ranks (2 groups of 2, each group its own samples)
+"""Ulysses sequence parallelism (deepspeed.sequence_parallel_size): the host-side shard of a batch, the per-sample
+core attention, the configuration errors (in-process); on 4 CPU ranks (2 groups of 2, each group its own samples)
 one training step against the same global batch without it: the same loss and the same update."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pretrain.data.sample import ProcessedSample
 from pretrain.model.sequence_parallel import (
     SequenceParallel,
     check_heads,
-    document_causal_mask,
     gradient_divisor,
+    segment_sdpa,
     shard_batch,
 )
 from pretrain.tokens import IGNORE
@@ -52,12 +52,26 @@ def test_shards_hold_every_label_row_once_at_its_local_position(size):
     assert shard_batch(batch, None) is batch
 
 
-def test_document_mask_restarts_at_position_zero():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])
-    mask = document_causal_mask(positions)[0, 0]
-    assert mask.shape == (7, 7)
-    assert bool(mask[2, :3].all()) and not bool(mask[3, :3].any()) and bool(mask[4, 3:5].all())
-    assert not bool(mask[6, :5].any()) and bool(mask[6, 5:].all()) and not bool(mask[0, 1])
+def test_segment_attention_equals_the_sample_masked_attention():
+    """The core attention (causal sdpa per sample and pad tail) against sdpa with the dense sample mask of
+    pretrain.model.attention, GQA heads included; merged boundaries differ (the comparison can fail)."""
+    from torch import nn
+
+    from pretrain.model.attention import dense_document_mask
+
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 13, 8, generator=g)
+    k, v = torch.randn(2, 2, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)
+    segments = [[5, 8], [9, 4]]  # two packed samples; one sample and its pad tail
+    out, _ = segment_sdpa(module, q, k, v, segments, position_ids=torch.zeros(2, 13), dropout=0.0)
+    mask = dense_document_mask(segments, q.device, q.dtype, boolean=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=mask).transpose(1, 2)
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-6)
+    merged, _ = segment_sdpa(module, q, k, v, [[13], [13]], dropout=0.0)
+    assert not torch.allclose(merged[0], want[0], atol=1e-3)
 
 
 def test_configuration_errors_name_the_numbers():
