@@ -250,6 +250,18 @@ class DeepSpeedConfig(Section):
     # conversion of a large model); they wait in the rendezvous store, not in a collective. A bound: a commit waits
     # 3 x the slowest save measured (at least 5 minutes) once one was, this long before.
     rank0_work_timeout_minutes: float = Field(default=120, gt=0)
+    # Ulysses sequence parallelism (DeepSpeed's ALST): the ranks of a group of N split each sequence (and the
+    # attention heads) between them; world size = data-parallel size x N. 1 = off.
+    sequence_parallel_size: int = Field(default=1, ge=1)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The ranks that read different data: `world_size` / sequence_parallel_size; a ConfigError naming the
+        numbers when it does not divide."""
+        n = self.sequence_parallel_size
+        if world_size % n:
+            raise ConfigError(f"deepspeed.sequence_parallel_size={n} does not divide the world size ({world_size} "
+                              f"ranks): use a multiple of {n} ranks")
+        return world_size // n
 
 
 class ObjectivesConfig(Section):
@@ -292,6 +304,10 @@ class Config(Section):
             raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
         if ds.offload_optimizer != "none" and ds.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
+        if ds.sequence_parallel_size > 1 and self.objectives.alignment:
+            raise ValueError(f"deepspeed.sequence_parallel_size={ds.sequence_parallel_size} with the alignment "
+                             "objectives (objectives.contrastive_weight / itm_weight) is not supported: they pool "
+                             "whole sequences, which sequence parallelism splits over ranks")
         if "nvme" in (ds.offload_optimizer, ds.offload_params) and not ds.nvme_path:
             raise ValueError("deepspeed.nvme_path is required when offloading to nvme")
         if self.data.video_frames and self.model.image_tiling != "anyres":
@@ -310,6 +326,7 @@ class Config(Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Global batch = micro-batch x accumulation x data-parallel size, made explicit."""
+        world_size = self.deepspeed.data_parallel_size(world_size)
         t = self.train
         got = t.micro_batch_size * t.grad_accum * world_size
         if t.global_batch_size is None or t.global_batch_size == got:

@@ -239,6 +239,19 @@ def finish(code: int, *, synchronize: bool = True) -> None:
     os._exit(code)
 
 
+# ---- sequence-parallel groups ---------------------------------------------------------------------------------
+# Ulysses sequence parallelism (pretrain.model.sequence_parallel): groups of N consecutive ranks share each sample.
+# DeepSpeed's parallel_state_sp makes the groups and is the `mpu` its engine takes, which then reduces gradients
+# over all ranks and divides them by the data-parallel size (world / N).
+def init_sequence_parallel(size: int) -> tuple[Any, Any, int]:
+    """Make the sequence-parallel groups of `size` ranks; returns (DeepSpeed's mpu, this rank's group, its rank in
+    the group). Collective: every rank calls it once, after `init`."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(size)
+    return mpu, mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
+
+
 # ---- rank-0-only work, and the GPU a task uses ---------------------------------------------
 # Rank-0-only work (a checkpoint commit, a universal-checkpoint conversion) may outlast the collective timeout
 # (deepspeed.timeout_minutes); the other ranks wait for it in the rendezvous store instead (rank0_work).

@@ -43,6 +43,7 @@ from pretrain.model.alignment import AlignmentHeads, training_loss
 from pretrain.model.attention import attention_inputs, decode_rows
 from pretrain.model.frozen import FrozenTower
 from pretrain.model.loss import LOSS_CHUNK, linear_cross_entropy
+from pretrain.model.sequence_parallel import SequenceParallel, decode_shard
 from pretrain.model.video import image_and_video_features, is_video_model
 from pretrain.model.vision_split import split_tower
 
@@ -82,8 +83,10 @@ class VLMForTraining(nn.Module):
         # The widths the alignment rows are padded to (the loader's, under flex_attention, which compiles a kernel
         # per shape; set by the trainer's set-up); None: each call's longest row.
         self.row_widths: tuple[int, ...] | None = None
-        # The ranks that hold the same micro-batch (the sequence-parallel group): the tower's work is split across
-        # them (pretrain.model.vision_split); None: this rank encodes all of its micro-batch's tiles and frames.
+        # Ulysses sequence parallelism (set by the engine set-up when deepspeed.sequence_parallel_size > 1): the
+        # decoder runs on this rank's shard of the sequence; the vision work is split over the same group
+        # (`vision_group`, pretrain.model.vision_split; None: this rank encodes all of its micro-batch's tiles).
+        self.sequence_parallel: SequenceParallel | None = None
         self.vision_group = None
         # A fresh training wrapper trains: from_pretrained leaves the decoder and tower in eval mode, where
         # transformers skips activation checkpointing (GradientCheckpointingLayer recomputes only in training).
@@ -206,6 +209,9 @@ class VLMForTraining(nn.Module):
     def hidden_states(self, batch: dict, visual: tuple | None = None) -> torch.Tensor:
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), None, batch.get("image_sizes"),
                             batch.get("video_pixels"), visual)
+        if self.sequence_parallel is not None:  # this rank's shard of the sequence; masks from the position ids
+            return decode_shard(self.vlm.model.language_model, embeds, batch["position_ids"],
+                                batch["sample_lengths"], self.sequence_parallel)
         # The masks come from the host-known sample boundaries (see pretrain.model.attention).
         return decode_rows(self.vlm.model.language_model, embeds, batch.get("position_ids"), batch["sample_lengths"])
 

@@ -91,7 +91,8 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) 
     out.update({
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        # Micro-batch x accumulation x data-parallel size: the ranks of a sequence-parallel group share rows.
+        "train_batch_size": t.micro_batch_size * t.grad_accum * ds.data_parallel_size(world_size),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         # check_grad_overflow: a step skipped for a non-finite loss relies on it (see step.py).
@@ -101,6 +102,10 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) 
         # The client optimizer is ours: torch AdamW, or DeepSpeedCPUAdam when the optimizer is offloaded (engine.py).
         "zero_force_ds_cpu_optimizer": False,
     })
+    if ds.sequence_parallel_size > 1:  # zero.Init reads it (it has no mpu) to find the data-parallel size
+        out["sequence_parallel_size"] = ds.sequence_parallel_size
+        if ds.zero_stage == 3:  # one gradient divisor for every bucket (pretrain.model.sequence_parallel)
+            zero["reduce_scatter"] = True
     if load_universal:
         out["checkpoint"] = {**out.get("checkpoint", {}), "load_universal": True}
     for dotted, value in ds.overrides.items():

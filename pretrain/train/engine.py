@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pretrain import distributed as dist
 from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
@@ -21,6 +22,7 @@ from pretrain.model.checkpointing import enable_activation_checkpointing
 from pretrain.model.frozen import frozen_tower_for, persist_frozen_decoder
 from pretrain.model.lora import adapted_components
 from pretrain.model.processing import build_processing, run_tokenizer
+from pretrain.model.sequence_parallel import SequenceParallel, register_ulysses
 from pretrain.model.stages import apply_stage, param_groups
 from pretrain.model.vlm import VLMForTraining
 from pretrain.train.ds_config import optimizer_offloaded
@@ -85,8 +87,9 @@ def build_engine(cfg: Config, ds_config: dict) -> TrainingSetup:
     frozen = cfg.deepspeed.frozen_unpartitioned
     if frozen:
         persist_frozen_decoder(model, t.stage)
+    mpu = sequence_parallel(cfg.deepspeed.sequence_parallel_size, t.micro_batch_size, model, module)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config)
+                                      config=ds_config, mpu=mpu)
     del hf_ds
     module.frozen_tower = frozen_tower_for(model, t.stage, frozen)
     module.row_widths = row_widths(cfg)
@@ -95,6 +98,19 @@ def build_engine(cfg: Config, ds_config: dict) -> TrainingSetup:
     # The same decode + preprocess + tokenize path that `pretrain shards verify` and the benches run.
     processing = build_processing(cfg, tokenizer, model.config)
     return TrainingSetup(engine, tokenizer, processing.processor, processing.image_processor, trainable)
+
+
+def sequence_parallel(size: int, micro_batch: int, model: Any, module: VLMForTraining) -> Any:
+    """With deepspeed.sequence_parallel_size `size` > 1: the groups, DeepSpeed's Ulysses attention in the decoder,
+    the module's shard and vision group; returns DeepSpeed's mpu for deepspeed.initialize (None when off)."""
+    if size == 1:
+        return None
+    mpu, group, sp_rank = dist.init_sequence_parallel(size)
+    module.sequence_parallel = SequenceParallel(group, sp_rank, size)
+    register_ulysses(model.config.text_config, module.sequence_parallel, micro_batch)
+    # The vision encoding splits its tiles and frames over the same group (pretrain.model.vision_split).
+    module.vision_group = group
+    return mpu
 
 
 def cpus_for_rank(env: Mapping[str, str] | None = None) -> int:
@@ -124,6 +140,9 @@ def row_widths(cfg: Config) -> tuple[int, ...] | None:
 
 def make_loader(cfg: Config, sources: list[DataSource], processor: SampleProcessor, pad_id: int, rank: int,
                 world: int, *, train: bool, state: dict | None = None) -> ResumableLoader:
+    # The N ranks of a sequence-parallel group (consecutive ranks) read the same samples: data-parallel slots.
+    n = cfg.deepspeed.sequence_parallel_size
+    rank, world = rank // n, cfg.deepspeed.data_parallel_size(world)
     spec = LoaderSpec(
         sources=[expand_urls(s.urls) for s in sources], weights=[s.weight for s in sources], rank=rank,
         world_size=world, num_workers=loader_workers(cfg.data.num_workers) if train else VAL_WORKERS,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pretrain.config import Config, ConfigError
 from pretrain.data.urls import expand_urls, missing_shards
+from pretrain.model.components import load_component_config
+from pretrain.model.sequence_parallel import check_heads
 from pretrain.train import checkpoint as ckpt
 
 
@@ -24,7 +26,24 @@ def _model_problems(cfg: Config) -> list[str]:
         if isinstance(value, str) and _looks_local(value) and not Path(value).expanduser().exists():
             hint = " (the `pretrain convert` output of the previous stage)" if key == "init_from" else ""
             problems.append(f"model.{key}: {value} does not exist{hint}")
-    return problems
+    return problems + _sequence_parallel_problems(cfg)
+
+
+def _sequence_parallel_problems(cfg: Config) -> list[str]:
+    """Ulysses splits the decoder's attention heads over the group: the decoder's config must allow N."""
+    size = cfg.deepspeed.sequence_parallel_size
+    if size == 1:
+        return []
+    try:
+        text = load_component_config(cfg.model.llm, vision=False, offline=True)
+    except (ConfigError, OSError):  # unreadable here (a hub id offline): the engine set-up checks it at start
+        return []
+    try:
+        check_heads(size, text.num_attention_heads, getattr(text, "num_key_value_heads", None)
+                    or text.num_attention_heads)
+    except ConfigError as err:
+        return [str(err)]
+    return []
 
 
 def _data_problems(cfg: Config) -> list[str]:

@@ -7,9 +7,11 @@ torchtitan's CheckpointManager pattern: every piece a resume must restore expose
   it; every rank reads rank 0's.
 - RANK: a rank's own (its RNG). Restored at the same world size; on another one no new rank is an old one, and the
   generators go on from the run's seed.
-- EVERY_RANK: restored from every old rank's state (the loader: Megatron-Energon's restore_state_global). The part
-  decides itself whether it continues in place or splits its rest over the new layout; a rank's state is read when
-  the part first asks for it (`SavedRanks`), so a resume in place reads only the rank's own file.
+- DATA_PARALLEL: restored from every old data-parallel rank's state (the loader: Megatron-Energon's
+  restore_state_global), given by data-parallel rank: the ranks of a sequence-parallel group (consecutive ranks)
+  read the same data and save the same state, and a group's first rank's stands for it. The part decides itself
+  whether it continues in place or splits its rest over the new layout; a rank's state is read when the part first
+  asks for it (`SavedRanks`), so a resume in place reads only its own file (and rank 0's).
 
 Rank r's parts live in `trainer_rank<r>.pt` of the checkpoint (pretrain.train.checkpoint). The model, optimizer
 and LR schedule are DeepSpeed's own sharded files (`EngineCheckpoint`), loaded through DeepSpeed's universal format
@@ -41,10 +43,13 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+LAYOUT = "layout"  # a rank file's record of the parallel layout that wrote it
+
+
 class Scope(enum.Enum):
     RUN = "run"
     RANK = "rank"
-    EVERY_RANK = "every_rank"
+    DATA_PARALLEL = "data_parallel"
 
 
 class RNGState:
@@ -91,26 +96,29 @@ class SavedRanks(Mapping):
             self._read[rank] = state
         return self._read[rank]
 
-    def part(self, name: str) -> Mapping[int, dict[str, Any]]:
-        """One part of every old rank's state by rank, read as lazily."""
-        return _PartOfRanks(self, name)
+    def part(self, name: str, group: int = 1) -> Mapping[int, dict[str, Any]]:
+        """One part of the old ranks' states, read as lazily, by data-parallel rank: `[d]` is rank d x `group`'s
+        (`group`: the old sequence-parallel size; 1: every rank by its rank)."""
+        return _PartOfRanks(self, name, group)
 
 
 class _PartOfRanks(Mapping):
-    def __init__(self, ranks: SavedRanks, name: str) -> None:
-        self.ranks, self.name = ranks, name
+    def __init__(self, ranks: SavedRanks, name: str, group: int) -> None:
+        self.ranks, self.name, self.group = ranks, name, group
 
     def __len__(self) -> int:
-        return len(self.ranks)
+        return len(self.ranks) // self.group
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.ranks)
+        return iter(range(len(self)))
 
     def __contains__(self, rank: object) -> bool:
-        return rank in self.ranks
+        return isinstance(rank, int) and 0 <= rank < len(self)
 
     def __getitem__(self, rank: int) -> dict[str, Any]:
-        return self.ranks[rank][self.name]
+        if rank not in self:
+            raise KeyError(rank)
+        return self.ranks[rank * self.group][self.name]
 
 
 class EngineCheckpoint:
@@ -138,9 +146,9 @@ class Checkpointer:
     """The run's parts, registered once: `save_engine` + `save_parts` write a checkpoint's files of this rank,
     `load` restores every part from a committed checkpoint."""
 
-    def __init__(self, engine: Any, rank: int, world: int) -> None:
+    def __init__(self, engine: Any, rank: int, world: int, sequence_parallel_size: int = 1) -> None:
         self.engine = EngineCheckpoint(engine)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.sequence_parallel_size = rank, world, sequence_parallel_size
         self.parts: dict[str, tuple[Stateful, Scope]] = {}
 
     def register(self, name: str, part: Stateful, scope: Scope) -> None:
@@ -155,6 +163,7 @@ class Checkpointer:
         """This rank's parts (the RUN ones on rank 0 only) into `trainer_rank<r>.pt`; returns that file."""
         state = {name: part.state_dict() for name, (part, scope) in self.parts.items()
                  if scope is not Scope.RUN or self.rank == 0}
+        state[LAYOUT] = {"sequence_parallel_size": self.sequence_parallel_size}
         return ckpt.write_rank_state(path, self.rank, state)
 
     def load(self, path: Path, meta: dict[str, Any], universal: bool) -> None:
@@ -170,7 +179,7 @@ class Checkpointer:
                 if old_world == self.world:
                     part.load_state_dict(saved[self.rank][name])
             else:
-                part.load_state_dict(saved.part(name))
+                part.load_state_dict(saved.part(name, saved[0][LAYOUT]["sequence_parallel_size"]))
         if self.rank != 0:
             return
         if old_world == self.world:

@@ -3,7 +3,8 @@
 Loss normalisation: the loss of a step is the sum of token losses over the label tokens of the whole global batch
 (all micro-batches of the accumulation window, all ranks) divided by their count, not a mean of per-rank means. The
 label count comes from the host batch and is all-reduced on the device before the window's backward passes (no read
-back), and each micro-batch's summed loss is scaled by dp x accumulation / count, because DeepSpeed divides by both.
+back), and each micro-batch's summed loss is scaled by `grad_divisor` x accumulation / count, because DeepSpeed
+divides by both (`grad_divisor`: the world size; under sequence parallelism see pretrain.model.sequence_parallel).
 
 One host synchronisation per step: the loss sum and the non-finite count stay on the device; after the last
 micro-batch's forward they are reduced in one collective with the caller's host numbers (`shared`: the stop request,
@@ -27,6 +28,7 @@ import torch
 from pretrain import distributed as dist
 from pretrain.data.batching import label_count
 from pretrain.model.flops import VLMShape, step_flops
+from pretrain.model.sequence_parallel import shard_batch
 
 
 @dataclass
@@ -44,8 +46,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(engine: Any, batches: list[dict], world: int, device: torch.device, shared: Sequence[float] = (),
-               read_grad_norm: bool = True,
+def train_step(engine: Any, batches: list[dict], grad_divisor: int, device: torch.device,
+               shared: Sequence[float] = (), read_grad_norm: bool = True,
                stop_requested: Callable[[], bool] = lambda: False,
                phase: Callable[[str], None] = lambda _: None) -> StepResult:
     """Forward/backward over the micro-batches of one step and the optimizer update. `shared`: host numbers to sum
@@ -53,10 +55,12 @@ def train_step(engine: Any, batches: list[dict], world: int, device: torch.devic
     so a signal during the step is seen in this step). `phase(name)` is told where the step is (forward, backward,
     optimizer), for the hang watchdog."""
     gas = len(batches)
+    # Under sequence parallelism each rank computes the loss of its shard's label rows (and counts only those).
+    batches = [shard_batch(b, getattr(engine.module, "sequence_parallel", None)) for b in batches]
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     n_local = sum(label_count(b["labels"]) for b in batches)
     n_global = dist.all_reduce(torch.tensor(float(n_local), dtype=torch.float64).to(device, non_blocking=True))
-    scale = (world * gas) / n_global.clamp(min=1.0)  # on the device: nothing is read back here
+    scale = (grad_divisor * gas) / n_global.clamp(min=1.0)  # on the device: nothing is read back here
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_bad = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):

@@ -24,6 +24,7 @@ from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.stream import DataSourceError
 from pretrain.model.flops import mfu
+from pretrain.model.sequence_parallel import gradient_divisor
 from pretrain.train import checkpoint as ckpt
 from pretrain.train import owner, shared_fs, universal
 from pretrain.train.config_change import check_resume_config, write_run_config
@@ -53,6 +54,8 @@ class Trainer:
         self.stop.install()
         self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
         preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
+        ds = cfg.deepspeed  # the step scales the loss by what DeepSpeed divides the summed gradients by
+        self.grad_divisor = gradient_divisor(ds.zero_stage, self.world, ds.sequence_parallel_size)
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
@@ -89,12 +92,14 @@ class Trainer:
         self.tracker_runs: dict[str, str] = {}  # rank 0: the W&B / MLflow runs a resumed run continues
         self.loader = make_loader(cfg, cfg.data.train, self.processor, self.tokenizer.pad_token_id, self.rank,
                                   self.world, train=True)
-        self.checkpointer = Checkpointer(self.engine, self.rank, self.world)
+        self.checkpointer = Checkpointer(self.engine, self.rank, self.world, ds.sequence_parallel_size)
         self.checkpointer.register("trainer", self, Scope.RUN)
         self.checkpointer.register("rng", RNGState(), Scope.RANK)
-        self.checkpointer.register("loader", self.loader, Scope.EVERY_RANK)
+        self.checkpointer.register("loader", self.loader, Scope.DATA_PARALLEL)
         if self.resume_from:
             self.checkpointer.load(self.resume_from, self.resume_meta, self.universal)
+        sp = self.engine.module.sequence_parallel  # a group's ranks share rows: its first counts them, once
+        self.counts_rows = sp is None or sp.rank == 0
         self.flops = FlopsMeter.for_model(self.engine.module.vlm.config, cfg.model.projector, cfg.train.stage)
         self.validator = Validator(cfg, self.engine, self.processor, self.tokenizer, self.rank, self.world,
                                    self.device, self.run_dir)
@@ -193,13 +198,13 @@ class Trainer:
                 batches = [next(it) for _ in range(t.grad_accum)]
                 window.wait += time.perf_counter() - t0
                 logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                self._pending_tokens += window.add(batches)
-                self.flops.add(batches)
+                self._pending_tokens += window.add(batches, counted=self.counts_rows)
+                self.flops.add(batches if self.counts_rows else [])
                 counts = _LogCounts.pack(self, window) if logging else None
                 # The stop request, whether rank 0's clock says a timed save is due (one clock, so every rank
                 # decides alike) and on logging steps the counters ride on the step's one collective.
                 due = self._timed_save_due(saved_at)
-                out = train_step(self.engine, batches, self.world, self.device,
+                out = train_step(self.engine, batches, self.grad_divisor, self.device,
                                  shared=[due, *(counts.values if counts else ())], read_grad_norm=logging,
                                  stop_requested=lambda: self.stop.requested, phase=self.progress.enter)
                 self.step += 1
@@ -319,10 +324,13 @@ class _Window:
         self.start = time.perf_counter()
         self.wait, self.tokens, self.samples, self.steps = 0.0, 0, 0, 0
 
-    def add(self, batches: list[dict]) -> int:
-        """Count one step; returns its (non-padding) tokens on this rank."""
-        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)  # host batch: no device op
+    def add(self, batches: list[dict], counted: bool = True) -> int:
+        """Count one step; returns its (non-padding) tokens on this rank (none when not `counted`: another rank
+        of its sequence-parallel group counts them)."""
         self.steps += 1
+        if not counted:
+            return 0
+        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in batches)  # host batch: no device op
         self.tokens += tokens
         self.samples += sum(b["n_samples"] for b in batches)
         return tokens

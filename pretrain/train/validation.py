@@ -36,6 +36,7 @@ from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor, image_bytes
 from pretrain.data.stream import ShardReader, TarShardError
 from pretrain.data.urls import expand_urls
+from pretrain.model.sequence_parallel import shard_batch
 from pretrain.tokens import IGNORE
 from pretrain.train.engine import make_loader
 from pretrain.train.run_log import MetricsWriter
@@ -155,6 +156,7 @@ def validation_metrics(model: Any, batches: Iterable[dict], device: torch.device
     loss sums stay on the device, the label count is the host number the forward returns: one read at the end."""
     was_training = model.training
     model.eval()
+    sequence_parallel = getattr(getattr(model, "module", model), "sequence_parallel", None)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, loss with shuffled images
     count, counted, last = 0, 0, None
     it = iter(batches)
@@ -171,7 +173,7 @@ def validation_metrics(model: Any, batches: Iterable[dict], device: torch.device
                         raise RuntimeError("a rank ran out of validation batches and has no spare to keep lockstep")
                     last = spare()
                 batch = last
-            on_device = to_device(batch, device)
+            on_device = to_device(shard_batch(batch, sequence_parallel), device)
             loss, n = model(on_device)
             shuffled = model(shuffled_images(on_device))[0] if image_ablation else None
             if real:
