@@ -177,20 +177,41 @@ def all_gather(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
 
 
 def all_gather_with_grad(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
-    """As all_gather, but differentiable: the backward brings each rank the gradient of every rank's use of its
-    rows (torch.distributed.nn's autograd-aware gather; the moves to and from the group's device are in the graph
-    too). No read back to the host. Without a process group: [t]."""
+    """As all_gather, but differentiable: the backward brings each rank the sum over the group of every rank's
+    gradient for its rows (a reduce-scatter; the moves to and from the group's device are in the graph too). No
+    read back to the host. Without a process group: [t]."""
     if not active():
         return [t]
     import torch.distributed as tdist
-    from torch.distributed.nn.functional import all_gather as autograd_all_gather
 
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates it (every call) for a private functional-collectives API; it is still the public,
-        # autograd-aware all_gather.
-        warnings.simplefilter("ignore", FutureWarning)
-        rows = autograd_all_gather(t.to(comm_device(t.device, group)), group=group or tdist.group.WORLD)
+    rows = _GatherWithGrad.apply(group or tdist.group.WORLD, t.to(comm_device(t.device, group)).contiguous())
     return [r.to(t.device) for r in rows]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Ours rather than torch.distributed.nn's all_gather: on gloo its backward scatters from group-local indices
+    taken as global ranks, which fails in any group that is not the world (a sequence-parallel group)."""
+
+    @staticmethod
+    def forward(ctx: Any, group: Any, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        import torch.distributed as tdist
+
+        ctx.group = group
+        out = [torch.empty_like(t) for _ in range(tdist.get_world_size(group))]
+        tdist.all_gather(out, t, group=group)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, torch.Tensor]:
+        import torch.distributed as tdist
+
+        stacked = torch.stack([g.contiguous() for g in grads])
+        if tdist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter: sum everything, keep this rank's
+            tdist.all_reduce(stacked, group=ctx.group)
+            return None, stacked[tdist.get_rank(ctx.group)]
+        mine = torch.empty_like(stacked[0])
+        tdist.reduce_scatter_tensor(mine, stacked.flatten(0, 1), group=ctx.group)
+        return None, mine
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
