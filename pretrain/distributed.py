@@ -287,13 +287,13 @@ def rank0_work(work: Callable[[], Any], rank: int, timeout_minutes: float) -> An
     so a long commit or conversion does not trip the collective timeout, nor the NCCL watchdog."""
     import pickle
 
-    import torch.distributed as dist
+    import torch.distributed as tdist
 
     global _rank0_calls
     _rank0_calls += 1
-    if not active() or dist.get_world_size() == 1:
+    if not active() or tdist.get_world_size() == 1:
         return work() if rank == 0 else None
-    store = dist.distributed_c10d._get_default_store()
+    store = tdist.distributed_c10d._get_default_store()
     key = f"pretrain/rank0_work/{_rank0_calls}"
     if rank == 0:
         try:

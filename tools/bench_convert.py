@@ -69,13 +69,13 @@ def make_template(work: Path, nproc: int) -> Path:
 
 def _rank_main(run: Path, tok_dir: Path) -> None:
     """One rank of the template run: the trainer's builder and DeepSpeed's save, as Trainer.save does it."""
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.train import checkpoint as ckpt
     from pretrain.train.ds_config import build_ds_config
     from pretrain.train.engine import build_engine
 
     cfg = run_config(run, tok_dir, "tiny")
-    rank, world, _ = dist.init(30)
+    rank, world, _ = distributed.init(30)
     built = build_engine(cfg, build_ds_config(cfg, world))
     root = run / "checkpoints"
     built.engine.save_checkpoint(str(root), tag=TAG, client_state={"step": 0}, save_latest=False)
@@ -84,10 +84,10 @@ def _rank_main(run: Path, tok_dir: Path) -> None:
         built.engine.module.vlm.config.save_pretrained(meta)
         built.tokenizer.save_pretrained(meta)
         built.image_processor.save_pretrained(meta)
-    dist.barrier()
+    distributed.barrier()
     if rank == 0:
         ckpt.commit(root, TAG, {"step": 0, "world_size": world, "zero_stage": 3})
-    dist.finish(0)
+    distributed.finish(0)
 
 
 def zero3_layout(cfg, world: int, sub_group_size: float = 1e9) -> tuple[list[dict], list[str], object]:

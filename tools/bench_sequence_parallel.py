@@ -81,11 +81,11 @@ def _row(cfg, pad: int, width: int) -> dict:
 
 
 def run_rank(args: argparse.Namespace) -> None:
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.model.sequence_parallel import gradient_divisor
     from pretrain.train.step import train_step
 
-    rank, world, _ = dist.init(10)
+    rank, world, _ = distributed.init(10)
     engine, cfg, pad = _engine(args, world)
     divisor = gradient_divisor(3, world, world)
     rows = []
@@ -96,7 +96,7 @@ def run_rank(args: argparse.Namespace) -> None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rows.append({"length": width, "saved": saved, "rss": rss})
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(rows))
-    dist.finish(0)
+    distributed.finish(0)
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def _config(args: argparse.Namespace, tokenizer_dir: str):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.model.tiny import build_tokenizer
     from pretrain.train import engine as setup
     from pretrain.train.ds_config import build_ds_config
@@ -71,13 +71,13 @@ def child(args: argparse.Namespace) -> None:
 
     setup.build_model = build_model
     rss_start = _rss_gib()
-    dist.init(30)
+    distributed.init(30)
     engine = setup.build_engine(cfg, build_ds_config(cfg, 1)).engine
     print("RESULT " + json.dumps({
         "build": args.build, "stage": args.stage, "params": built_rss["params"], "built_dtype": built_rss["dtype"],
         "rss_at_start_gib": rss_start, "rss_after_build_gib": built_rss["rss"], "rss_after_engine_gib": _rss_gib(),
         "peak_rss_gib": _peak_gib(), "engine_dtype": str(next(engine.module.parameters()).dtype)}), flush=True)
-    dist.finish(0)
+    distributed.finish(0)
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import traceback
 
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.config import load_config
     from pretrain.exit_codes import EXIT_ERROR, EXIT_OK
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         traceback.print_exc()
         print(f"error: gather count stopped: {err}", flush=True)
-        dist.finish(EXIT_ERROR, synchronize=False)
-    dist.finish(EXIT_OK)
+        distributed.finish(EXIT_ERROR, synchronize=False)
+    distributed.finish(EXIT_OK)
     return 0
 
 

@@ -142,10 +142,10 @@ def flex_case(args: argparse.Namespace, rank: int, world: int) -> dict:
 
 
 def run_rank(args: argparse.Namespace) -> None:
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.data.batching import collate
 
-    rank, world, _ = dist.init(args.collective_timeout_minutes)
+    rank, world, _ = distributed.init(args.collective_timeout_minutes)
     engine, cfg = _engine(args, world)
     pad = cfg.text_config.pad_token_id
     report: dict = {"rank": rank, "chunk": args.chunk, "cases": {}}
@@ -166,7 +166,7 @@ def run_rank(args: argparse.Namespace) -> None:
                                  "seconds": time.perf_counter() - start, "losses": losses}
         print(f"rank {rank}: {case} done, {report['cases'][case]['seconds']:.1f} s", file=sys.stderr, flush=True)
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(report))
-    dist.finish(0)
+    distributed.finish(0)
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.tokens import IGNORE
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -227,33 +227,34 @@ def flex_recompiles(dtype: torch.dtype, device: torch.device, cuda_sizes: bool =
 
 
 def collectives(device: torch.device) -> dict[str, Any]:
-    """Every collective of pretrain.distributed at world size 1 (the group dist.init made), values checked."""
-    rank, world = dist.rank_and_world()
+    """Every collective of pretrain.distributed at world size 1 (the group distributed.init made), values checked."""
+    rank, world = distributed.rank_and_world()
     x = torch.arange(4, dtype=torch.float32, device=device) + 1
     results = {
-        "all_reduce": all(torch.equal(dist.all_reduce(x, op).cpu(), x.cpu() * (world if op == "sum" else 1))
+        "all_reduce": all(torch.equal(distributed.all_reduce(x, op).cpu(), x.cpu() * (world if op == "sum" else 1))
                           for op in ("sum", "max", "min")),
-        "all_reduce_values": dist.all_reduce_values([1.5, torch.tensor(2.0, device=device)]) == [1.5 * world,
+        "all_reduce_values": distributed.all_reduce_values([1.5, torch.tensor(2.0, device=device)]) == [1.5 * world,
                                                                                                   2.0 * world],
-        "all_gather": [g.cpu().tolist() for g in dist.all_gather(x)] == [x.cpu().tolist()] * world,
-        "broadcast_object": dist.broadcast_object({"tag": "step_1"}) == {"tag": "step_1"},
-        "all_gather_object": dist.all_gather_object(rank) == list(range(world)),
-        "rank0_work": dist.rank0_work(lambda: 7, rank, 1.0) == (7 if rank == 0 else None),
+        "all_gather": [g.cpu().tolist() for g in distributed.all_gather(x)] == [x.cpu().tolist()] * world,
+        "broadcast_object": distributed.broadcast_object({"tag": "step_1"}) == {"tag": "step_1"},
+        "all_gather_object": distributed.all_gather_object(rank) == list(range(world)),
+        "rank0_work": distributed.rank0_work(lambda: 7, rank, 1.0) == (7 if rank == 0 else None),
         "rendezvous_store": _store_round_trip(rank),
     }
     leaf = x.clone().requires_grad_()
-    gathered = dist.all_gather_with_grad(leaf)
+    gathered = distributed.all_gather_with_grad(leaf)
     torch.stack(gathered).sum().backward()
     results["all_gather_with_grad"] = len(gathered) == world and bool((leaf.grad.cpu() == world).all())
-    dist.barrier()
+    distributed.barrier()
     results["barrier"] = True
     assert set(results) == set(COLLECTIVES), sorted(set(results) ^ set(COLLECTIVES))
-    return {"ok": all(results.values()), "checks": results, "backend": dist.backend_devices(), "world_size": world}
+    return {"ok": all(results.values()), "checks": results, "backend": distributed.backend_devices(),
+            "world_size": world}
 
 
 def _store_round_trip(rank: int) -> bool:
     """The watchdog's path: a key set through this rank's own store connection is read back."""
-    store = dist.rendezvous_store(30.0)
+    store = distributed.rendezvous_store(30.0)
     key = f"device_check/{rank}"
     store.set(key, "alive")
     return store.get(key) == b"alive"
@@ -266,7 +267,7 @@ def checkpoint_resume(dtype: torch.dtype, device: torch.device, work: Path) -> d
 
     from pretrain.model.build import ZeroContext
 
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * dist.rank_and_world()[1],
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * distributed.rank_and_world()[1],
                  "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
                  "bf16": {"enabled": dtype == torch.bfloat16}, "zero_force_ds_cpu_optimizer": False}
 
@@ -345,7 +346,7 @@ def timed(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_checks(dtype: torch.dtype, matmul_n: int, work: Path) -> dict[str, Any]:
-    device = dist.device()
+    device = distributed.device()
     cuda = device.type == "cuda"
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
                               "torch": torch.__version__, "checks": {}}
@@ -390,12 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init(2.0)  # world size 1 (or the launcher's): NCCL on CUDA, gloo on the CPU
+    distributed.init(2.0)  # world size 1 (or the launcher's): NCCL on CUDA, gloo on the CPU
     with tempfile.TemporaryDirectory() as tmp:
         report = run_checks(dtype, args.matmul or (8192 if cuda else 256), Path(tmp))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"device check: {'all ok' if report['ok'] else 'FAILED'} -> {args.out}", flush=True)
-    dist.finish(0 if report["ok"] else 1, synchronize=False)
+    distributed.finish(0 if report["ok"] else 1, synchronize=False)
     return 0
 
 

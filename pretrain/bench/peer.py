@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.bench.common_practice import LlavaShardDataset, LlavaStyleSample, llava_collate
 from pretrain.config import Config
 from pretrain.data.batching import label_count
@@ -94,7 +94,7 @@ class _StepTimer(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, *_: Any, **__: Any) -> None:
         now = time.perf_counter()
         b = self.trainer.bench
-        tokens, samples, flops = dist.all_reduce_values([b["tokens"], b["samples"], b["flops"]])
+        tokens, samples, flops = distributed.all_reduce_values([b["tokens"], b["samples"], b["flops"]])
         elapsed = now - self.last
         if self.out is not None:
             record = {"step": state.global_step, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
@@ -116,7 +116,7 @@ def train_peer(cfg: Config, out_dir: Path, batch: int, steps: int,
 
     # The process group before the TrainingArguments: they build DeepSpeed's config, which reads the world size
     # from torch.distributed once (1 when uninitialised: its batch-size check then fails on 2 ranks).
-    dist.init(cfg.deepspeed.timeout_minutes)
+    distributed.init(cfg.deepspeed.timeout_minutes)
     args = training_arguments(cfg, out_dir, batch, steps)  # first: it makes the model build under zero.Init
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, ZeroContext(args.hf_deepspeed_config.config), seed=cfg.run.seed)

@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.max_steps)")
     p.add_argument("--batch", type=int, default=None, help="peer: samples per micro-batch (default: ours)")
     args = p.parse_args(argv)
-    from pretrain import distributed as dist
-    from pretrain import exit_codes
+    from pretrain import distributed, exit_codes
     from pretrain.config import load_config
 
     cfg = load_config(args.config, [f"train.max_steps={args.steps}"] if args.steps else [])
@@ -171,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         traceback.print_exc()
         print(f"error: sync count stopped: {err}", flush=True)
-        dist.finish(exit_codes.EXIT_ERROR, synchronize=False)
-    dist.finish(exit_codes.EXIT_OK)
+        distributed.finish(exit_codes.EXIT_ERROR, synchronize=False)
+    distributed.finish(exit_codes.EXIT_OK)
     return 0
 
 

@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from pretrain import distributed as dist
-    from pretrain import exit_codes
+    from pretrain import distributed, exit_codes
 
     try:
         if args.role == "ours":
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.bench.peer import train_peer
 
             result = train_peer(cfg, out, args.batch, args.steps)
-        (mem,) = dist.all_reduce_values([result["gpu_mem_gib"] or 0.0], "max")
+        (mem,) = distributed.all_reduce_values([result["gpu_mem_gib"] or 0.0], "max")
         result["gpu_mem_gib"] = mem if result["gpu_mem_gib"] is not None else None
         result["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
         if int(os.environ.get("RANK", "0")) == 0:
@@ -72,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         traceback.print_exc()
         print(f"error: bench {args.role} stopped: {err}", flush=True)
-        dist.finish(exit_codes.EXIT_ERROR, synchronize=False)
-    dist.finish(exit_codes.EXIT_OK)
+        distributed.finish(exit_codes.EXIT_ERROR, synchronize=False)
+    distributed.finish(exit_codes.EXIT_OK)
     return 0
 
 

@@ -18,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain import distributed as dist
-    from pretrain import exit_codes
+    from pretrain import distributed, exit_codes
     from pretrain.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)  # a ConfigError is reported by pretrain.cli.main
@@ -29,12 +28,12 @@ def run(args: argparse.Namespace) -> int:
         code = Trainer(cfg).fit()
     except ConfigError as err:
         print(f"pretrain train: {err}", file=sys.stderr, flush=True)
-        dist.finish(exit_codes.EXIT_CONFIG, synchronize=False)
+        distributed.finish(exit_codes.EXIT_CONFIG, synchronize=False)
     except Exception as err:
         # A failing rank must not leave its peers waiting in a collective: exit now without a barrier; the
         # launcher (torchrun / srun --kill-on-bad-exit) then ends the others.
         traceback.print_exc()
         print(f"error: training stopped: {err}", flush=True)
-        dist.finish(exit_codes.EXIT_ERROR, synchronize=False)
-    dist.finish(code)
+        distributed.finish(exit_codes.EXIT_ERROR, synchronize=False)
+    distributed.finish(code)
     return code  # not reached: finish() exits

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.tokens import IGNORE
 
 log = logging.getLogger(__name__)
@@ -107,18 +107,19 @@ def gather_with_grad(local: torch.Tensor, keys: torch.Tensor | None = None
     """All ranks' rows (ranks may hold different counts): (all rows, all keys if given, offset of this rank's rows).
     Rows are padded to the largest count for the collective and the padding dropped after; the gather is
     differentiable, so each rank's features receive the gradient of every rank's loss."""
-    rank, world = dist.rank_and_world()
+    rank, world = distributed.rank_and_world()
     if world == 1:
         return local, keys, 0
     count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
-    counts = [int(c) for c in dist.to_host(torch.cat(dist.all_gather(count)))]  # the one read back: row counts
+    # The one read back: the row counts.
+    counts = [int(c) for c in distributed.to_host(torch.cat(distributed.all_gather(count)))]
     pad = max(max(counts), 1) - local.shape[0]
-    rows = dist.all_gather_with_grad(torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local)
+    rows = distributed.all_gather_with_grad(torch.cat([local, local.new_zeros(pad, local.shape[1])]) if pad else local)
     # `out` stays in the graph of the gather even when it is empty, so every rank runs its backward collective.
     out = torch.cat([r[:c] for r, c in zip(rows, counts)])
     out_keys = None
     if keys is not None:
-        key_rows = dist.all_gather(torch.cat([keys, keys.new_zeros(pad)]) if pad else keys)
+        key_rows = distributed.all_gather(torch.cat([keys, keys.new_zeros(pad)]) if pad else keys)
         out_keys = torch.cat([k[:c] for k, c in zip(key_rows, counts)])
     return out, out_keys, sum(counts[:rank])
 
@@ -131,12 +132,12 @@ def gather_padded(local: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     if n > capacity:
         raise ValueError(f"{n} image-text pairs in a micro-batch, more than the {capacity} it can hold")
     valid = torch.arange(capacity, device=local.device) < n
-    rank, world = dist.rank_and_world()
+    rank, world = distributed.rank_and_world()
     if world == 1:
         return local, valid[:n], 0
     padded = torch.cat([local, local.new_zeros(capacity - n, local.shape[1])]) if capacity > n else local
-    rows = dist.all_gather_with_grad(padded)
-    masks = dist.all_gather(valid)
+    rows = distributed.all_gather_with_grad(padded)
+    masks = distributed.all_gather(valid)
     return torch.cat(rows), torch.cat(masks), rank * capacity
 
 

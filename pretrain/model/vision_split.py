@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from pretrain import distributed as dist
+from pretrain import distributed
 
 
 def rows_per_rank(count: int, world: int) -> int:
@@ -48,7 +48,7 @@ def encode_split(encode: Callable[[torch.Tensor], Any], pixels: torch.Tensor, gr
     """`encode(pixels)` computed 1/N per rank of `group`: each rank encodes its `rank_slice`, the results are
     all-gathered (differentiably) and the padding dropped. `encode` returns a tensor, a tuple or a ModelOutput
     of tensors whose first dimension is the tile (None entries stay None); so does this, as `encode(pixels)` would."""
-    rank, world = dist.rank_and_world(group)
+    rank, world = distributed.rank_and_world(group)
     count = pixels.shape[0]
     out = encode(rank_slice(pixels, rank, world))
     return gather_rows(out, rows_per_rank(count, world), count, group)
@@ -62,7 +62,7 @@ def gather_rows(out: Any, per: int, count: int, group: Any) -> Any:
         if out.dim() == 0 or out.shape[0] != per:
             raise ValueError(f"the tower returned a tensor of shape {tuple(out.shape)} for {per} tiles: "
                              "only per-tile outputs can be gathered")
-        return torch.cat(dist.all_gather_with_grad(out, group))[:count]
+        return torch.cat(distributed.all_gather_with_grad(out, group))[:count]
     if isinstance(out, ModelOutput):
         return type(out)(**{k: gather_rows(v, per, count, group) for k, v in out.items()})
     if isinstance(out, tuple | list):

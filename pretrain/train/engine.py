@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.config import Config, DataSource
 from pretrain.data.loader import LoaderSpec, ResumableLoader
 from pretrain.data.sample import SampleProcessor
@@ -105,7 +105,7 @@ def sequence_parallel(size: int, micro_batch: int, model: Any, module: VLMForTra
     the module's shard and vision group; returns DeepSpeed's mpu for deepspeed.initialize (None when off)."""
     if size == 1:
         return None
-    mpu, group, sp_rank = dist.init_sequence_parallel(size)
+    mpu, group, sp_rank = distributed.init_sequence_parallel(size)
     module.sequence_parallel = SequenceParallel(group, sp_rank, size)
     register_ulysses(model.config.text_config, module.sequence_parallel, micro_batch)
     # The vision encoding splits its tiles and frames over the same group (pretrain.model.vision_split).

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.atomic_file import write_atomic
 from pretrain.train import checkpoint as ckpt
 
@@ -53,9 +53,9 @@ def check_one_run_dir(run_dir: Path, rank: int, grace_s: float = TOKEN_GRACE_S) 
     if rank == 0:
         token = f"{uuid.uuid4().hex} written by rank 0 on {socket.gethostname()}"
         write_atomic(path, token + "\n")
-    token = dist.broadcast_object(token)
+    token = distributed.broadcast_object(token)
     seen = token if rank == 0 else _wait_for_token(path, token, grace_s)
-    views = dist.all_gather_object({"host": socket.gethostname(), "path": str(path.absolute()), "seen": seen})
+    views = distributed.all_gather_object({"host": socket.gethostname(), "path": str(path.absolute()), "seen": seen})
     bad = [(r, v) for r, v in enumerate(views) if v["seen"] != token]
     if not bad:
         return
@@ -78,7 +78,7 @@ def agree_on_resume(resume: str, root: Path, rank: int, verify: str = "sizes") -
             choice = {"path": str(path) if path else None, "meta": ckpt.read_meta(path) if path else {}}
         except (FileNotFoundError, OSError) as err:
             choice = {"error": str(err)}
-    choice = dist.broadcast_object(choice)
+    choice = distributed.broadcast_object(choice)
     if "error" in choice:
         raise FileNotFoundError(choice["error"])
     return (Path(choice["path"]) if choice["path"] else None), choice["meta"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.data.batching import label_count
 from pretrain.model.flops import VLMShape, step_flops
 from pretrain.model.sequence_parallel import shard_batch
@@ -59,7 +59,7 @@ def train_step(engine: Any, batches: list[dict], grad_divisor: int, device: torc
     batches = [shard_batch(b, getattr(engine.module, "sequence_parallel", None)) for b in batches]
     lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     n_local = sum(label_count(b["labels"]) for b in batches)
-    n_global = dist.all_reduce(torch.tensor(float(n_local), dtype=torch.float64).to(device, non_blocking=True))
+    n_global = distributed.all_reduce(torch.tensor(float(n_local), dtype=torch.float64).to(device, non_blocking=True))
     scale = (grad_divisor * gas) / n_global.clamp(min=1.0)  # on the device: nothing is read back here
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_bad = torch.zeros((), dtype=torch.float64, device=device)
@@ -74,7 +74,7 @@ def train_step(engine: Any, batches: list[dict], grad_divisor: int, device: torc
             phase("optimizer")
             engine.step()
     stop = 1.0 if stop_requested() else 0.0
-    total, bad, n_labels, stops, *shared_sums = dist.all_reduce_values([loss_sum, n_bad, n_local, stop, *shared])
+    total, bad, n_labels, stops, *shared_sums = distributed.all_reduce_values([loss_sum, n_bad, n_local, stop, *shared])
     if bad:
         _skip_update(engine, loss, gas)
     else:

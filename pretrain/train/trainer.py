@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import distributed as dist
-from pretrain import exit_codes
+from pretrain import distributed, exit_codes
 from pretrain.config import Config, save_config
 from pretrain.data.errors import REASONS
 from pretrain.data.stream import DataSourceError
@@ -52,7 +51,7 @@ class Trainer:
         # First, so a signal during the (long) set-up is not fatal: the loop then runs one step and checkpoints.
         self.stop = StopRequest()
         self.stop.install()
-        self.rank, self.world, _ = dist.init(cfg.deepspeed.timeout_minutes)
+        self.rank, self.world, _ = distributed.init(cfg.deepspeed.timeout_minutes)
         preflight(cfg, self.world)  # the same checks `pretrain submit` runs before queueing
         ds = cfg.deepspeed  # the step scales the loss by what DeepSpeed divides the summed gradients by
         self.grad_divisor = gradient_divisor(ds.zero_stage, self.world, ds.sequence_parallel_size)
@@ -64,7 +63,7 @@ class Trainer:
         self._claim_run_dir()
         # Shared file systems: one run directory for all ranks, and rank 0's choice of checkpoint for all.
         shared_fs.check_one_run_dir(self.run_dir, self.rank)
-        self.device = dist.device()
+        self.device = distributed.device()
         self.resume_from, self.resume_meta = shared_fs.agree_on_resume(cfg.checkpoint.resume, self.ckpt_root,
                                                                        self.rank, cfg.checkpoint.verify)
         if self.resume_from:  # every rank: a changed config stops them all alike
@@ -116,7 +115,7 @@ class Trainer:
                 owner.claim(self.run_dir)
             except owner.RunDirOwned as err:
                 refused = str(err)
-        refused = dist.broadcast_object(refused)
+        refused = distributed.broadcast_object(refused)
         if refused:
             raise owner.RunDirOwned(refused)
 
@@ -146,7 +145,7 @@ class Trainer:
             crcs = ckpt.checksums(path, report) if self.cfg.checkpoint.verify == "crc" else None
         except (OSError, RuntimeError) as err:
             raise ckpt.write_failure(self.ckpt_root, tag, err) from err
-        gathered = dist.all_gather_object((report, crcs))  # also: every rank has written its shards and state
+        gathered = distributed.all_gather_object((report, crcs))  # also: every rank has written its shards and state
         reports = [r for r, _ in gathered]
         crcs = None if crcs is None else {n: c for _, rank_crcs in gathered for n, c in rank_crcs.items()}
 
@@ -160,7 +159,7 @@ class Trainer:
 
         self.progress.enter("commit")
         wait_s = self.progress.commit_wait_s(60 * self.cfg.deepspeed.rank0_work_timeout_minutes)
-        dist.rank0_work(commit, self.rank, wait_s / 60)
+        distributed.rank0_work(commit, self.rank, wait_s / 60)
         self.progress.save_done(time.perf_counter() - started)
         return path
 
@@ -255,7 +254,7 @@ class Trainer:
 
     def _signalled_during_save(self) -> bool:
         """Collective: did a signal reach any rank while it was saving?"""
-        (stops,) = dist.all_reduce_values([1.0 if self.stop.requested else 0.0])
+        (stops,) = distributed.all_reduce_values([1.0 if self.stop.requested else 0.0])
         return stops > 0
 
     def _count_nonfinite(self, out: StepResult) -> None:
@@ -302,7 +301,7 @@ class Trainer:
 
     def _sync_tokens(self) -> None:
         """Collective: add every rank's tokens since the last sync to tokens_seen."""
-        (pending,) = dist.all_reduce_values([self._pending_tokens])
+        (pending,) = distributed.all_reduce_values([self._pending_tokens])
         self.tokens_seen += int(pending)
         self._pending_tokens = 0
 

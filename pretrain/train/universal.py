@@ -7,7 +7,7 @@ the LR scheduler), which any number of ranks re-partitions on load with `"checkp
 
 The conversion runs once, on rank 0, into `<checkpoint>/universal` (written under a temporary name and renamed when
 complete, so a conversion killed half-way is redone, never half-used); the other ranks wait for it in the
-rendezvous store (dist.rank0_work), not in a collective that would time out, and take its word that it is
+rendezvous store (distributed.rank0_work), not in a collective that would time out, and take its word that it is
 complete. The checkpoint's own files and its commit marker are left as they are.
 
 Optimizer state survives exactly (the same fp32 numbers, re-partitioned); losses after the resume still differ from
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pretrain import distributed as dist
+from pretrain import distributed
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def universal_dir(ckpt_dir: Path) -> Path:
 
 def convert(ckpt_dir: Path, rank: int, timeout_minutes: float) -> Path:
     """Rank 0 converts (unless a complete conversion is there); every rank returns the universal directory once it
-    is complete. All ranks must call it; the others wait up to `timeout_minutes` (dist.rank0_work: no collective
+    is complete. All ranks must call it; the others wait up to `timeout_minutes` (distributed.rank0_work: no collective
     times out during a long conversion)."""
     out = universal_dir(ckpt_dir)
 
@@ -78,7 +78,7 @@ def convert(ckpt_dir: Path, rank: int, timeout_minutes: float) -> Path:
             return str(err)
         return "" if (out / _DONE).is_file() else f"{out / _DONE} missing after the conversion"
 
-    error = dist.rank0_work(work, rank, timeout_minutes)
+    error = distributed.rank0_work(work, rank, timeout_minutes)
     if error:
         raise ResumeError(f"could not convert {ckpt_dir} to DeepSpeed's universal format: {error}")
     return out

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.config import Config
 from pretrain.data.errors import SampleError
 from pretrain.data.sample import SampleProcessor, image_bytes
@@ -163,7 +163,7 @@ def validation_metrics(model: Any, batches: Iterable[dict], device: torch.device
     try:
         for _ in range(max_batches) if max_batches is not None else itertools.count():
             batch = next(it, None)
-            (holders,) = dist.all_reduce_values([batch is not None])  # one number per batch, host-side
+            (holders,) = distributed.all_reduce_values([batch is not None])  # one number per batch, host-side
             if holders == 0:
                 break
             real = batch is not None
@@ -183,7 +183,7 @@ def validation_metrics(model: Any, batches: Iterable[dict], device: torch.device
                 count, counted, last = count + int(n), counted + 1, batch
     finally:
         model.train(was_training)
-    loss_sum, shuffled_sum, count = dist.all_reduce_values([sums[0], sums[1], count])
+    loss_sum, shuffled_sum, count = distributed.all_reduce_values([sums[0], sums[1], count])
     loss = loss_sum / max(count, 1.0)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": counted}
     if image_ablation:

@@ -96,9 +96,9 @@ class Watchdog:
         self.fixed_s = None if timeout_minutes is None else 60.0 * timeout_minutes
         shortest = self.fixed_s or FLOOR_S
         self.poll_s = min(10.0, max(0.5, shortest / 20))
-        from pretrain import distributed as dist  # here, not at the top: the launcher reads verdicts without torch
+        from pretrain import distributed  # here, not at the top: the launcher reads verdicts without torch
 
-        self.store = dist.rendezvous_store(timeout_s=max(self.poll_s, min(30.0, shortest / 4)))
+        self.store = distributed.rendezvous_store(timeout_s=max(self.poll_s, min(30.0, shortest / 4)))
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.on_beat = on_beat
         self._beat = 0

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.config import load_config
 from pretrain.train.trainer import Trainer
 
@@ -35,7 +35,7 @@ def main(config: str, out_root: str) -> None:
                          "numel": sum(p.numel() for p in module.parameters() if p.requires_grad)}
         trainer.engine.destroy()
     print("STAGES " + json.dumps(report), flush=True)
-    dist.finish(0)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

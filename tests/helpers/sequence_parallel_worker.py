@@ -77,7 +77,7 @@ def parameters(engine) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.model.sequence_parallel import shard_batch
 
     p = argparse.ArgumentParser()
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--tiling", default="none")
     p.add_argument("--stage", type=int, default=3)
     args = p.parse_args()
-    rank, world, _ = dist.init(2)
+    rank, world, _ = distributed.init(2)
     group = rank // args.sp  # the data-parallel rank: the samples this rank's group reads
 
     reference, cfg, pad = build(args, world, 1)
@@ -116,7 +116,7 @@ def main() -> None:
               "parameters": len(before), "shard_labels": shard["n_labels"], "labels": batch["n_labels"],
               "width": int(batch["input_ids"].shape[1])}
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(report))
-    dist.finish(0)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

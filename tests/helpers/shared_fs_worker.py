@@ -1,5 +1,5 @@
 """Run under torchrun (2 ranks, gloo, a 2 s collective timeout): the shared-file-system agreements of
-pretrain.train.shared_fs and dist.rank0_work, each rank given its own view of the disk. Every rank writes
+pretrain.train.shared_fs and distributed.rank0_work, each rank given its own view of the disk. Every rank writes
 OUT/rank<R>.json with what it got; the test asserts on them.
 
 argv: OUT ROOT0 ROOT1, where ROOTr is the checkpoint root rank r sees (rank 0's holds a committed checkpoint).
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.train import shared_fs
 
 TIMEOUT_S = 2.0
@@ -47,23 +47,23 @@ def main(out: Path, roots: list[Path]) -> None:
         return "converted"
 
     t0 = time.monotonic()
-    report["slow"] = dist.rank0_work(slow, rank, timeout_minutes=1.0)
+    report["slow"] = distributed.rank0_work(slow, rank, timeout_minutes=1.0)
     report["slow_waited_s"] = time.monotonic() - t0
-    report["after_slow"] = dist.all_reduce(torch.tensor([1.0 + rank])).item()  # the group is still healthy
+    report["after_slow"] = distributed.all_reduce(torch.tensor([1.0 + rank])).item()  # the group is still healthy
 
     def fail() -> None:
         raise ValueError("disk on fire")
 
-    report["failed"] = _error(lambda: dist.rank0_work(fail, rank, timeout_minutes=1.0))
+    report["failed"] = _error(lambda: distributed.rank0_work(fail, rank, timeout_minutes=1.0))
     same, other = out / "run", out / f"elsewhere{rank}"
     if rank == 0:
         same.mkdir(exist_ok=True)
-    dist.barrier()
+    distributed.barrier()
     report["same_dir"] = _error(lambda: shared_fs.check_one_run_dir(same, rank, grace_s=0.5))
     report["other_dir"] = _error(lambda: shared_fs.check_one_run_dir(same if rank == 0 else other, rank,
                                                                      grace_s=0.5))
     # The control: the same wait in a collective does time out (last: it leaves the group broken).
-    report["barrier_control"] = _error(lambda: (rank == 0 and time.sleep(SLOW_S), dist.barrier()))
+    report["barrier_control"] = _error(lambda: (rank == 0 and time.sleep(SLOW_S), distributed.barrier()))
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     sys.stdout.flush()
     os._exit(0)

@@ -155,7 +155,7 @@ PROBE = r"""
 import json, os, sys, torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from pretrain.config import load_config
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.train.trainer import Trainer
 
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]))
@@ -177,7 +177,7 @@ for name, p in t.engine.module.named_parameters():
 torch.save(loaded, os.environ["PROBE_DUMP"])
 print("PROBE " + json.dumps({"step": t.step, "universal": t.universal, "max_diff": diff, "norm": norm,
                              "tensors": n}), flush=True)
-dist.finish(t.fit())
+distributed.finish(t.fit())
 """
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 
 from helpers.clips import video_config
-from pretrain import distributed as dist
+from pretrain import distributed
 from pretrain.config import ModelConfig
 from pretrain.demo import tokenizer_corpus
 from pretrain.model.build import build_model
@@ -71,7 +71,7 @@ def case(wrapper: VLMForTraining, group, rank: int, world: int, pixels=None, siz
     with tiles_seen(tower) as rows:
         split = features(wrapper, pixels, sizes, video)
     (weights(split, rank) * split).sum().backward()
-    split_grads = dist.all_reduce(grads(params), group=group)
+    split_grads = distributed.all_reduce(grads(params), group=group)
     tower_grads = [p.grad is not None for n, p in params.items() if "vision_tower" in n]
     return {"plain_rows": plain_rows, "split_rows": rows, "features": split.numel(),
             "feature_diff": (split - plain).abs().max().item(),
@@ -110,7 +110,7 @@ def zero3(mcfg: ModelConfig, tokenizer, group) -> dict:
         module = VLMForTraining(build_model(mcfg, tokenizer, ZeroContext(ds), seed=0))
         module.vision_group = vision_group
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-        dist.skip_shm_op_build()
+        distributed.skip_shm_op_build()
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         del keep
         cfg, g = module.vlm.config, torch.Generator().manual_seed(5)  # the same samples on both ranks
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     tdist.init_process_group("gloo")
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    group = dist.new_group(range(world))
+    group = distributed.new_group(range(world))
     torch.manual_seed(0)
     tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size=400)
     mcfg = ModelConfig(llm=dict(DECODER_SHAPES["llama"]), vision=dict(VISION_SHAPES["clip"]))
@@ -155,7 +155,7 @@ def main() -> None:
     out["anyres_video"] = case(video, group, rank, world, tiles, [(32, 64)], frames)
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(out, f)
-    dist.finish(0)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,12 @@ def compare(model, reference: dict[str, torch.Tensor]) -> dict:
 
 
 def main(spec_path: str) -> None:
-    from pretrain import distributed as dist
+    from pretrain import distributed
     from pretrain.config import ModelConfig
     from pretrain.model.build import load_tokenizer
 
     spec = json.loads(open(spec_path).read())
-    rank, world, _ = dist.init(5)
+    rank, world, _ = distributed.init(5)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3},
                  "bf16": {"enabled": False}}
     report = {}
@@ -73,7 +73,7 @@ def main(spec_path: str) -> None:
     if rank == 0:
         with open(spec["out"], "w") as f:
             json.dump(report, f)
-    dist.finish(0)
+    distributed.finish(0)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_placement_for_nccl_gloo_and_mixed_backends():
 _GROUPS = r"""
 import json, torch, torch.distributed as tdist
 from torch.utils._python_dispatch import TorchDispatchMode
-from pretrain import distributed as dist
+from pretrain import distributed
 
 class Seen(TorchDispatchMode):
     ops = []
@@ -80,22 +80,22 @@ try:
     out["plain_call"] = "ok"
 except RuntimeError as err:
     out["plain_call"] = str(err)
-out["nccl_like"] = str(dist.comm_device(torch.device("cpu"), nccl_like))
+out["nccl_like"] = str(distributed.comm_device(torch.device("cpu"), nccl_like))
 mixed = tdist.new_group([0], backend="cpu:gloo,cuda:gloo")
-out["mixed"] = str(dist.comm_device(torch.device("cpu"), mixed))
-out["mixed_sum"] = dist.all_reduce(torch.tensor([2.0, 3.0]), group=mixed).tolist()
-out["gathered"] = [t.tolist() for t in dist.all_gather(torch.tensor([4, 5]), group=mixed)]
+out["mixed"] = str(distributed.comm_device(torch.device("cpu"), mixed))
+out["mixed_sum"] = distributed.all_reduce(torch.tensor([2.0, 3.0]), group=mixed).tolist()
+out["gathered"] = [t.tolist() for t in distributed.all_gather(torch.tensor([4, 5]), group=mixed)]
 feats = torch.tensor([1.0, 2.0], requires_grad=True)
-rows = dist.all_gather_with_grad(feats, group=mixed)
+rows = distributed.all_gather_with_grad(feats, group=mixed)
 (3 * rows[0]).sum().backward()
 out["gathered_grad"] = [[t.tolist() for t in rows], feats.grad.tolist()]
-out["rank_world"] = list(dist.rank_and_world())
+out["rank_world"] = list(distributed.rank_and_world())
 with Seen():
-    out["values"] = dist.all_reduce_values([torch.tensor(1.5), 2, 3.0])
-    out["object"] = dist.broadcast_object({"tag": "step_00000004"})
-    out["objects"] = dist.all_gather_object(7)
-    dist.all_gather_with_grad(torch.ones(2))
-    dist.barrier()
+    out["values"] = distributed.all_reduce_values([torch.tensor(1.5), 2, 3.0])
+    out["object"] = distributed.broadcast_object({"tag": "step_00000004"})
+    out["objects"] = distributed.all_gather_object(7)
+    distributed.all_gather_with_grad(torch.ones(2))
+    distributed.barrier()
 out["ops"] = Seen.ops
 print("RESULT " + json.dumps(out))
 tdist.destroy_process_group()
