@@ -148,7 +148,7 @@ def activation_bytes(work: Workload) -> float:
         vision += images * vis.seq * a * (v_ckpt * vis.hidden + (g - v_ckpt) * v_layer + v_layer)
     depth = PROJECTOR_DEPTH[shape.projector]
     projector = images * shape.image_tokens * a * (shape.projector_in + 2 * (depth - 1) * h + h)
-    return decoder + logits + vision + projector
+    return (decoder + logits + vision + projector) / work.sequence_parallel
 
 
 def _buffer_bytes(shape: VLMShape, ds: DeepSpeedConfig, pb: int) -> float:
@@ -251,21 +251,25 @@ def estimate_step(work: Workload, ds: DeepSpeedConfig, n_gpus: int, cluster: Clu
     if split is None:
         return None
     work = replace(work, micro_batch=split[0], grad_accum=split[1])
-    accum = work.grad_accum
+    accum, sp = work.grad_accum, work.sequence_parallel
     flops = work.micro_flops()
-    flops_per_gpu = flops.total * accum
-    compute = work.hardware_flops() * accum / cluster.rate
+    flops_per_gpu = flops.total * accum / sp
+    compute = work.hardware_flops() * accum / sp / cluster.rate
     backward = compute * flops.backward / flops.total
     link = cluster.link_Bps(n_gpus)
     chunks = comm_per_step(work, ds, n_gpus, accum, compute, backward)
     comm_bytes = sum(b for b, _ in chunks)
     comm_s = comm_bytes / link
     exposed = sum(max(0.0, b / link - window) for b, window in chunks) if ds.overlap_comm else comm_s
+    # Ulysses' all-to-alls sit between the projections and the attention: nothing overlaps them.
+    all_to_all = work.all_to_all_bytes() * accum
+    comm_bytes, comm_s = comm_bytes + all_to_all, comm_s + all_to_all / cluster.link_Bps(sp)
+    exposed += all_to_all / cluster.link_Bps(sp)
     calls = collective_calls(work, ds, n_gpus)
     exposed += cluster.calls_seconds(calls, n_gpus)
     offload = offload_seconds(work, ds, n_gpus, cluster.gpu.pcie_Bps, cluster.cpu_adam_params_per_s)
     step = compute + exposed + offload + cluster.fixed_step_s
-    rows = work.micro_batch * accum * n_gpus
+    rows = work.micro_batch * accum * (n_gpus // sp)
     tokens = round(work.batch().tokens / work.micro_batch * rows)
     return StepEstimate(n_gpus, work.micro_batch, accum, rows, tokens, flops_per_gpu, compute,
                         comm_bytes, comm_s, exposed, offload, step, comm_bytes / compute, link,

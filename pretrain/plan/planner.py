@@ -95,7 +95,8 @@ def workload(cfg: Config, *, seq_len: int | None = None, sample_len: int | None 
         checkpointing_every_k=cfg.model.activation_checkpointing_every_k, chunked_ce=chunked_ce,
         samples=None if samples is None else tuple(samples),
         dense_attention=cfg.model.attn_implementation not in VARLEN_ATTENTION,
-        lora=lora_counts(shape, cfg.model.lora, cfg.train.stage))
+        lora=lora_counts(shape, cfg.model.lora, cfg.train.stage),
+        sequence_parallel=cfg.deepspeed.sequence_parallel_size)
 
 
 def data_samples(cfg: Config, limit: int) -> tuple[list[SampleCost] | None, str]:
@@ -145,12 +146,13 @@ def _one_sample_flops(work: Workload) -> StepFlops:
 
 
 def config_world_size(cfg: Config) -> int | None:
-    """The world size a recipe's fixed global batch implies at its micro-batch and accumulation, if any."""
+    """The world size a recipe's fixed global batch implies at its micro-batch and accumulation, if any: its
+    data-parallel ranks, each a sequence-parallel group of deepspeed.sequence_parallel_size."""
     t = cfg.train
     per_rank = t.micro_batch_size * t.grad_accum
     if t.global_batch_size is None or t.global_batch_size % per_rank:
         return None
-    return t.global_batch_size // per_rank
+    return t.global_batch_size // per_rank * cfg.deepspeed.sequence_parallel_size
 
 
 def calibrated_plan(cfg: Config, run_dirs: list[str], gpu: str = "h100", n_gpus: int | None = None,

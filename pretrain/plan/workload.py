@@ -38,6 +38,10 @@ class Workload:
     dense_attention: bool = True  # sdpa/eager run width^2 pairs per row; flex/flash only each sample's own
     # LoRA (pretrain.plan.lora): adapter parameters added, and base parameters of trained parts it freezes.
     lora: LoraCounts = LoraCounts()
+    # Ulysses sequence parallelism (deepspeed.sequence_parallel_size): the N ranks of a group share each row, every
+    # rank does 1/N of its work (the tower's tiles and frames too) and keeps 1/N of its activations; the batch splits
+    # over data-parallel ranks only.
+    sequence_parallel: int = 1
 
     def trained_params(self, counts: ParamCounts) -> int:
         """Parameters with gradients and optimizer state: the stage's, with LoRA's adapters in place of its base."""
@@ -68,9 +72,24 @@ class Workload:
         return min(self.seq_len, max(s.length for s in self.samples))
 
     def split_for(self, n_gpus: int) -> tuple[int, int] | None:
-        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split:
-        the same answer the trainer's batch check gives as its fix (pretrain.config.batch_split)."""
-        return batch_split(self.global_batch, self.micro_batch, self.grad_accum, n_gpus)
+        """(rows per micro-step, accumulation steps) at this cluster size, or None if the global batch cannot split
+        over its data-parallel ranks: the same answer the trainer's batch check gives as its fix
+        (pretrain.config.batch_split)."""
+        if n_gpus % self.sequence_parallel:
+            return None
+        return batch_split(self.global_batch, self.micro_batch, self.grad_accum, n_gpus // self.sequence_parallel)
+
+    def all_to_all_bytes(self) -> float:
+        """Bytes one GPU sends per micro-step in Ulysses' all-to-alls: in every decoder layer q, k, v go and the
+        attention output comes back, forward, backward and in a re-forward of a checkpointed layer; each time the
+        rank's 1/N of the row's tokens, (N-1)/N of them to the other ranks."""
+        n = self.sequence_parallel
+        if n == 1:
+            return 0.0
+        llm, a = self.shape.llm, 2 if self.precision == "bf16" else 4
+        passes = 2 * llm.layers + self.checkpointed_layers(llm.layers)
+        tokens = self.micro_batch * self.peak_row_tokens / n
+        return passes * tokens * a * (2 * llm.q_dim + 2 * llm.kv_dim) * (n - 1) / n
 
     def checkpointed_layers(self, layers: int) -> int:
         if self.checkpointing == "full":

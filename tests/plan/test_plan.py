@@ -25,7 +25,7 @@ from pretrain.plan import (
     memory_per_gpu,
     model_shape,
 )
-from pretrain.plan.planner import stage_variant
+from pretrain.plan.planner import config_world_size, stage_variant
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3
@@ -131,6 +131,28 @@ def test_step_time_and_time_to_tokens(tmp_path):
     assert (at16.micro_batch, at16.grad_accum) == (1, 3)
     assert estimate_step(fixed, DeepSpeedConfig(), 32, cluster) is None
 
+
+
+def test_sequence_parallel_splits_the_work_and_pays_its_all_to_alls(tmp_path):
+    """4 data-parallel ranks x Ulysses over 2 against 4 ranks alone, on the same global batch of 16k-token rows:
+    the same rows and tokens per step, half the FLOPs and activations per GPU, plus the all-to-all bytes."""
+    work = replace(qwen7b_clip_work(tmp_path, micro_batch=1, grad_accum=2), seq_len=16384)
+    split = replace(work, sequence_parallel=2)
+    cluster, ds = Cluster(GPUS["h100"], mfu=0.5), DeepSpeedConfig()
+    alone, shared = estimate_step(work, ds, 4, cluster), estimate_step(split, ds, 8, cluster)
+    assert (shared.global_rows, shared.tokens_per_step) == (alone.global_rows, alone.tokens_per_step) == (8, 8 * 16384)
+    assert shared.flops_per_gpu == pytest.approx(alone.flops_per_gpu / 2)
+    assert shared.compute_s == pytest.approx(alone.compute_s / 2)
+    assert shared.memory.activations == pytest.approx(alone.memory.activations / 2)
+    llm = work.shape.llm  # q, k, v out and the attention output back, forward and backward, 1 of 2 halves away
+    a2a = 2 * llm.layers * (16384 / 2) * 2 * (2 * llm.q_dim + 2 * llm.kv_dim) / 2
+    assert split.all_to_all_bytes() == pytest.approx(a2a) and work.all_to_all_bytes() == 0
+    assert shared.exposed_comm_s >= 2 * a2a / cluster.link_Bps(2)
+    assert estimate_step(split, ds, 7, cluster) is None  # 7 ranks do not make groups of 2
+    cfg = load_config(recipe(tmp_path, TINY_MODEL, deepspeed={"sequence_parallel_size": 2},
+                             train={"max_steps": 10, "stage": "finetune", "global_batch_size": 8}))
+    assert make_plan(cfg, n_gpus=8).work.sequence_parallel == 2
+    assert config_world_size(cfg) == 16  # micro-batch 1: 8 data-parallel ranks, each a group of 2
 
 def test_cli_tiny_inline_recipe(tmp_path, capsys):
     path = recipe(tmp_path, TINY_MODEL, deepspeed={"zero_stage": 3})
