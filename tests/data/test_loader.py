@@ -85,7 +85,7 @@ def test_exact_resume(processor, shapes, workers, packing, stop_at):
     head_batches = list(islice(first, stop_at))
     head = [_ids(b) for b in head_batches]
     state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
-    tail = [_ids(b) for b in islice(_loader(processor, urls, states={0: state}, **kw), 6)]
+    tail = [_ids(b) for b in islice(_loader(processor, urls, states={1: state}, **kw), 6)]  # rank 1's own
     assert head == full[:stop_at]
     assert tail == full[stop_at:]
     if packing:
